@@ -1,0 +1,47 @@
+//! Types shared by the kernel probes (`agent-ebpf`) and the userspace agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding, because the same bytes are written
+//! by eBPF programs and read back by userspace through map syscalls. Pure arithmetic (the
+//! histogram bucketing) also lives here so that kernel and userspace can never disagree on it.
+#![cfg_attr(not(test), no_std)]
+
+pub mod histogram;
+pub mod network;
+pub mod storage;
+pub mod tracepoint;
+
+/// Names of the eBPF maps, shared so a rename cannot silently break the userspace reader.
+pub mod map_names {
+    pub const STORAGE_LATENCY: &str = "STORAGE_LATENCY";
+    pub const STORAGE_COUNTERS: &str = "STORAGE_COUNTERS";
+    pub const PROCESS_IO: &str = "PROCESS_IO";
+    pub const INFLIGHT_REQUESTS: &str = "INFLIGHT_REQUESTS";
+    pub const PEER_RTT: &str = "PEER_RTT";
+    pub const PEER_CONNECT_LATENCY: &str = "PEER_CONNECT_LATENCY";
+    pub const PEER_COUNTERS: &str = "PEER_COUNTERS";
+    pub const CONNECTS_IN_FLIGHT: &str = "CONNECTS_IN_FLIGHT";
+    pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
+}
+
+/// Name of the global variable that carries tracepoint field offsets into the programs.
+pub const TRACEPOINT_OFFSETS_GLOBAL: &str = "TRACEPOINT_OFFSETS";
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{histogram::*, network::*, storage::*, tracepoint::*};
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and carry
+    // explicit padding fields, so every byte pattern is a valid value.
+    unsafe impl aya::Pod for LatencyHistogram {}
+    unsafe impl aya::Pod for StorageLatencyKey {}
+    unsafe impl aya::Pod for StorageDeviceKey {}
+    unsafe impl aya::Pod for StorageCounters {}
+    unsafe impl aya::Pod for ProcessIoKey {}
+    unsafe impl aya::Pod for ProcessIoStats {}
+    unsafe impl aya::Pod for InflightRequestKey {}
+    unsafe impl aya::Pod for InflightRequest {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PeerCounters {}
+    unsafe impl aya::Pod for SocketOwner {}
+    unsafe impl aya::Pod for ConnectStart {}
+    unsafe impl aya::Pod for TracepointOffsets {}
+}

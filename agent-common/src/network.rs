@@ -1,0 +1,56 @@
+//! TCP: keys and values of the network maps.
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states as `sock:inet_sock_set_state` reports them (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const CLOSE: i32 = 7;
+}
+
+/// A remote TCP endpoint, plus the local process that owns the socket when a probe saw it in
+/// process context (0 = not known).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    /// IPv4 addresses use the first 4 bytes, the rest stays zero.
+    pub address: [u8; 16],
+    pub family: u16,
+    /// Remote port, host byte order.
+    pub port: u16,
+    pub tgid: u32,
+}
+
+/// Event counts per peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub retransmits: u64,
+    pub connects_established: u64,
+    /// Active opens that went from SYN_SENT straight to CLOSE (refused, timed out, reset).
+    pub connects_failed: u64,
+    /// RTT samples taken (ACKs processed), to show how much evidence an RTT figure has.
+    pub rtt_samples: u64,
+}
+
+/// Which process owns a socket, learned where the kernel runs in that process's context
+/// (connect, send, receive). Keyed by the socket's kernel address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketOwner {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub _padding: u32,
+}
+
+/// A connect in progress (SYN_SENT seen, ESTABLISHED or CLOSE not yet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectStart {
+    pub started_ns: u64,
+    pub tgid: u32,
+    pub _padding: u32,
+}

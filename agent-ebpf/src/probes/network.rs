@@ -1,0 +1,264 @@
+//! TCP: passive round-trip time per remote endpoint (`tcp:tcp_probe`, the kernel's own
+//! smoothed RTT), retransmits (`tcp:tcp_retransmit_skb`), connect latency and failures
+//! (`sock:inet_sock_set_state`), and which process owns each socket, learned where the
+//! kernel runs in that process's context (connect, send, receive).
+use agent_common::{
+    histogram::LatencyHistogram,
+    network::{
+        AF_INET, AF_INET6, ConnectStart, IPPROTO_TCP, PeerCounters, PeerKey, SocketOwner, tcp_state,
+    },
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{LruHashMap, LruPerCpuHashMap},
+    programs::TracePointContext,
+};
+
+use super::shared::{get_or_insert, offset, record_latency};
+
+/// Bounded by LRU: peers that stop talking age out. Userspace may resize at load time.
+#[map]
+static PEER_RTT: LruPerCpuHashMap<PeerKey, LatencyHistogram> =
+    LruPerCpuHashMap::with_max_entries(512, 0);
+
+#[map]
+static PEER_CONNECT_LATENCY: LruPerCpuHashMap<PeerKey, LatencyHistogram> =
+    LruPerCpuHashMap::with_max_entries(512, 0);
+
+#[map]
+static PEER_COUNTERS: LruPerCpuHashMap<PeerKey, PeerCounters> =
+    LruPerCpuHashMap::with_max_entries(1024, 0);
+
+/// Socket address -> start of an active open.
+#[map]
+static CONNECTS_IN_FLIGHT: LruHashMap<u64, ConnectStart> = LruHashMap::with_max_entries(4096, 0);
+
+/// Socket address -> owning process.
+#[map]
+static SOCKET_OWNERS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(16384, 0);
+
+const ZERO_COUNTERS: PeerCounters = PeerCounters {
+    retransmits: 0,
+    connects_established: 0,
+    connects_failed: 0,
+    rtt_samples: 0,
+};
+
+/// Reads an IPv4 or IPv6 address at the given offsets into a peer key's 16-byte form.
+#[inline(always)]
+fn read_address(
+    ctx: &TracePointContext,
+    family: u16,
+    v4_offset: usize,
+    v6_offset: usize,
+) -> Result<[u8; 16], i64> {
+    let mut address = [0u8; 16];
+    if family == AF_INET {
+        // SAFETY: offset from the format file, read through bpf_probe_read_kernel.
+        let v4: [u8; 4] = unsafe { ctx.read_at(v4_offset)? };
+        address[0] = v4[0];
+        address[1] = v4[1];
+        address[2] = v4[2];
+        address[3] = v4[3];
+    } else if family == AF_INET6 {
+        // SAFETY: as above.
+        address = unsafe { ctx.read_at(v6_offset)? };
+    } else {
+        return Err(0);
+    }
+    Ok(address)
+}
+
+#[inline(always)]
+fn owner_tgid(socket: u64) -> u32 {
+    // SAFETY: the value is copied out at once.
+    unsafe { SOCKET_OWNERS.get(&socket) }.map_or(0, |owner| owner.tgid)
+}
+
+#[inline(always)]
+fn remember_owner(socket: u64) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is copied out at once.
+    if let Some(owner) = unsafe { SOCKET_OWNERS.get(&socket) } {
+        if owner.tgid == tgid {
+            return; // the common case: a lookup, no write
+        }
+    }
+    let owner = SocketOwner {
+        // SAFETY: plain helper call.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid,
+        _padding: 0,
+    };
+    let _ = SOCKET_OWNERS.insert(&socket, &owner, 0);
+}
+
+#[tracepoint(category = "tcp", name = "tcp_probe")]
+pub fn tcp_probe(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_probe(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offsets from the format file, reads through bpf_probe_read_kernel.
+    let srtt_us: u32 = unsafe { ctx.read_at(offset!(tcp_probe_srtt))? };
+    if srtt_us == 0 {
+        return Ok(()); // no RTT sample on this socket yet
+    }
+    let family: u16 = unsafe { ctx.read_at(offset!(tcp_probe_family))? };
+    // daddr is a sockaddr_in (address at +4) or sockaddr_in6 (address at +8).
+    let daddr = offset!(tcp_probe_daddr);
+    let address = read_address(ctx, family, daddr + 4, daddr + 8)?;
+    let port: u16 = unsafe { ctx.read_at(offset!(tcp_probe_dport))? };
+    let socket: u64 = unsafe { ctx.read_at(offset!(tcp_probe_skaddr))? };
+    let key = PeerKey {
+        address,
+        family,
+        port,
+        tgid: owner_tgid(socket),
+    };
+    record_latency!(PEER_RTT, &key, srtt_us as u64 * 1000);
+    if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, &ZERO_COUNTERS) {
+        // SAFETY: this CPU's slot of a per-CPU value.
+        unsafe { (*counters).rtt_samples += 1 };
+    }
+    Ok(())
+}
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_retransmit_skb(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: see try_tcp_probe.
+    let family: u16 = unsafe { ctx.read_at(offset!(retransmit_family))? };
+    let address = read_address(
+        ctx,
+        family,
+        offset!(retransmit_daddr),
+        offset!(retransmit_daddr_v6),
+    )?;
+    let port: u16 = unsafe { ctx.read_at(offset!(retransmit_dport))? };
+    let socket: u64 = unsafe { ctx.read_at(offset!(retransmit_skaddr))? };
+    let key = PeerKey {
+        address,
+        family,
+        port,
+        tgid: owner_tgid(socket),
+    };
+    if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, &ZERO_COUNTERS) {
+        // SAFETY: this CPU's slot of a per-CPU value.
+        unsafe { (*counters).retransmits += 1 };
+    }
+    Ok(())
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: see try_tcp_probe.
+    let protocol: u16 = unsafe { ctx.read_at(offset!(set_state_protocol))? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old_state: i32 = unsafe { ctx.read_at(offset!(set_state_oldstate))? };
+    let new_state: i32 = unsafe { ctx.read_at(offset!(set_state_newstate))? };
+    let socket: u64 = unsafe { ctx.read_at(offset!(set_state_skaddr))? };
+
+    if new_state == tcp_state::SYN_SENT {
+        // connect() runs in the caller's context: the owner and the start time are known here.
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let start = ConnectStart {
+            // SAFETY: plain helper call.
+            started_ns: unsafe { bpf_ktime_get_ns() },
+            tgid,
+            _padding: 0,
+        };
+        let _ = CONNECTS_IN_FLIGHT.insert(&socket, &start, 0);
+        remember_owner(socket);
+        return Ok(());
+    }
+
+    if old_state == tcp_state::SYN_SENT {
+        // SAFETY: copied out at once.
+        let Some(start) = (unsafe { CONNECTS_IN_FLIGHT.get(&socket) }).copied() else {
+            return Ok(());
+        };
+        let _ = CONNECTS_IN_FLIGHT.remove(&socket);
+        let family: u16 = unsafe { ctx.read_at(offset!(set_state_family))? };
+        let address = read_address(
+            ctx,
+            family,
+            offset!(set_state_daddr),
+            offset!(set_state_daddr_v6),
+        )?;
+        let port: u16 = unsafe { ctx.read_at(offset!(set_state_dport))? };
+        let key = PeerKey {
+            address,
+            family,
+            port,
+            tgid: start.tgid,
+        };
+        let established = new_state == tcp_state::ESTABLISHED;
+        if established {
+            // SAFETY: plain helper call.
+            let now = unsafe { bpf_ktime_get_ns() };
+            record_latency!(
+                PEER_CONNECT_LATENCY,
+                &key,
+                now.wrapping_sub(start.started_ns)
+            );
+        }
+        if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, &ZERO_COUNTERS) {
+            // SAFETY: this CPU's slot of a per-CPU value.
+            unsafe {
+                if established {
+                    (*counters).connects_established += 1;
+                } else if new_state == tcp_state::CLOSE {
+                    (*counters).connects_failed += 1;
+                }
+            }
+        }
+    }
+
+    if new_state == tcp_state::CLOSE {
+        let _ = SOCKET_OWNERS.remove(&socket);
+    }
+    Ok(())
+}
+
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_length(&ctx);
+    0
+}
+
+#[tracepoint(category = "sock", name = "sock_recv_length")]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_length(&ctx);
+    0
+}
+
+/// send/recv syscalls run in the owner's context: this is how accepted (server-side) sockets
+/// get an owner.
+#[inline(always)]
+fn try_sock_length(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: see try_tcp_probe.
+    let protocol: u16 = unsafe { ctx.read_at(offset!(sock_length_protocol))? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let socket: u64 = unsafe { ctx.read_at(offset!(sock_length_sk))? };
+    remember_owner(socket);
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! Aggregation: turns cumulative kernel counters into what happened in a window.
+//!
+//! Pure: plain data in, plain data out. `sources` produce [`KernelSnapshot`]s; this module
+//! subtracts two of them and summarises the difference per device, process and peer.
+pub mod histogram;
+pub mod window;
+
+use std::{collections::HashMap, hash::Hash};
+
+use agent_common::{
+    network::{PeerCounters, PeerKey},
+    storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
+};
+pub use histogram::Histogram;
+
+/// Everything the probes have counted since they were loaded, merged across CPUs.
+#[derive(Clone, Debug, Default)]
+pub struct KernelSnapshot {
+    pub storage_latency: HashMap<StorageLatencyKey, Histogram>,
+    pub storage_counters: HashMap<StorageDeviceKey, StorageCounters>,
+    pub process_io: HashMap<ProcessIoKey, ProcessIoStats>,
+    pub peer_rtt: HashMap<PeerKey, Histogram>,
+    pub peer_connect_latency: HashMap<PeerKey, Histogram>,
+    pub peer_counters: HashMap<PeerKey, PeerCounters>,
+}
+
+/// Per-CPU values that add up, and that can be subtracted to get a window's share.
+pub trait Counters: Sized + Clone {
+    fn add(&mut self, other: &Self);
+    /// `self - earlier`, or None when a field went down (the entry was evicted and reborn).
+    fn checked_since(&self, earlier: &Self) -> Option<Self>;
+}
+
+impl Counters for StorageCounters {
+    fn add(&mut self, other: &Self) {
+        self.completed_requests += other.completed_requests;
+        self.completed_bytes += other.completed_bytes;
+        self.errors += other.errors;
+        self.untimed_completions += other.untimed_completions;
+    }
+
+    fn checked_since(&self, earlier: &Self) -> Option<Self> {
+        Some(StorageCounters {
+            completed_requests: self
+                .completed_requests
+                .checked_sub(earlier.completed_requests)?,
+            completed_bytes: self.completed_bytes.checked_sub(earlier.completed_bytes)?,
+            errors: self.errors.checked_sub(earlier.errors)?,
+            untimed_completions: self
+                .untimed_completions
+                .checked_sub(earlier.untimed_completions)?,
+        })
+    }
+}
+
+impl Counters for ProcessIoStats {
+    fn add(&mut self, other: &Self) {
+        self.completed_requests += other.completed_requests;
+        self.completed_bytes += other.completed_bytes;
+        self.latency_sum_ns += other.latency_sum_ns;
+        if self.comm[0] == 0 {
+            self.comm = other.comm;
+        }
+    }
+
+    fn checked_since(&self, earlier: &Self) -> Option<Self> {
+        Some(ProcessIoStats {
+            completed_requests: self
+                .completed_requests
+                .checked_sub(earlier.completed_requests)?,
+            completed_bytes: self.completed_bytes.checked_sub(earlier.completed_bytes)?,
+            latency_sum_ns: self.latency_sum_ns.checked_sub(earlier.latency_sum_ns)?,
+            comm: self.comm,
+        })
+    }
+}
+
+impl Counters for PeerCounters {
+    fn add(&mut self, other: &Self) {
+        self.retransmits += other.retransmits;
+        self.connects_established += other.connects_established;
+        self.connects_failed += other.connects_failed;
+        self.rtt_samples += other.rtt_samples;
+    }
+
+    fn checked_since(&self, earlier: &Self) -> Option<Self> {
+        Some(PeerCounters {
+            retransmits: self.retransmits.checked_sub(earlier.retransmits)?,
+            connects_established: self
+                .connects_established
+                .checked_sub(earlier.connects_established)?,
+            connects_failed: self.connects_failed.checked_sub(earlier.connects_failed)?,
+            rtt_samples: self.rtt_samples.checked_sub(earlier.rtt_samples)?,
+        })
+    }
+}
+
+/// Sums the per-CPU copies of one map value.
+pub fn merge_per_cpu<V: Counters>(per_cpu: &[V]) -> Option<V> {
+    let (first, rest) = per_cpu.split_first()?;
+    let mut total = first.clone();
+    for value in rest {
+        total.add(value);
+    }
+    Some(total)
+}
+
+fn counters_since<K: Eq + Hash + Copy, V: Counters>(
+    now: &HashMap<K, V>,
+    earlier: &HashMap<K, V>,
+) -> HashMap<K, V> {
+    now.iter()
+        .map(|(key, value)| {
+            let delta = match earlier.get(key) {
+                Some(before) => value.checked_since(before).unwrap_or_else(|| value.clone()),
+                None => value.clone(),
+            };
+            (*key, delta)
+        })
+        .collect()
+}
+
+fn histograms_since<K: Eq + Hash + Copy>(
+    now: &HashMap<K, Histogram>,
+    earlier: &HashMap<K, Histogram>,
+) -> HashMap<K, Histogram> {
+    now.iter()
+        .map(|(key, histogram)| {
+            let delta = match earlier.get(key) {
+                Some(before) => histogram.delta_since(before),
+                None => histogram.clone(),
+            };
+            (*key, delta)
+        })
+        .collect()
+}
+
+impl KernelSnapshot {
+    /// What the probes counted between `earlier` and `self`.
+    pub fn since(&self, earlier: &KernelSnapshot) -> KernelSnapshot {
+        KernelSnapshot {
+            storage_latency: histograms_since(&self.storage_latency, &earlier.storage_latency),
+            storage_counters: counters_since(&self.storage_counters, &earlier.storage_counters),
+            process_io: counters_since(&self.process_io, &earlier.process_io),
+            peer_rtt: histograms_since(&self.peer_rtt, &earlier.peer_rtt),
+            peer_connect_latency: histograms_since(
+                &self.peer_connect_latency,
+                &earlier.peer_connect_latency,
+            ),
+            peer_counters: counters_since(&self.peer_counters, &earlier.peer_counters),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(dev: u32) -> StorageDeviceKey {
+        StorageDeviceKey {
+            dev,
+            operation: 0,
+            _padding: [0; 3],
+        }
+    }
+
+    fn counters(requests: u64, bytes: u64) -> StorageCounters {
+        StorageCounters {
+            completed_requests: requests,
+            completed_bytes: bytes,
+            errors: 0,
+            untimed_completions: 0,
+        }
+    }
+
+    #[test]
+    fn per_cpu_counters_sum() {
+        let merged =
+            merge_per_cpu(&[counters(2, 8192), counters(3, 4096), counters(0, 0)]).unwrap();
+        assert_eq!(merged, counters(5, 12288));
+        assert_eq!(merge_per_cpu::<StorageCounters>(&[]), None);
+    }
+
+    #[test]
+    fn snapshot_delta_subtracts_and_keeps_new_and_reborn_keys() {
+        let mut earlier = KernelSnapshot::default();
+        earlier
+            .storage_counters
+            .insert(device(1), counters(10, 40960));
+        earlier
+            .storage_counters
+            .insert(device(2), counters(50, 1000));
+        let mut now = KernelSnapshot::default();
+        now.storage_counters.insert(device(1), counters(15, 61440));
+        now.storage_counters.insert(device(2), counters(3, 300)); // evicted and recreated
+        now.storage_counters.insert(device(3), counters(1, 512)); // new
+        let delta = now.since(&earlier);
+        assert_eq!(delta.storage_counters[&device(1)], counters(5, 20480));
+        assert_eq!(delta.storage_counters[&device(2)], counters(3, 300));
+        assert_eq!(delta.storage_counters[&device(3)], counters(1, 512));
+    }
+}

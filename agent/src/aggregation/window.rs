@@ -1,0 +1,664 @@
+//! Summarises one window of kernel counters per device, process and peer: the figures the
+//! report and (later) attribution and exporters consume. Units are in the field names.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use agent_common::{
+    network::{AF_INET, AF_INET6, PeerCounters, PeerKey},
+    storage::{IoOperation, LatencyStage, StorageCounters},
+};
+use serde::Serialize;
+
+use super::{Counters, Histogram, KernelSnapshot};
+use crate::sources::system::{ProcessKind, SystemNames, comm_to_string};
+
+/// Quantiles of one latency distribution, in milliseconds; None when nothing was measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LatencyQuantilesMs {
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub mean_ms: Option<f64>,
+    pub samples: u64,
+}
+
+impl LatencyQuantilesMs {
+    pub fn of(histogram: &Histogram) -> Self {
+        Self {
+            p50_ms: histogram.quantile_ms(0.50).map(round_ms),
+            p95_ms: histogram.quantile_ms(0.95).map(round_ms),
+            p99_ms: histogram.quantile_ms(0.99).map(round_ms),
+            mean_ms: histogram.mean_ns().map(|ns| round_ms(ns / 1e6)),
+            samples: histogram.count(),
+        }
+    }
+}
+
+/// Milliseconds to the microsecond: finer digits are noise.
+fn round_ms(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StorageOperationSummary {
+    pub operation: &'static str,
+    pub ops: u64,
+    pub bytes: u64,
+    /// Queued into the block layer -> completion.
+    pub latency: LatencyQuantilesMs,
+    /// Issued to the device -> completion.
+    pub device_latency: LatencyQuantilesMs,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StorageDeviceSummary {
+    pub device: String,
+    pub major: u32,
+    pub minor: u32,
+    pub ops: u64,
+    pub bytes: u64,
+    pub iops: f64,
+    pub throughput_bytes_per_s: f64,
+    pub errors: u64,
+    /// Queued -> complete, all directions.
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub mean_ms: Option<f64>,
+    /// Issued -> complete (the device alone), all directions.
+    pub device_p50_ms: Option<f64>,
+    pub device_p95_ms: Option<f64>,
+    pub device_p99_ms: Option<f64>,
+    /// Share of the mean wait spent queued before the device saw the request (0..1).
+    pub queue_share: Option<f64>,
+    pub operations: Vec<StorageOperationSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessIoSummary {
+    pub pid: u32,
+    pub name: String,
+    pub kind: ProcessKind,
+    pub cgroup: Option<String>,
+    pub cgroup_id: u64,
+    pub ops: u64,
+    pub bytes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub mean_latency_ms: Option<f64>,
+    pub devices: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StorageSummary {
+    pub devices: Vec<StorageDeviceSummary>,
+    pub processes: Vec<ProcessIoSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerProcess {
+    pub pid: u32,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerSummary {
+    /// "addr:port", IPv6 as "[addr]:port".
+    pub peer: String,
+    pub address: String,
+    pub port: u16,
+    pub rtt_p50_ms: Option<f64>,
+    pub rtt_p95_ms: Option<f64>,
+    pub rtt_p99_ms: Option<f64>,
+    pub rtt_samples: u64,
+    pub retransmits: u64,
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub connect_p50_ms: Option<f64>,
+    pub connect_p95_ms: Option<f64>,
+    pub connect_p99_ms: Option<f64>,
+    /// Local processes seen using this peer (where the kernel gave a process context).
+    pub processes: Vec<PeerProcess>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NetworkSummary {
+    pub peers: Vec<PeerSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WindowSummary {
+    pub storage: StorageSummary,
+    pub network: NetworkSummary,
+}
+
+/// The kernel's dev_t as block tracepoints encode it.
+pub fn split_dev(dev: u32) -> (u32, u32) {
+    (dev >> 20, dev & 0xF_FFFF)
+}
+
+/// Summarises a window. `top` bounds the process and peer lists.
+pub fn summarize_window(
+    delta: &KernelSnapshot,
+    duration: Duration,
+    names: &dyn SystemNames,
+    top: usize,
+) -> WindowSummary {
+    WindowSummary {
+        storage: StorageSummary {
+            devices: summarize_devices(delta, duration, names),
+            processes: summarize_processes(delta, names, top),
+        },
+        network: NetworkSummary {
+            peers: summarize_peers(delta, names, top),
+        },
+    }
+}
+
+fn device_name(dev: u32, names: &dyn SystemNames) -> String {
+    let (major, minor) = split_dev(dev);
+    names
+        .block_device_name(major, minor)
+        .unwrap_or_else(|| format!("{major}:{minor}"))
+}
+
+fn summarize_devices(
+    delta: &KernelSnapshot,
+    duration: Duration,
+    names: &dyn SystemNames,
+) -> Vec<StorageDeviceSummary> {
+    #[derive(Default)]
+    struct Device {
+        counters: BTreeMap<u8, StorageCounters>,
+        queued: BTreeMap<u8, Histogram>,
+        issued: BTreeMap<u8, Histogram>,
+    }
+    let mut devices: BTreeMap<u32, Device> = BTreeMap::new();
+    for (key, counters) in &delta.storage_counters {
+        devices
+            .entry(key.dev)
+            .or_default()
+            .counters
+            .insert(key.operation, *counters);
+    }
+    for (key, histogram) in &delta.storage_latency {
+        let device = devices.entry(key.dev).or_default();
+        let by_stage = match LatencyStage::from_u8(key.stage) {
+            LatencyStage::QueuedToComplete => &mut device.queued,
+            LatencyStage::IssuedToComplete => &mut device.issued,
+        };
+        by_stage.entry(key.operation).or_default().add(histogram);
+    }
+
+    let seconds = duration.as_secs_f64().max(1e-9);
+    let mut summaries: Vec<StorageDeviceSummary> = devices
+        .into_iter()
+        .filter_map(|(dev, device)| {
+            let mut total = StorageCounters::default();
+            let mut queued_all = Histogram::default();
+            let mut issued_all = Histogram::default();
+            let mut operations = Vec::new();
+            for operation in IoOperation::ALL {
+                let code = operation as u8;
+                let counters = device.counters.get(&code).copied().unwrap_or_default();
+                let queued = device.queued.get(&code).cloned().unwrap_or_default();
+                let issued = device.issued.get(&code).cloned().unwrap_or_default();
+                total.add(&counters);
+                queued_all.add(&queued);
+                issued_all.add(&issued);
+                if counters.completed_requests > 0 || queued.count() > 0 {
+                    operations.push(StorageOperationSummary {
+                        operation: operation.name(),
+                        ops: counters.completed_requests,
+                        bytes: counters.completed_bytes,
+                        latency: LatencyQuantilesMs::of(&queued),
+                        device_latency: LatencyQuantilesMs::of(&issued),
+                    });
+                }
+            }
+            if total.completed_requests == 0 {
+                return None;
+            }
+            let (major, minor) = split_dev(dev);
+            let queued = LatencyQuantilesMs::of(&queued_all);
+            let issued = LatencyQuantilesMs::of(&issued_all);
+            let queue_share = match (queued_all.mean_ns(), issued_all.mean_ns()) {
+                (Some(total_wait), Some(device_time)) if total_wait > 0.0 => {
+                    Some(((total_wait - device_time) / total_wait).clamp(0.0, 1.0))
+                }
+                _ => None,
+            };
+            Some(StorageDeviceSummary {
+                device: device_name(dev, names),
+                major,
+                minor,
+                ops: total.completed_requests,
+                bytes: total.completed_bytes,
+                iops: total.completed_requests as f64 / seconds,
+                throughput_bytes_per_s: total.completed_bytes as f64 / seconds,
+                errors: total.errors,
+                p50_ms: queued.p50_ms,
+                p95_ms: queued.p95_ms,
+                p99_ms: queued.p99_ms,
+                mean_ms: queued.mean_ms,
+                device_p50_ms: issued.p50_ms,
+                device_p95_ms: issued.p95_ms,
+                device_p99_ms: issued.p99_ms,
+                queue_share,
+                operations,
+            })
+        })
+        .collect();
+    summaries.sort_by(|a, b| b.ops.cmp(&a.ops).then_with(|| a.device.cmp(&b.device)));
+    summaries
+}
+
+fn summarize_processes(
+    delta: &KernelSnapshot,
+    names: &dyn SystemNames,
+    top: usize,
+) -> Vec<ProcessIoSummary> {
+    struct Process {
+        comm: [u8; 16],
+        ops: u64,
+        bytes: u64,
+        read_bytes: u64,
+        write_bytes: u64,
+        latency_sum_ns: u64,
+        devices: BTreeSet<u32>,
+    }
+    let mut processes: BTreeMap<(u32, u64), Process> = BTreeMap::new();
+    for (key, stats) in &delta.process_io {
+        if stats.completed_requests == 0 {
+            continue;
+        }
+        let process = processes
+            .entry((key.tgid, key.cgroup_id))
+            .or_insert(Process {
+                comm: stats.comm,
+                ops: 0,
+                bytes: 0,
+                read_bytes: 0,
+                write_bytes: 0,
+                latency_sum_ns: 0,
+                devices: BTreeSet::new(),
+            });
+        process.ops += stats.completed_requests;
+        process.bytes += stats.completed_bytes;
+        process.latency_sum_ns += stats.latency_sum_ns;
+        match IoOperation::from_u8(key.operation) {
+            IoOperation::Read => process.read_bytes += stats.completed_bytes,
+            IoOperation::Write => process.write_bytes += stats.completed_bytes,
+            _ => {}
+        }
+        process.devices.insert(key.dev);
+    }
+    let mut ranked: Vec<_> = processes.into_iter().collect();
+    ranked.sort_by(|(_, a), (_, b)| b.bytes.cmp(&a.bytes).then(b.ops.cmp(&a.ops)));
+    ranked
+        .into_iter()
+        .take(top)
+        .map(|((tgid, cgroup_id), process)| {
+            let identity = names.process(tgid, &comm_to_string(&process.comm));
+            ProcessIoSummary {
+                pid: tgid,
+                name: identity.name,
+                kind: identity.kind,
+                cgroup: identity.cgroup,
+                cgroup_id,
+                ops: process.ops,
+                bytes: process.bytes,
+                read_bytes: process.read_bytes,
+                write_bytes: process.write_bytes,
+                mean_latency_ms: (process.ops > 0)
+                    .then(|| round_ms(process.latency_sum_ns as f64 / process.ops as f64 / 1e6)),
+                devices: process
+                    .devices
+                    .iter()
+                    .map(|dev| device_name(*dev, names))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// The peer's IP address; IPv4-mapped IPv6 addresses are shown as IPv4.
+pub fn peer_address(family: u16, address: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            address[0], address[1], address[2], address[3],
+        ))),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(*address);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
+}
+
+fn summarize_peers(
+    delta: &KernelSnapshot,
+    names: &dyn SystemNames,
+    top: usize,
+) -> Vec<PeerSummary> {
+    #[derive(Default)]
+    struct Peer {
+        rtt: Histogram,
+        connect: Histogram,
+        counters: PeerCounters,
+        tgids: BTreeSet<u32>,
+    }
+    let mut peers: BTreeMap<SocketAddr, Peer> = BTreeMap::new();
+    fn peer_for<'a>(
+        peers: &'a mut BTreeMap<SocketAddr, Peer>,
+        key: &PeerKey,
+    ) -> Option<&'a mut Peer> {
+        let ip = peer_address(key.family, &key.address)?;
+        let peer = peers.entry(SocketAddr::new(ip, key.port)).or_default();
+        if key.tgid != 0 {
+            peer.tgids.insert(key.tgid);
+        }
+        Some(peer)
+    }
+    for (key, histogram) in &delta.peer_rtt {
+        if let Some(peer) = peer_for(&mut peers, key) {
+            peer.rtt.add(histogram);
+        }
+    }
+    for (key, histogram) in &delta.peer_connect_latency {
+        if let Some(peer) = peer_for(&mut peers, key) {
+            peer.connect.add(histogram);
+        }
+    }
+    for (key, counters) in &delta.peer_counters {
+        if let Some(peer) = peer_for(&mut peers, key) {
+            peer.counters.add(counters);
+        }
+    }
+    let mut summaries: Vec<PeerSummary> = peers
+        .into_iter()
+        .filter(|(_, peer)| {
+            peer.rtt.count() > 0
+                || peer.counters.retransmits > 0
+                || peer.counters.connects_established > 0
+                || peer.counters.connects_failed > 0
+        })
+        .map(|(address, peer)| {
+            let rtt = LatencyQuantilesMs::of(&peer.rtt);
+            let connect = LatencyQuantilesMs::of(&peer.connect);
+            PeerSummary {
+                peer: address.to_string(),
+                address: address.ip().to_string(),
+                port: address.port(),
+                rtt_p50_ms: rtt.p50_ms,
+                rtt_p95_ms: rtt.p95_ms,
+                rtt_p99_ms: rtt.p99_ms,
+                rtt_samples: peer.rtt.count(),
+                retransmits: peer.counters.retransmits,
+                connects: peer.counters.connects_established,
+                connect_failures: peer.counters.connects_failed,
+                connect_p50_ms: connect.p50_ms,
+                connect_p95_ms: connect.p95_ms,
+                connect_p99_ms: connect.p99_ms,
+                processes: peer
+                    .tgids
+                    .iter()
+                    .map(|&pid| PeerProcess {
+                        pid,
+                        name: names.process(pid, "").name,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    // Slowest first; peers without RTT samples (only connects or retransmits) after them.
+    summaries.sort_by(|a, b| {
+        b.rtt_p95_ms
+            .unwrap_or(-1.0)
+            .total_cmp(&a.rtt_p95_ms.unwrap_or(-1.0))
+            .then(b.retransmits.cmp(&a.retransmits))
+            .then(b.connects.cmp(&a.connects))
+    });
+    summaries.truncate(top);
+    summaries
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::storage::{
+        ProcessIoKey, ProcessIoStats, StorageDeviceKey, StorageLatencyKey,
+    };
+
+    use super::*;
+    use crate::sources::system::ProcessIdentity;
+
+    struct FakeSystem;
+    impl SystemNames for FakeSystem {
+        fn block_device_name(&self, major: u32, minor: u32) -> Option<String> {
+            (major == 254 && minor == 0).then(|| "vda".to_string())
+        }
+        fn process(&self, tgid: u32, comm: &str) -> ProcessIdentity {
+            ProcessIdentity {
+                name: if comm.is_empty() {
+                    format!("proc{tgid}")
+                } else {
+                    comm.to_string()
+                },
+                kind: if tgid == 0 {
+                    ProcessKind::Unattributed
+                } else {
+                    ProcessKind::Process
+                },
+                cgroup: None,
+            }
+        }
+    }
+
+    const VDA: u32 = 254 << 20;
+
+    fn comm(name: &str) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..name.len()].copy_from_slice(name.as_bytes());
+        out
+    }
+
+    fn storage_window() -> KernelSnapshot {
+        let mut delta = KernelSnapshot::default();
+        let read = IoOperation::Read as u8;
+        let write = IoOperation::Write as u8;
+        delta.storage_counters.insert(
+            StorageDeviceKey {
+                dev: VDA,
+                operation: read,
+                _padding: [0; 3],
+            },
+            StorageCounters {
+                completed_requests: 100,
+                completed_bytes: 409_600,
+                errors: 0,
+                untimed_completions: 0,
+            },
+        );
+        delta.storage_counters.insert(
+            StorageDeviceKey {
+                dev: VDA,
+                operation: write,
+                _padding: [0; 3],
+            },
+            StorageCounters {
+                completed_requests: 20,
+                completed_bytes: 81_920,
+                errors: 1,
+                untimed_completions: 0,
+            },
+        );
+        // Reads wait 1 ms in total, of which the device takes 0.25 ms; writes 10 ms / 10 ms.
+        let latency = |operation, stage: LatencyStage, value_ns, n| {
+            (
+                StorageLatencyKey {
+                    dev: VDA,
+                    operation,
+                    stage: stage as u8,
+                    _padding: [0; 2],
+                },
+                Histogram::from_samples_ns(std::iter::repeat_n(value_ns, n)),
+            )
+        };
+        delta.storage_latency.extend([
+            latency(read, LatencyStage::QueuedToComplete, 1_000_000, 100),
+            latency(read, LatencyStage::IssuedToComplete, 250_000, 100),
+            latency(write, LatencyStage::QueuedToComplete, 10_000_000, 20),
+            latency(write, LatencyStage::IssuedToComplete, 10_000_000, 20),
+        ]);
+        delta.process_io.insert(
+            ProcessIoKey {
+                tgid: 4121,
+                dev: VDA,
+                cgroup_id: 7,
+                operation: read,
+                _padding: [0; 7],
+            },
+            ProcessIoStats {
+                completed_requests: 100,
+                completed_bytes: 409_600,
+                latency_sum_ns: 100_000_000,
+                comm: comm("trainer"),
+            },
+        );
+        delta.process_io.insert(
+            ProcessIoKey {
+                tgid: 0,
+                dev: VDA,
+                cgroup_id: 0,
+                operation: write,
+                _padding: [0; 7],
+            },
+            ProcessIoStats {
+                completed_requests: 20,
+                completed_bytes: 81_920,
+                latency_sum_ns: 200_000_000,
+                comm: [0; 16],
+            },
+        );
+        delta
+    }
+
+    #[test]
+    fn device_summary_combines_directions_and_stages() {
+        let summary = summarize_window(&storage_window(), Duration::from_secs(10), &FakeSystem, 10);
+        let [vda] = summary.storage.devices.as_slice() else {
+            panic!("one device expected")
+        };
+        assert_eq!(vda.device, "vda");
+        assert_eq!((vda.major, vda.minor), (254, 0));
+        assert_eq!(vda.ops, 120);
+        assert_eq!(vda.bytes, 491_520);
+        assert_eq!(vda.errors, 1);
+        assert!((vda.iops - 12.0).abs() < 1e-9);
+        assert!((vda.throughput_bytes_per_s - 49_152.0).abs() < 1e-9);
+        // 100 of 120 samples at 1 ms: P50 ~1 ms; P95 and P99 in the 10 ms writes.
+        assert!((vda.p50_ms.unwrap() - 1.0).abs() < 0.0625);
+        assert!((vda.p95_ms.unwrap() - 10.0).abs() < 0.625);
+        assert!((vda.device_p50_ms.unwrap() - 0.25).abs() < 0.016);
+        // Mean wait (100 x 1 + 20 x 10) / 120 = 2.5 ms; device (25 + 200) / 120 = 1.875 ms.
+        assert_eq!(vda.mean_ms, Some(2.5));
+        assert!((vda.queue_share.unwrap() - 0.25).abs() < 1e-9);
+        let read = &vda.operations[0];
+        assert_eq!(
+            (read.operation, read.ops, read.bytes),
+            ("read", 100, 409_600)
+        );
+        assert_eq!(vda.operations[1].operation, "write");
+    }
+
+    #[test]
+    fn processes_are_ranked_by_bytes_with_the_kernel_labelled() {
+        let summary = summarize_window(&storage_window(), Duration::from_secs(10), &FakeSystem, 10);
+        let processes = &summary.storage.processes;
+        assert_eq!(processes.len(), 2);
+        assert_eq!(
+            (processes[0].pid, processes[0].name.as_str()),
+            (4121, "trainer")
+        );
+        assert_eq!(processes[0].read_bytes, 409_600);
+        assert_eq!(processes[0].mean_latency_ms, Some(1.0));
+        assert_eq!(processes[0].devices, vec!["vda".to_string()]);
+        assert_eq!(processes[1].kind, ProcessKind::Unattributed);
+        assert_eq!(processes[1].write_bytes, 81_920);
+        let top_one = summarize_window(&storage_window(), Duration::from_secs(10), &FakeSystem, 1);
+        assert_eq!(top_one.storage.processes.len(), 1);
+    }
+
+    fn peer(address: [u8; 16], family: u16, port: u16, tgid: u32) -> PeerKey {
+        PeerKey {
+            address,
+            family,
+            port,
+            tgid,
+        }
+    }
+
+    #[test]
+    fn peers_merge_processes_and_sort_slowest_first() {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 0, 0, 7]);
+        let v6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).octets();
+        let mapped = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
+        let mut delta = KernelSnapshot::default();
+        delta.peer_rtt.insert(
+            peer(v4, AF_INET, 443, 10),
+            Histogram::from_samples_ns([50_000_000; 10]),
+        );
+        delta.peer_rtt.insert(
+            peer(v4, AF_INET, 443, 11),
+            Histogram::from_samples_ns([50_000_000; 10]),
+        );
+        delta.peer_rtt.insert(
+            peer(v6, AF_INET6, 8080, 0),
+            Histogram::from_samples_ns([200_000; 5]),
+        );
+        delta.peer_counters.insert(
+            peer(mapped, AF_INET6, 9000, 12),
+            PeerCounters {
+                retransmits: 0,
+                connects_established: 0,
+                connects_failed: 3,
+                rtt_samples: 0,
+            },
+        );
+        delta.peer_counters.insert(
+            peer(v4, AF_INET, 443, 10),
+            PeerCounters {
+                retransmits: 4,
+                connects_established: 2,
+                connects_failed: 0,
+                rtt_samples: 10,
+            },
+        );
+        delta.peer_connect_latency.insert(
+            peer(v4, AF_INET, 443, 10),
+            Histogram::from_samples_ns([1_000_000, 1_000_000]),
+        );
+        let peers = summarize_window(&delta, Duration::from_secs(1), &FakeSystem, 10)
+            .network
+            .peers;
+        assert_eq!(peers.len(), 3);
+        assert_eq!(peers[0].peer, "10.0.0.7:443");
+        assert_eq!(peers[0].rtt_samples, 20);
+        assert!((peers[0].rtt_p95_ms.unwrap() - 50.0).abs() < 50.0 / 16.0);
+        assert_eq!((peers[0].retransmits, peers[0].connects), (4, 2));
+        assert!((peers[0].connect_p50_ms.unwrap() - 1.0).abs() < 1.0 / 16.0);
+        assert_eq!(
+            peers[0].processes.iter().map(|p| p.pid).collect::<Vec<_>>(),
+            vec![10, 11]
+        );
+        assert_eq!(peers[1].peer, "[fd00::2]:8080");
+        assert!(peers[1].processes.is_empty());
+        assert_eq!(peers[2].peer, "127.0.0.1:9000");
+        assert_eq!(peers[2].connect_failures, 3);
+        assert_eq!(peers[2].rtt_p95_ms, None);
+    }
+}

@@ -1,0 +1,133 @@
+//! Command-line interface. Parsing is separate from running so it can be tested.
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "envelope",
+    version,
+    about = "eBPF GPU and host profiling agent: what holds this node back, model, storage or network?",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Measure storage and network latency for a while and report what you see (needs root
+    /// or CAP_BPF + CAP_PERFMON).
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiagnoseArgs {
+    /// How long to measure: "10s", "500ms", "2m", or plain seconds.
+    #[arg(long, short, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub duration: Duration,
+    /// Print one JSON object (schema in README.md) instead of the readable report.
+    #[arg(long)]
+    pub json: bool,
+    /// How many processes and network peers to list.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+    pub top: u16,
+}
+
+/// Parses a positive duration: humantime syntax ("10s", "1m30s") or plain seconds ("2.5").
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.starts_with('-') {
+        return Err(format!(
+            "`{text}` is negative; give a positive duration such as 10s"
+        ));
+    }
+    let duration = match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() => Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("`{text}` is not a usable number of seconds"))?,
+        _ => humantime::parse_duration(text).map_err(|error| {
+            format!("`{text}` is not a duration ({error}); use e.g. 10s, 500ms, 2m")
+        })?,
+    };
+    if duration.is_zero() {
+        return Err("the duration must be greater than zero, e.g. 10s".to_string());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_every_accepted_form() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn bad_durations_explain_themselves() {
+        assert!(
+            parse_duration("0s")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
+        assert!(
+            parse_duration("0")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
+        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(
+            parse_duration("ten")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(
+            parse_duration("nan")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+
+    #[test]
+    fn diagnose_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "envelope",
+            "diagnose",
+            "--duration",
+            "2s",
+            "--json",
+            "--top",
+            "3",
+        ])
+        .unwrap();
+        let Command::Diagnose(args) = cli.command;
+        assert_eq!(args.duration, Duration::from_secs(2));
+        assert!(args.json);
+        assert_eq!(args.top, 3);
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        for argv in [
+            vec!["envelope", "diagnose", "--bogus"],
+            vec!["envelope", "diagnose", "--duration", "-5s"],
+            vec!["envelope", "diagnose", "--duration", "0"],
+            vec!["envelope", "diagnose", "--top", "0"],
+            vec!["envelope"],
+        ] {
+            let error = Cli::try_parse_from(&argv).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{argv:?}");
+        }
+    }
+}

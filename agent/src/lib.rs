@@ -1,0 +1,12 @@
+//! envelope: an eBPF GPU and host profiling agent.
+//!
+//! Data flows one way, one module per stage:
+//! `sources` (eBPF maps, /proc, /sys) -> `aggregation` (windows, histograms) -> `report`
+//! (terminal, JSON). `preflight` runs before anything is loaded; `diagnose` wires the stages
+//! together for the one-off command.
+pub mod aggregation;
+pub mod cli;
+pub mod diagnose;
+pub mod preflight;
+pub mod report;
+pub mod sources;

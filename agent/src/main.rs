@@ -1,0 +1,68 @@
+//! The `envelope` binary: parse flags, set up logging, run the command, map errors to exit
+//! codes (0 ok, 1 could not measure, 2 bad usage).
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use envelope::{
+    cli::{Cli, Command},
+    diagnose::{self, DiagnoseOptions},
+    report,
+};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Diagnose(args) => {
+                let options = DiagnoseOptions {
+                    duration: args.duration,
+                    top: usize::from(args.top),
+                };
+                let report = diagnose::run(&options).await?;
+                let text = if args.json {
+                    report::json::render(&report)
+                } else {
+                    report::terminal::render(&report)
+                };
+                println!("{text}");
+                anyhow::Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Checks before loading anything: kernel version, privileges, BTF, tracefs. Each failure
+//! says what is wrong and what to do; only what makes measuring impossible is fatal.
+use std::{fs, path::Path};
+
+use serde::Serialize;
+
+use crate::sources::tracefs::{self, TracefsStatus};
+
+/// Linux capability numbers (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Oldest kernel with CAP_BPF/CAP_PERFMON and the tracepoints the probes use.
+const MINIMUM_KERNEL: (u32, u32) = (5, 8);
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PreflightReport {
+    pub kernel_release: String,
+    pub btf_available: bool,
+    pub tracefs: String,
+    /// Problems that degrade envelope without stopping it, one sentence each.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "envelope needs root, or the CAP_BPF and CAP_PERFMON capabilities, to load its kernel \
+         probes (this process has {have}). Run it with sudo, or grant them once: \
+         `sudo setcap cap_bpf,cap_perfmon,cap_sys_admin+ep $(command -v envelope)`"
+    )]
+    NotPrivileged { have: String },
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+}
+
+/// Parses "6.18.44-fc-v657" into (6, 18).
+pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Effective capability bits from a /proc/PID/status text.
+pub fn effective_capabilities(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+fn has_capability(capabilities: u64, capability: u32) -> bool {
+    capabilities & (1u64 << capability) != 0
+}
+
+/// Whether the capability set can load and attach tracepoint programs.
+pub fn can_load_probes(capabilities: u64) -> bool {
+    has_capability(capabilities, CAP_SYS_ADMIN)
+        || (has_capability(capabilities, CAP_BPF) && has_capability(capabilities, CAP_PERFMON))
+}
+
+fn describe_capabilities(capabilities: u64) -> String {
+    let named: Vec<&str> = [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+    ]
+    .iter()
+    .filter(|(bit, _)| has_capability(capabilities, *bit))
+    .map(|(_, name)| *name)
+    .collect();
+    if named.is_empty() {
+        "none of CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON".to_string()
+    } else {
+        format!("only {}", named.join(", "))
+    }
+}
+
+/// Runs every check. Mounts tracefs when it is missing.
+pub fn run() -> Result<PreflightReport, PreflightError> {
+    let mut warnings = Vec::new();
+    let kernel_release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|text| text.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string());
+    match parse_kernel_version(&kernel_release) {
+        Some(version) if version < MINIMUM_KERNEL => warnings.push(format!(
+            "kernel {kernel_release} is older than {}.{}: some probes may not load; \
+             envelope is tested on 6.x",
+            MINIMUM_KERNEL.0, MINIMUM_KERNEL.1
+        )),
+        None => warnings.push(format!(
+            "could not read the kernel version ({kernel_release})"
+        )),
+        _ => {}
+    }
+
+    let capabilities = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| effective_capabilities(&status))
+        .unwrap_or(0);
+    if !can_load_probes(capabilities) {
+        return Err(PreflightError::NotPrivileged {
+            have: describe_capabilities(capabilities),
+        });
+    }
+
+    let btf_available = Path::new("/sys/kernel/btf/vmlinux").exists();
+    if !btf_available {
+        warnings.push(
+            "the kernel exposes no BTF (/sys/kernel/btf/vmlinux): today's probes do not need it, \
+             but later BTF-based probes will be skipped; a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y enables them"
+                .to_string(),
+        );
+    }
+
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (newer ones use memory cgroups):
+    // lift it there so map creation does not fail with EPERM.
+    if parse_kernel_version(&kernel_release).is_some_and(|version| version < (5, 11)) {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid pointer to a local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+            warnings.push(
+                "could not raise RLIMIT_MEMLOCK, which this kernel (before 5.11) charges eBPF \
+                 maps to: if loading fails, run `ulimit -l unlimited` first or add \
+                 LimitMEMLOCK=infinity to the service"
+                    .to_string(),
+            );
+        }
+    }
+
+    let tracefs = match tracefs::find_or_mount()? {
+        TracefsStatus::AlreadyMounted(path) => path.display().to_string(),
+        TracefsStatus::MountedByUs(path) => {
+            tracing::info!("mounted tracefs at {}", path.display());
+            path.display().to_string()
+        }
+    };
+    Ok(PreflightReport {
+        kernel_release,
+        btf_available,
+        tracefs,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(parse_kernel_version("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(parse_kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(parse_kernel_version("garbage"), None);
+        assert!(parse_kernel_version("5.4.0").unwrap() < MINIMUM_KERNEL);
+        assert!(parse_kernel_version("5.15.0").unwrap() >= MINIMUM_KERNEL);
+    }
+
+    #[test]
+    fn capabilities_decide_whether_probes_can_load() {
+        let root = effective_capabilities("Name:\tx\nCapEff:\t000001ffffffffff\n").unwrap();
+        assert!(can_load_probes(root));
+        let bpf_and_perfmon = (1 << CAP_BPF) | (1 << CAP_PERFMON);
+        assert!(can_load_probes(bpf_and_perfmon));
+        assert!(!can_load_probes(1 << CAP_BPF));
+        assert!(!can_load_probes(0));
+        assert_eq!(describe_capabilities(1 << CAP_BPF), "only CAP_BPF");
+        assert_eq!(effective_capabilities("CapEff:\t0000000000000000"), Some(0));
+    }
+}

@@ -1,0 +1,28 @@
+//! Exporters for one-off reports: a readable terminal page and one JSON object.
+pub mod json;
+pub mod terminal;
+
+use serde::Serialize;
+
+use crate::{aggregation::window::WindowSummary, sources::probes::ProbeStatus};
+
+/// Bumped when a field changes meaning or disappears (adding fields does not bump it).
+pub const JSON_SCHEMA_VERSION: u32 = 1;
+
+/// Everything `envelope diagnose` found. Serialised as the documented JSON object.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiagnoseReport {
+    pub schema_version: u32,
+    pub envelope_version: &'static str,
+    pub host: String,
+    pub kernel: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// Length of the measured window (shorter than asked for when interrupted).
+    pub duration_s: f64,
+    pub interrupted: bool,
+    pub probes: Vec<ProbeStatus>,
+    pub warnings: Vec<String>,
+    #[serde(flatten)]
+    pub window: WindowSummary,
+}

@@ -1,0 +1,195 @@
+//! The human form of a report.
+use std::fmt::Write as _;
+
+use super::DiagnoseReport;
+use crate::{aggregation::window::LatencyQuantilesMs, sources::system::ProcessKind};
+
+/// "1.23 ms", "850 us", "-" when missing.
+pub fn format_ms(value: Option<f64>) -> String {
+    match value {
+        None => "-".to_string(),
+        Some(ms) if ms < 1.0 => format!("{:.0} us", ms * 1000.0),
+        Some(ms) if ms < 100.0 => format!("{ms:.2} ms"),
+        Some(ms) => format!("{ms:.0} ms"),
+    }
+}
+
+/// Binary units: "4.0 KiB", "1.5 GiB".
+pub fn format_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn quantiles(q: &LatencyQuantilesMs) -> String {
+    format!(
+        "{:>9} {:>9} {:>9}",
+        format_ms(q.p50_ms),
+        format_ms(q.p95_ms),
+        format_ms(q.p99_ms)
+    )
+}
+
+pub fn render(report: &DiagnoseReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "envelope {} on {} (kernel {}), {:.1} s window{}",
+        report.envelope_version,
+        report.host,
+        report.kernel,
+        report.duration_s,
+        if report.interrupted {
+            " (interrupted early)"
+        } else {
+            ""
+        }
+    );
+    let attached = report.probes.iter().filter(|p| p.attached).count();
+    if attached < report.probes.len() {
+        // The reasons were logged once at start-up; here only what is missing from the page.
+        let missing: Vec<&str> = report
+            .probes
+            .iter()
+            .filter(|p| !p.attached)
+            .map(|p| p.feeds)
+            .collect();
+        let _ = writeln!(
+            out,
+            "probes: {attached} of {} attached; missing: {}",
+            report.probes.len(),
+            missing.join(", ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nStorage (latency: queued -> complete | device only, P50 P95 P99)"
+    );
+    if report.window.storage.devices.is_empty() {
+        let _ = writeln!(out, "  no block I/O completed in the window");
+    } else {
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>8} {:>11} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
+            "device", "IOPS", "throughput", "P50", "P95", "P99", "P50", "P95", "P99"
+        );
+        for device in &report.window.storage.devices {
+            let _ = writeln!(
+                out,
+                "  {:<10} {:>8.0} {:>9}/s {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
+                device.device,
+                device.iops,
+                format_bytes(device.throughput_bytes_per_s),
+                format_ms(device.p50_ms),
+                format_ms(device.p95_ms),
+                format_ms(device.p99_ms),
+                format_ms(device.device_p50_ms),
+                format_ms(device.device_p95_ms),
+                format_ms(device.device_p99_ms),
+            );
+            for operation in &device.operations {
+                let _ = writeln!(
+                    out,
+                    "    {:<8} {:>8} ops {:>10}  {} | {}",
+                    operation.operation,
+                    operation.ops,
+                    format_bytes(operation.bytes as f64),
+                    quantiles(&operation.latency),
+                    quantiles(&operation.device_latency),
+                );
+            }
+            if device.errors > 0 {
+                let _ = writeln!(out, "    {} I/O errors", device.errors);
+            }
+            if let Some(share) = device.queue_share {
+                let _ = writeln!(
+                    out,
+                    "    {:.0}% of the mean wait is queueing before the device",
+                    share * 100.0
+                );
+            }
+        }
+    }
+
+    if !report.window.storage.processes.is_empty() {
+        let _ = writeln!(out, "\nTop processes by I/O");
+        let _ = writeln!(
+            out,
+            "  {:>7}  {:<24} {:>8} {:>10} {:>10}  devices",
+            "pid", "name", "ops", "bytes", "mean wait"
+        );
+        for process in &report.window.storage.processes {
+            let name = match process.kind {
+                ProcessKind::KernelThread => format!("[kernel] {}", process.name),
+                _ => process.name.clone(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:>7}  {:<24} {:>8} {:>10} {:>10}  {}",
+                process.pid,
+                name,
+                process.ops,
+                format_bytes(process.bytes as f64),
+                format_ms(process.mean_latency_ms),
+                process.devices.join(",")
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\nNetwork peers (TCP, slowest first)");
+    if report.window.network.peers.is_empty() {
+        let _ = writeln!(out, "  no TCP activity seen in the window");
+    } else {
+        let _ = writeln!(
+            out,
+            "  {:<28} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>9}  processes",
+            "peer", "RTT P50", "P95", "P99", "retrans", "connects", "failed", "conn P95"
+        );
+        for peer in &report.window.network.peers {
+            let processes: Vec<String> = peer
+                .processes
+                .iter()
+                .map(|p| format!("{}({})", p.name, p.pid))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {:<28} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>9}  {}",
+                peer.peer,
+                format_ms(peer.rtt_p50_ms),
+                format_ms(peer.rtt_p95_ms),
+                format_ms(peer.rtt_p99_ms),
+                peer.retransmits,
+                peer.connects,
+                peer.connect_failures,
+                format_ms(peer.connect_p95_ms),
+                processes.join(" ")
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_read_naturally() {
+        assert_eq!(format_ms(None), "-");
+        assert_eq!(format_ms(Some(0.085)), "85 us");
+        assert_eq!(format_ms(Some(84.0)), "84.00 ms");
+        assert_eq!(format_ms(Some(1500.0)), "1500 ms");
+        assert_eq!(format_bytes(512.0), "512 B");
+        assert_eq!(format_bytes(4096.0), "4.0 KiB");
+        assert_eq!(format_bytes(1.5 * 1024.0 * 1024.0 * 1024.0), "1.5 GiB");
+    }
+}

@@ -1,0 +1,5 @@
+//! Sources: where measurements come from (eBPF maps, /proc and /sys). Everything that
+//! touches the kernel sits here, at the edge.
+pub mod probes;
+pub mod system;
+pub mod tracefs;

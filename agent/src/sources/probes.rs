@@ -1,0 +1,203 @@
+//! Loads the embedded eBPF object, attaches each probe on its own (a probe that cannot attach
+//! is reported and the rest keep working), and reads the maps into a [`KernelSnapshot`].
+use std::{collections::HashMap, fs, hash::Hash, path::Path};
+
+use agent_common::{
+    TRACEPOINT_OFFSETS_GLOBAL,
+    histogram::LatencyHistogram,
+    map_names,
+    network::{PeerCounters, PeerKey},
+    storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
+};
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{MapData, PerCpuHashMap},
+    programs::TracePoint,
+};
+use serde::Serialize;
+
+use super::tracefs::{self, TracepointProblem};
+use crate::aggregation::{Counters, Histogram, KernelSnapshot, merge_per_cpu};
+
+/// The probes, built by agent/build.rs (or `cargo xtask build-ebpf`).
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/envelope-probes"));
+
+/// Whether one probe is running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProbeStatus {
+    /// "category:name" of the tracepoint.
+    pub tracepoint: String,
+    /// What it measures, for messages when it is missing.
+    pub feeds: &'static str,
+    pub attached: bool,
+    /// Why it is not attached (None when attached).
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeLoadError {
+    #[error(
+        "this envelope binary was built without its eBPF probes (AYA_BUILD_SKIP was set). \
+         Rebuild it with `cargo xtask build-ebpf` and `cargo build --release`"
+    )]
+    NotBuiltIn,
+    #[error(
+        "the kernel refused to load envelope's probes: {0}. Run envelope as root, or give it \
+         CAP_BPF and CAP_PERFMON (kernel 5.8+), e.g. `sudo setcap cap_bpf,cap_perfmon+ep $(command -v envelope)`"
+    )]
+    PermissionDenied(String),
+    #[error("loading envelope's eBPF object failed: {0}")]
+    Load(String),
+    #[error(
+        "no probe could attach, so there is nothing to measure:\n{0}\n\
+         Check that tracefs is mounted and that the kernel has the block and tcp tracepoints"
+    )]
+    NothingAttached(String),
+}
+
+/// The loaded probes. Dropping this detaches them.
+pub struct KernelProbes {
+    ebpf: Ebpf,
+    statuses: Vec<ProbeStatus>,
+}
+
+/// Block devices on this machine (whole disks and partitions), to size the storage maps.
+fn block_device_count() -> u32 {
+    fs::read_dir("/sys/class/block").map_or(0, |entries| entries.count() as u32)
+}
+
+fn is_permission_error(text: &str) -> bool {
+    text.contains("EPERM") || text.contains("Operation not permitted") || text.contains("EACCES")
+}
+
+impl KernelProbes {
+    /// Loads and attaches every probe whose tracepoint this kernel has.
+    pub fn load(tracefs_root: &Path) -> Result<Self, ProbeLoadError> {
+        if PROBES_OBJECT.is_empty() {
+            return Err(ProbeLoadError::NotBuiltIn);
+        }
+        let (offsets, availability) = tracefs::read_offsets(tracefs_root);
+        // One histogram per device, direction (5) and stage (2); at least room for 16 disks.
+        let storage_keys = (block_device_count().max(16) * 10).min(65_536);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
+            .map_max_entries(map_names::STORAGE_LATENCY, storage_keys)
+            .map_max_entries(map_names::STORAGE_COUNTERS, storage_keys)
+            .load(PROBES_OBJECT)
+            .map_err(|error| {
+                let text = format!("{error:#}");
+                let detail = format!("{text} ({:?})", std::error::Error::source(&error));
+                if is_permission_error(&detail) {
+                    ProbeLoadError::PermissionDenied(text)
+                } else {
+                    ProbeLoadError::Load(text)
+                }
+            })?;
+
+        let mut statuses = Vec::new();
+        for (spec, usable) in availability {
+            let tracepoint = spec.qualified_name();
+            let result = usable
+                .map_err(|problem: TracepointProblem| problem.to_string())
+                .and_then(|()| attach(&mut ebpf, spec.name, spec.category));
+            statuses.push(ProbeStatus {
+                tracepoint,
+                feeds: spec.feeds,
+                attached: result.is_ok(),
+                problem: result.err(),
+            });
+        }
+        if statuses.iter().all(|status| !status.attached) {
+            let reasons: Vec<String> = statuses
+                .iter()
+                .map(|s| {
+                    format!(
+                        "  {}: {}",
+                        s.tracepoint,
+                        s.problem.as_deref().unwrap_or("?")
+                    )
+                })
+                .collect();
+            let joined = reasons.join("\n");
+            if is_permission_error(&joined) {
+                return Err(ProbeLoadError::PermissionDenied(joined));
+            }
+            return Err(ProbeLoadError::NothingAttached(joined));
+        }
+        Ok(Self { ebpf, statuses })
+    }
+
+    pub fn statuses(&self) -> &[ProbeStatus] {
+        &self.statuses
+    }
+
+    /// Reads every map once. Cost: one map walk per map, no per-event work.
+    pub fn snapshot(&self) -> anyhow::Result<KernelSnapshot> {
+        Ok(KernelSnapshot {
+            storage_latency: self
+                .read_histograms::<StorageLatencyKey>(map_names::STORAGE_LATENCY)?,
+            storage_counters: self
+                .read_counters::<StorageDeviceKey, StorageCounters>(map_names::STORAGE_COUNTERS)?,
+            process_io: self
+                .read_counters::<ProcessIoKey, ProcessIoStats>(map_names::PROCESS_IO)?,
+            peer_rtt: self.read_histograms::<PeerKey>(map_names::PEER_RTT)?,
+            peer_connect_latency: self
+                .read_histograms::<PeerKey>(map_names::PEER_CONNECT_LATENCY)?,
+            peer_counters: self.read_counters::<PeerKey, PeerCounters>(map_names::PEER_COUNTERS)?,
+        })
+    }
+
+    fn per_cpu_map<K: Pod, V: Pod>(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<PerCpuHashMap<&MapData, K, V>> {
+        let map = self.ebpf.map(name).with_context(|| {
+            format!("the eBPF object has no map {name}; rebuild it with `cargo xtask build-ebpf`")
+        })?;
+        PerCpuHashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    fn read_histograms<K: Pod + Eq + Hash>(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<HashMap<K, Histogram>> {
+        let map = self.per_cpu_map::<K, LatencyHistogram>(name)?;
+        let mut out = HashMap::new();
+        // An entry evicted between listing keys and reading it is skipped, not fatal.
+        for (key, per_cpu) in map.iter().flatten() {
+            out.insert(key, Histogram::from_per_cpu(per_cpu.iter()));
+        }
+        Ok(out)
+    }
+
+    fn read_counters<K: Pod + Eq + Hash, V: Pod + Counters>(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<HashMap<K, V>> {
+        let map = self.per_cpu_map::<K, V>(name)?;
+        let mut out = HashMap::new();
+        for (key, per_cpu) in map.iter().flatten() {
+            if let Some(total) = merge_per_cpu(&per_cpu) {
+                out.insert(key, total);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, program_name: &str, category: &str) -> Result<(), String> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(program_name)
+        .ok_or_else(|| format!("the eBPF object has no program {program_name}"))?
+        .try_into()
+        .map_err(|error| format!("{error}"))?;
+    program
+        .load()
+        .map_err(|error| format!("the verifier refused it: {error:#}"))?;
+    program
+        .attach(category, program_name)
+        .map(|_link| ())
+        .map_err(|error| format!("attaching failed: {error:#}"))
+}

@@ -1,0 +1,175 @@
+//! Names for what the kernel reports as numbers: block devices (dev_t) and processes (tgid),
+//! read from /sys and /proc. Behind a trait so aggregation stays pure and testable.
+use std::fs;
+
+use serde::Serialize;
+
+/// What kind of submitter a process id stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessKind {
+    /// A user process (alive or gone by the time of the report).
+    Process,
+    /// A kernel thread (writeback, journalling, kworkers): charged to the kernel.
+    KernelThread,
+    /// No process context: queued from an interrupt, or only the issue was seen.
+    Unattributed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProcessIdentity {
+    pub name: String,
+    pub kind: ProcessKind,
+    /// cgroup v2 path, when the process is still alive to ask.
+    pub cgroup: Option<String>,
+}
+
+pub trait SystemNames {
+    /// "vda", "nvme0n1p2"; None when the device is unknown to /sys.
+    fn block_device_name(&self, major: u32, minor: u32) -> Option<String>;
+    /// Who `tgid` is. `comm_at_event` is the command name the kernel saw, used when the
+    /// process has exited since.
+    fn process(&self, tgid: u32, comm_at_event: &str) -> ProcessIdentity;
+}
+
+/// Reads the live system.
+pub struct LiveSystem;
+
+/// Task flag of kernel threads (include/linux/sched.h), field 9 of /proc/PID/stat.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+impl SystemNames for LiveSystem {
+    fn block_device_name(&self, major: u32, minor: u32) -> Option<String> {
+        let uevent = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent")).ok()?;
+        uevent
+            .lines()
+            .find_map(|line| line.strip_prefix("DEVNAME="))
+            .map(str::to_string)
+    }
+
+    fn process(&self, tgid: u32, comm_at_event: &str) -> ProcessIdentity {
+        if tgid == 0 {
+            return ProcessIdentity {
+                name: "kernel (no submitting process)".to_string(),
+                kind: ProcessKind::Unattributed,
+                cgroup: None,
+            };
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{tgid}/stat")) else {
+            return ProcessIdentity {
+                name: comm_at_event.to_string(),
+                kind: kind_from_comm(comm_at_event),
+                cgroup: None,
+            };
+        };
+        let (name, flags) = parse_stat(&stat).unwrap_or((comm_at_event.to_string(), 0));
+        let kind = if flags & PF_KTHREAD != 0 {
+            ProcessKind::KernelThread
+        } else {
+            ProcessKind::Process
+        };
+        let cgroup = fs::read_to_string(format!("/proc/{tgid}/cgroup"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("0::"))
+                    .map(str::to_string)
+            });
+        ProcessIdentity { name, kind, cgroup }
+    }
+}
+
+/// (comm, flags) from /proc/PID/stat. The comm is in parentheses and may itself contain
+/// spaces and parentheses, so split at the last ')'.
+pub fn parse_stat(stat: &str) -> Option<(String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    // After ')': state(3) ppid(4) pgrp(5) session(6) tty_nr(7) tpgid(8) flags(9)
+    let flags = stat
+        .get(close + 1..)?
+        .split_whitespace()
+        .nth(6)?
+        .parse()
+        .ok()?;
+    Some((comm, flags))
+}
+
+/// For a process that has exited: kernel threads have recognisable names.
+fn kind_from_comm(comm: &str) -> ProcessKind {
+    const KERNEL_THREAD_PREFIXES: [&str; 6] = [
+        "kworker/",
+        "jbd2/",
+        "kswapd",
+        "ksoftirqd/",
+        "flush-",
+        "writeback",
+    ];
+    if KERNEL_THREAD_PREFIXES
+        .iter()
+        .any(|prefix| comm.starts_with(prefix))
+    {
+        ProcessKind::KernelThread
+    } else {
+        ProcessKind::Process
+    }
+}
+
+/// Turns a NUL-padded kernel command name into a string.
+pub fn comm_to_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_comm_parses() {
+        let stat = "4121 (my (odd) app) S 1 4121 4121 0 -1 4194560 1234 0 0 0 5 3 0 0 20 0 1 0";
+        assert_eq!(
+            parse_stat(stat),
+            Some(("my (odd) app".to_string(), 4194560))
+        );
+    }
+
+    #[test]
+    fn kernel_thread_flag_is_read() {
+        let stat = "57 (kworker/u4:2-events_unbound) I 2 0 0 0 -1 69238880 0 0 0 0 0 0";
+        let (name, flags) = parse_stat(stat).unwrap();
+        assert_eq!(name, "kworker/u4:2-events_unbound");
+        assert_ne!(flags & PF_KTHREAD, 0);
+    }
+
+    #[test]
+    fn live_system_knows_itself_and_the_kernel() {
+        let me = LiveSystem.process(std::process::id(), "ignored");
+        assert_eq!(me.kind, ProcessKind::Process);
+        assert!(!me.name.is_empty());
+        assert_eq!(LiveSystem.process(0, "").kind, ProcessKind::Unattributed);
+        if let Ok(stat) = std::fs::read_to_string("/proc/2/stat") {
+            // pid 2 is kthreadd wherever /proc shows the host's pid namespace.
+            if stat.contains("(kthreadd)") {
+                assert_eq!(LiveSystem.process(2, "").kind, ProcessKind::KernelThread);
+            }
+        }
+    }
+
+    #[test]
+    fn exited_processes_are_named_from_the_event() {
+        let gone = LiveSystem.process(u32::MAX - 1, "jbd2/vda-8");
+        assert_eq!(gone.kind, ProcessKind::KernelThread);
+        assert_eq!(gone.name, "jbd2/vda-8");
+        let gone = LiveSystem.process(u32::MAX - 1, "python3");
+        assert_eq!(gone.kind, ProcessKind::Process);
+    }
+
+    #[test]
+    fn comm_stops_at_nul() {
+        let mut comm = [0u8; 16];
+        comm[..3].copy_from_slice(b"fio");
+        assert_eq!(comm_to_string(&comm), "fio");
+        assert_eq!(comm_to_string(&[b'a'; 16]), "a".repeat(16));
+    }
+}
