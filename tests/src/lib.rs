@@ -1,1 +1,301 @@
+//! Helpers for the integration tests: loading the real probes, root checks, scratch files
+//! for direct I/O, and network namespaces joined by a veth pair. Everything a test creates is
+//! removed on drop, so a failing assertion leaves nothing behind.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
+use envelope::{
+    aggregation::{
+        KernelSnapshot,
+        window::{WindowSummary, summarize_window},
+    },
+    preflight,
+    sources::{probes::KernelProbes, system::LiveSystem},
+};
+
+/// True when the test may load probes; otherwise prints why it skips.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping {test}: loading eBPF probes needs root (run `sudo cargo xtask test`)");
+    false
+}
+
+/// True when `tool` is on PATH; otherwise prints why the test skips.
+pub fn tool_or_skip(test: &str, tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!(
+            "skipping {test}: `{tool}` is not installed (`cargo xtask test` installs it as root)"
+        );
+    }
+    found
+}
+
+/// The real probes, loaded through the same path as `envelope diagnose`.
+pub fn load_probes() -> KernelProbes {
+    let report = preflight::run().expect("preflight");
+    let probes = KernelProbes::load(Path::new(&report.tracefs)).expect("loading the probes");
+    for status in probes.statuses() {
+        assert!(
+            status.attached,
+            "probe {} did not attach: {:?}",
+            status.tracepoint, status.problem
+        );
+    }
+    probes
+}
+
+/// Summarises what the probes saw between `before` and now.
+pub fn window_since(
+    probes: &KernelProbes,
+    before: &KernelSnapshot,
+    duration: Duration,
+) -> (KernelSnapshot, WindowSummary) {
+    let delta = probes.snapshot().expect("reading maps").since(before);
+    let summary = summarize_window(&delta, duration, &LiveSystem, 1000);
+    (delta, summary)
+}
+
+static UNIQUE: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test run uses at the same time.
+pub fn unique_name(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A file on a real block device (the target directory, not tmpfs), removed on drop.
+pub struct ScratchFile {
+    pub path: PathBuf,
+}
+
+impl ScratchFile {
+    /// Creates `size_bytes` of written (not sparse) data, so later direct I/O touches the disk
+    /// and overwrites need no extent conversion.
+    pub fn create(size_bytes: usize) -> Self {
+        // Under target/: on the disk the workspace lives on, never a tmpfs.
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tmp"));
+        std::fs::create_dir_all(&dir).expect("target tmp dir");
+        let path = dir.join(unique_name("envelope-scratch-"));
+        let chunk = vec![0xA5u8; 1 << 20];
+        let mut file = File::create(&path).expect("create scratch file");
+        let mut written = 0;
+        while written < size_bytes {
+            let n = chunk.len().min(size_bytes - written);
+            std::io::Write::write_all(&mut file, &chunk[..n]).expect("fill scratch file");
+            written += n;
+        }
+        file.sync_all().expect("sync scratch file");
+        Self { path }
+    }
+
+    /// (major, minor) of the block device the file lives on.
+    pub fn device(&self) -> (u32, u32) {
+        let meta = std::fs::metadata(&self.path).expect("stat");
+        let dev = std::os::unix::fs::MetadataExt::dev(&meta);
+        (
+            nix::sys::stat::major(dev) as u32,
+            nix::sys::stat::minor(dev) as u32,
+        )
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A page-aligned buffer, as O_DIRECT requires.
+pub struct AlignedBuffer {
+    pointer: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuffer {
+    pub fn new(size: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(size, 4096).expect("layout");
+        // SAFETY: non-zero size.
+        let pointer = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!pointer.is_null());
+        Self { pointer, layout }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: allocated with this size, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.pointer, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout.
+        unsafe { std::alloc::dealloc(self.pointer, self.layout) }
+    }
+}
+
+fn run(command: &[&str]) {
+    let output = Command::new(command[0])
+        .args(&command[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        output.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Two network namespaces joined by a veth pair, with a token-bucket filter on the client
+/// side's egress so queued data waits (real delay). Removed on drop.
+pub struct VethPair {
+    pub client_namespace: String,
+    pub server_namespace: String,
+    pub client_address: std::net::Ipv4Addr,
+    pub server_address: std::net::Ipv4Addr,
+}
+
+impl VethPair {
+    /// `rate` and `latency` are tc tbf arguments, e.g. "8mbit" and "400ms".
+    pub fn create(rate: &str, latency: &str) -> Self {
+        let name = unique_name("env");
+        let client_namespace = format!("{name}c");
+        let server_namespace = format!("{name}s");
+        let client_link = format!("{name}c0");
+        let server_link = format!("{name}s0");
+        // Addresses only exist inside these two private namespaces.
+        let subnet = 100 + UNIQUE.fetch_add(1, Ordering::Relaxed) % 150;
+        let client_address = std::net::Ipv4Addr::new(10, 251, subnet as u8, 1);
+        let server_address = std::net::Ipv4Addr::new(10, 251, subnet as u8, 2);
+        let pair = Self {
+            client_namespace: client_namespace.clone(),
+            server_namespace: server_namespace.clone(),
+            client_address,
+            server_address,
+        };
+        run(&["ip", "netns", "add", &client_namespace]);
+        run(&["ip", "netns", "add", &server_namespace]);
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &client_link,
+            "netns",
+            &client_namespace,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &server_link,
+            "netns",
+            &server_namespace,
+        ]);
+        for (namespace, link, address) in [
+            (&client_namespace, &client_link, client_address),
+            (&server_namespace, &server_link, server_address),
+        ] {
+            run(&[
+                "ip",
+                "-n",
+                namespace,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                link,
+            ]);
+            run(&["ip", "-n", namespace, "link", "set", link, "up"]);
+            run(&["ip", "-n", namespace, "link", "set", "lo", "up"]);
+        }
+        run(&[
+            "tc",
+            "-n",
+            &client_namespace,
+            "qdisc",
+            "add",
+            "dev",
+            &client_link,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "16kb",
+            "latency",
+            latency,
+        ]);
+        pair
+    }
+
+    /// Runs `f` on a new thread that has joined `namespace`'s network stack.
+    pub fn in_namespace<T: Send + 'static>(
+        namespace: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{namespace}");
+        std::thread::spawn(move || {
+            let handle = File::open(&path).expect("open netns");
+            nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
+    /// Smoothed RTT samples (ms) of sockets in `namespace` talking to `peer`, from `ss -ti`.
+    pub fn ss_rtt_ms(namespace: &str, peer: std::net::SocketAddrV4) -> Vec<f64> {
+        let output = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                namespace,
+                "ss",
+                "-tinH",
+                "dst",
+                &peer.to_string(),
+            ])
+            .output()
+            .expect("ss");
+        parse_ss_rtt(&String::from_utf8_lossy(&output.stdout))
+    }
+}
+
+/// Every `rtt:<srtt>/<rttvar>` in `ss -ti` output, in ms.
+pub fn parse_ss_rtt(text: &str) -> Vec<f64> {
+    text.split_whitespace()
+        .filter_map(|word| word.strip_prefix("rtt:"))
+        .filter_map(|value| value.split('/').next()?.parse().ok())
+        .collect()
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end inside it, and with it the pair.
+        for namespace in [&self.client_namespace, &self.server_namespace] {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", namespace])
+                .status();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ss_rtt_is_parsed() {
+        let text = "0 0 10.251.1.1:40000 10.251.1.2:5201\n\t cubic wscale:7,7 rto:268 rtt:64.211/2.5 ato:40 mss:1448";
+        assert_eq!(super::parse_ss_rtt(text), vec![64.211]);
+        assert!(super::parse_ss_rtt("no sockets").is_empty());
+    }
+}
