@@ -1,0 +1,115 @@
+//! The binary's behaviour on bad input: a clear message and a non-zero exit, never a panic.
+use std::process::Command;
+
+fn envelope(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_envelope"))
+        .args(args)
+        .output()
+        .expect("run envelope");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_message() {
+    for (args, expected) in [
+        (
+            &["diagnose", "--bogus"][..],
+            "unexpected argument '--bogus'",
+        ),
+        (&["diagnose", "--duration", "0"], "greater than zero"),
+        (&["diagnose", "--duration", "-5s"], "negative"),
+        (&["diagnose", "--duration", "soon"], "not a duration"),
+        (&["diagnose", "--top", "0"], "--top"),
+        (&["frobnicate"], "unrecognized subcommand"),
+    ] {
+        let (code, _, stderr) = envelope(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn version_and_help_work_without_privileges() {
+    let (code, stdout, _) = envelope(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("envelope "), "{stdout}");
+    let (code, stdout, _) = envelope(&["diagnose", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("--duration") && stdout.contains("--json"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unprivileged_diagnose_says_what_to_do() {
+    if !nix_is_root() {
+        let (code, _, stderr) = envelope(&["diagnose", "--duration", "1s"]);
+        assert_eq!(code, 1);
+        assert!(
+            stderr.contains("CAP_BPF") && stderr.contains("sudo"),
+            "{stderr}"
+        );
+        return;
+    }
+    // As root: drop to nobody through setpriv when it exists, with no capabilities.
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipping the unprivileged run: setpriv is not installed");
+        return;
+    }
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_envelope"))
+        .args(["diagnose", "--duration", "1s"])
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("sudo"),
+        "{stderr}"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// As root, a short diagnose prints the documented JSON object.
+#[test]
+fn diagnose_json_has_the_documented_fields() {
+    if !nix_is_root() {
+        eprintln!("skipping diagnose_json_has_the_documented_fields: needs root to load probes");
+        return;
+    }
+    let (code, stdout, stderr) = envelope(&["diagnose", "--duration", "1s", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(report["schema_version"], 1);
+    assert!(report["duration_s"].as_f64().unwrap() >= 1.0);
+    assert_eq!(report["interrupted"], false);
+    assert!(report["storage"]["devices"].is_array());
+    assert!(report["storage"]["processes"].is_array());
+    assert!(report["network"]["peers"].is_array());
+    let probes = report["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 8);
+    assert!(probes.iter().all(|p| p["attached"] == true), "{probes:?}");
+}

@@ -1,0 +1,92 @@
+//! How the agent meets the kernel: tracepoint layouts, and probes that cannot attach.
+use std::path::Path;
+
+use agent_common::tracepoint::TracepointOffsets;
+use envelope::{
+    preflight,
+    sources::{probes::KernelProbes, tracefs},
+};
+use integration_tests::{root_or_skip, unique_name};
+
+/// The built-in offsets are the fallback for a tracepoint whose format cannot be read; they
+/// must be this kernel's layout. If this fails on a new kernel, the live offsets are still
+/// used at run time: update `TracepointOffsets::LINUX_6_18` or add that kernel's layout.
+#[test]
+fn built_in_offsets_match_the_live_format_files() {
+    if !root_or_skip("built_in_offsets_match_the_live_format_files") {
+        return;
+    }
+    let report = preflight::run().expect("preflight");
+    let (live, availability) = tracefs::read_offsets(Path::new(&report.tracefs));
+    for (spec, usable) in &availability {
+        assert_eq!(
+            *usable,
+            Ok(()),
+            "tracepoint {} unusable",
+            spec.qualified_name()
+        );
+    }
+    assert_eq!(live, TracepointOffsets::LINUX_6_18);
+}
+
+/// A kernel without one tracepoint loses that probe, not the agent: with tcp_probe's format
+/// hidden, every other probe attaches and the missing one says why.
+#[test]
+fn a_missing_tracepoint_turns_off_only_its_probe() {
+    if !root_or_skip("a_missing_tracepoint_turns_off_only_its_probe") {
+        return;
+    }
+    let report = preflight::run().expect("preflight");
+    let live_root = Path::new(&report.tracefs);
+    let fake_root = std::env::temp_dir().join(unique_name("envelope-tracefs-"));
+    for spec in tracefs::TRACEPOINTS
+        .iter()
+        .filter(|spec| spec.name != "tcp_probe")
+    {
+        let relative = Path::new("events").join(spec.category).join(spec.name);
+        std::fs::create_dir_all(fake_root.join(&relative)).unwrap();
+        std::fs::copy(
+            live_root.join(&relative).join("format"),
+            fake_root.join(&relative).join("format"),
+        )
+        .unwrap();
+    }
+    let loaded = KernelProbes::load(&fake_root);
+    let _ = std::fs::remove_dir_all(&fake_root);
+    let probes = loaded.expect("the agent still loads");
+    for status in probes.statuses() {
+        if status.tracepoint == "tcp:tcp_probe" {
+            assert!(!status.attached);
+            assert_eq!(
+                status.problem.as_deref(),
+                Some("this kernel has no such tracepoint")
+            );
+            assert_eq!(status.feeds, "TCP round-trip time");
+        } else {
+            assert!(
+                status.attached,
+                "{} should attach: {:?}",
+                status.tracepoint, status.problem
+            );
+        }
+    }
+    assert!(probes.snapshot().is_ok(), "maps stay readable");
+}
+
+/// No tracepoint at all: a clear error, not a panic and not an empty report.
+#[test]
+fn no_usable_tracepoint_is_a_clear_error() {
+    if !root_or_skip("no_usable_tracepoint_is_a_clear_error") {
+        return;
+    }
+    preflight::run().expect("preflight");
+    let error = KernelProbes::load(Path::new("/nonexistent-tracefs"))
+        .err()
+        .expect("must fail");
+    let message = error.to_string();
+    assert!(message.contains("no probe could attach"), "{message}");
+    assert!(
+        message.contains("block:block_rq_complete: this kernel has no such tracepoint"),
+        "{message}"
+    );
+}
