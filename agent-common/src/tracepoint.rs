@@ -13,6 +13,10 @@ pub struct TracepointOffsets {
     pub bio_queue_dev: u16,
     pub bio_queue_sector: u16,
     pub bio_queue_rwbs: u16,
+    // block:block_split
+    pub split_dev: u16,
+    pub split_sector: u16,
+    pub split_new_sector: u16,
     // block:block_rq_issue
     pub rq_issue_dev: u16,
     pub rq_issue_sector: u16,
@@ -55,6 +59,9 @@ impl TracepointOffsets {
         bio_queue_dev: 8,
         bio_queue_sector: 16,
         bio_queue_rwbs: 28,
+        split_dev: 8,
+        split_sector: 16,
+        split_new_sector: 24,
         rq_issue_dev: 8,
         rq_issue_sector: 16,
         rq_issue_rwbs: 34,

@@ -110,6 +110,6 @@ fn diagnose_json_has_the_documented_fields() {
     assert!(report["storage"]["processes"].is_array());
     assert!(report["network"]["peers"].is_array());
     let probes = report["probes"].as_array().unwrap();
-    assert_eq!(probes.len(), 8);
+    assert_eq!(probes.len(), 9);
     assert!(probes.iter().all(|p| p["attached"] == true), "{probes:?}");
 }

@@ -90,6 +90,42 @@ fn try_block_bio_queue(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// A bio too large for the device is split: the front keeps the original sector, the rest
+/// continues at `new_sector` as its own request. Both inherit the submitter and queue time,
+/// so the second request is timed from when the application queued it too.
+#[tracepoint(category = "block", name = "block_split")]
+pub fn block_split(ctx: TracePointContext) -> u32 {
+    let _ = try_block_split(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_block_split(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: see try_block_bio_queue.
+    let dev: u32 = unsafe { ctx.read_at(offset!(split_dev))? };
+    let sector: u64 = unsafe { ctx.read_at(offset!(split_sector))? };
+    let new_sector: u64 = unsafe { ctx.read_at(offset!(split_new_sector))? };
+    let key = InflightRequestKey {
+        dev,
+        _padding: 0,
+        sector,
+    };
+    // SAFETY: copied out at once.
+    let Some(request) = INFLIGHT_REQUESTS
+        .get_ptr(&key)
+        .map(|request| unsafe { *request })
+    else {
+        return Ok(());
+    };
+    let remainder = InflightRequestKey {
+        dev,
+        _padding: 0,
+        sector: new_sector,
+    };
+    INFLIGHT_REQUESTS.insert(&remainder, &request, 0)?;
+    Ok(())
+}
+
 #[tracepoint(category = "block", name = "block_rq_issue")]
 pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
     let _ = try_block_rq_issue(&ctx);

@@ -154,6 +154,16 @@ pub const TRACEPOINTS: &[TracepointSpec] = &[
     },
     TracepointSpec {
         category: "block",
+        name: "block_split",
+        feeds: "queued-to-complete latency of the second part of split requests",
+        fields: &[
+            field!("dev", 4, split_dev),
+            field!("sector", 8, split_sector),
+            field!("new_sector", 8, split_new_sector),
+        ],
+    },
+    TracepointSpec {
+        category: "block",
         name: "block_rq_issue",
         feeds: "device-only storage latency",
         fields: &[
