@@ -406,9 +406,15 @@ fn summarize_peers(
                 processes: peer
                     .tgids
                     .iter()
-                    .map(|&pid| PeerProcess {
-                        pid,
-                        name: names.process(pid, "").name,
+                    .map(|&pid| {
+                        // The kernel keeps no name for socket owners: one gone by now has none.
+                        let name = names.process(pid, "").name;
+                        let name = if name.is_empty() {
+                            "exited".to_string()
+                        } else {
+                            name
+                        };
+                        PeerProcess { pid, name }
                     })
                     .collect(),
             }
