@@ -6,6 +6,7 @@ use std::{
 };
 
 use agent_common::storage::IoOperation;
+use envelope::aggregation::window::{StorageOperationSummary, WindowSummary};
 use integration_tests::{
     AlignedBuffer, ScratchFile, load_probes, root_or_skip, tool_or_skip, window_since,
 };
@@ -73,6 +74,28 @@ fn charged_to_me(
     )
 }
 
+/// The read row of the device `file` lives on.
+fn read_row(summary: &WindowSummary, file: &ScratchFile) -> StorageOperationSummary {
+    let (major, minor) = file.device();
+    let device = summary
+        .storage
+        .devices
+        .iter()
+        .find(|d| (d.major, d.minor) == (major, minor))
+        .unwrap_or_else(|| {
+            panic!(
+                "device {major}:{minor} missing from {:?}",
+                summary.storage.devices
+            )
+        });
+    device
+        .operations
+        .iter()
+        .find(|o| o.operation == "read")
+        .expect("read row")
+        .clone()
+}
+
 #[test]
 fn direct_reads_are_counted_exactly_and_timed_like_the_caller_sees_them() {
     if !root_or_skip("direct_reads_are_counted_exactly") {
@@ -107,23 +130,7 @@ fn direct_reads_are_counted_exactly_and_timed_like_the_caller_sees_them() {
     );
 
     // The device the file lives on reports at least these reads, with quantiles.
-    let (major, minor) = file.device();
-    let device = summary
-        .storage
-        .devices
-        .iter()
-        .find(|d| (d.major, d.minor) == (major, minor))
-        .unwrap_or_else(|| {
-            panic!(
-                "device {major}:{minor} missing from {:?}",
-                summary.storage.devices
-            )
-        });
-    let reads = device
-        .operations
-        .iter()
-        .find(|o| o.operation == "read")
-        .expect("read row");
+    let reads = read_row(&summary, &file);
     assert!(reads.ops >= READS as u64);
     assert!(reads.bytes >= (READS * BLOCK) as u64);
     let p50 = reads.latency.p50_ms.expect("read p50");
@@ -213,18 +220,7 @@ fn p95_agrees_with_fio_under_saturating_random_reads() {
         / 1e6;
     let fio_ios = read["total_ios"].as_u64().expect("fio total_ios");
 
-    let (major, minor) = file.device();
-    let device = summary
-        .storage
-        .devices
-        .iter()
-        .find(|d| (d.major, d.minor) == (major, minor))
-        .expect("device");
-    let reads = device
-        .operations
-        .iter()
-        .find(|o| o.operation == "read")
-        .expect("read row");
+    let reads = read_row(&summary, &file);
     let envelope_p95_ms = reads.latency.p95_ms.expect("p95");
     eprintln!(
         "fio: {fio_ios} reads, clat P95 {fio_p95_ms:.3} ms; envelope: {} reads, P95 {envelope_p95_ms:.3} ms (device only {:?} ms)",

@@ -113,6 +113,12 @@ pub fn parse_format(text: &str) -> HashMap<String, FormatField> {
     fields
 }
 
+/// A field a probe reads: name, minimum size in bytes, and where its offset goes.
+pub type FieldSpec = (&'static str, u16, fn(&mut TracepointOffsets, u16));
+
+/// Per tracepoint: usable, or why not.
+pub type Availability = Vec<(&'static TracepointSpec, Result<(), TracepointProblem>)>;
+
 /// A tracepoint the probes use, and the fields each needs with their expected size.
 pub struct TracepointSpec {
     pub category: &'static str,
@@ -120,7 +126,7 @@ pub struct TracepointSpec {
     /// What the user loses when this tracepoint cannot be used.
     pub feeds: &'static str,
     /// (field name, minimum size in bytes, setter into the offsets struct)
-    pub fields: &'static [(&'static str, u16, fn(&mut TracepointOffsets, u16))],
+    pub fields: &'static [FieldSpec],
 }
 
 impl TracepointSpec {
@@ -301,12 +307,7 @@ pub fn apply_format(
 
 /// Reads every tracepoint's format from tracefs. Returns the offsets for the programs and,
 /// per tracepoint, whether it is usable.
-pub fn read_offsets(
-    tracefs_root: &Path,
-) -> (
-    TracepointOffsets,
-    Vec<(&'static TracepointSpec, Result<(), TracepointProblem>)>,
-) {
+pub fn read_offsets(tracefs_root: &Path) -> (TracepointOffsets, Availability) {
     let mut offsets = TracepointOffsets::LINUX_6_18;
     let availability = TRACEPOINTS
         .iter()
