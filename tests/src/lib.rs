@@ -271,6 +271,27 @@ impl VethPair {
     }
 }
 
+/// Total retransmitted segments of sockets in `namespace` talking to `peer` (`retrans:a/b`).
+pub fn ss_total_retransmits(namespace: &str, peer: std::net::SocketAddrV4) -> u64 {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            namespace,
+            "ss",
+            "-tinH",
+            "dst",
+            &peer.to_string(),
+        ])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("retrans:"))
+        .filter_map(|value| value.split('/').nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Every `rtt:<srtt>/<rttvar>` in `ss -ti` output, in ms.
 pub fn parse_ss_rtt(text: &str) -> Vec<f64> {
     text.split_whitespace()

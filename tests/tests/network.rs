@@ -258,3 +258,72 @@ fn veth_rtt_with_tbf_delay_matches_kernel_srtt() {
         error * 100.0
     );
 }
+
+/// A token bucket with a tiny queue drops a bulk flow's excess: the kernel retransmits, and
+/// envelope must count retransmits to that peer. The kernel counts segments (`ss`), the probe
+/// counts retransmitted packets (a GSO packet holds several segments), so envelope's count is
+/// at most the kernel's; both must be non-zero.
+#[test]
+fn drops_on_a_veth_show_up_as_retransmits() {
+    if !root_or_skip("retransmits")
+        || !tool_or_skip("retransmits", "ip")
+        || !tool_or_skip("retransmits", "tc")
+        || !tool_or_skip("retransmits", "ss")
+    {
+        return;
+    }
+    let pair = VethPair::create("4mbit", "5ms");
+    let server_address = SocketAddrV4::new(pair.server_address, 5202);
+    let probes = load_probes();
+    let before = probes.snapshot().unwrap();
+    let (ready_sender, ready) = std::sync::mpsc::channel();
+    let server = VethPair::in_namespace(&pair.server_namespace, move || {
+        let listener = TcpListener::bind(server_address).expect("bind");
+        ready_sender.send(()).unwrap();
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut sink = vec![0u8; 1 << 16];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    ready.recv().unwrap();
+    let (done_sender, done) = std::sync::mpsc::channel::<()>();
+    let (sent_sender, sent) = std::sync::mpsc::channel::<()>();
+    let client = VethPair::in_namespace(&pair.client_namespace, move || {
+        let mut stream = TcpStream::connect(server_address).expect("connect");
+        let chunk = vec![3u8; 1 << 16];
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            stream.write_all(&chunk).expect("send");
+        }
+        sent_sender.send(()).unwrap();
+        // Keep the socket open until the kernel's counters have been read.
+        let _ = done.recv();
+    });
+    sent.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let kernel_retransmits =
+        integration_tests::ss_total_retransmits(&pair.client_namespace, server_address);
+    let (_, summary) = window_since(&probes, &before, Duration::from_secs(4));
+    done_sender.send(()).unwrap();
+    client.join().unwrap();
+    server.join().unwrap();
+    let peer = summary
+        .network
+        .peers
+        .iter()
+        .find(|p| p.peer == server_address.to_string())
+        .expect("peer listed");
+    eprintln!(
+        "retransmits: envelope {} packets, kernel {kernel_retransmits} segments",
+        peer.retransmits
+    );
+    assert!(
+        kernel_retransmits > 0,
+        "the tiny queue should have dropped something"
+    );
+    assert!(peer.retransmits > 0, "envelope saw no retransmit");
+    assert!(
+        peer.retransmits <= kernel_retransmits + 2,
+        "envelope {} > kernel {kernel_retransmits}",
+        peer.retransmits
+    );
+}
