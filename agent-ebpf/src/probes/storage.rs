@@ -23,14 +23,18 @@ use aya_ebpf::{
 
 use super::shared::{get_or_insert, offset, record_latency};
 
+/// Not preallocated: a 4 KiB histogram per CPU exists only for (device, direction, stage)
+/// keys that saw I/O, instead of for every possible key on every CPU.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Userspace sizes this to the machine's block devices at load time.
 #[map]
 static STORAGE_LATENCY: PerCpuHashMap<StorageLatencyKey, LatencyHistogram> =
-    PerCpuHashMap::with_max_entries(256, 0);
+    PerCpuHashMap::with_max_entries(256, BPF_F_NO_PREALLOC);
 
 #[map]
 static STORAGE_COUNTERS: PerCpuHashMap<StorageDeviceKey, StorageCounters> =
-    PerCpuHashMap::with_max_entries(256, 0);
+    PerCpuHashMap::with_max_entries(256, BPF_F_NO_PREALLOC);
 
 #[map]
 static PROCESS_IO: LruPerCpuHashMap<ProcessIoKey, ProcessIoStats> =

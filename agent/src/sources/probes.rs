@@ -63,9 +63,39 @@ pub struct KernelProbes {
     statuses: Vec<ProbeStatus>,
 }
 
-/// Block devices on this machine (whole disks and partitions), to size the storage maps.
+/// Whole block devices on this machine (requests are issued to disks, not partitions).
 fn block_device_count() -> u32 {
-    fs::read_dir("/sys/class/block").map_or(0, |entries| entries.count() as u32)
+    fs::read_dir("/sys/block").map_or(0, |entries| entries.count() as u32)
+}
+
+/// Possible CPUs: per-CPU maps hold one copy of each value per possible CPU.
+fn nr_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1, |count| count as u32)
+}
+
+/// Memory allowed for each per-peer histogram map (RTT, connect latency). LRU maps are
+/// preallocated: every entry costs 4 KiB on every CPU, so big machines track fewer peers.
+const PEER_HISTOGRAM_BUDGET_BYTES: u64 = 32 << 20;
+
+/// Entries for a per-peer histogram map: 512 peers, fewer where that would exceed the
+/// budget (64 on a 128-CPU node), never fewer than 16.
+pub fn peer_histogram_entries(cpus: u32) -> u32 {
+    let per_entry = std::mem::size_of::<LatencyHistogram>() as u64 * u64::from(cpus.max(1));
+    (PEER_HISTOGRAM_BUDGET_BYTES / per_entry).clamp(16, 512) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peer_maps_shrink_on_big_machines_to_stay_within_budget() {
+        assert_eq!(super::peer_histogram_entries(2), 512);
+        assert_eq!(super::peer_histogram_entries(128), 63);
+        assert_eq!(super::peer_histogram_entries(4096), 16);
+        for cpus in [1, 2, 8, 64, 128, 256] {
+            let entries = u64::from(super::peer_histogram_entries(cpus));
+            assert!(entries * 4112 * u64::from(cpus) <= 32 << 20 || entries == 16);
+        }
+    }
 }
 
 fn is_permission_error(text: &str) -> bool {
@@ -80,11 +110,15 @@ impl KernelProbes {
         }
         let (offsets, availability) = tracefs::read_offsets(tracefs_root);
         // One histogram per device, direction (5) and stage (2); at least room for 16 disks.
+        // These maps are not preallocated, so unused room costs nothing.
         let storage_keys = (block_device_count().max(16) * 10).min(65_536);
+        let peer_histograms = peer_histogram_entries(nr_cpus());
         let mut ebpf = EbpfLoader::new()
             .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
             .map_max_entries(map_names::STORAGE_LATENCY, storage_keys)
             .map_max_entries(map_names::STORAGE_COUNTERS, storage_keys)
+            .map_max_entries(map_names::PEER_RTT, peer_histograms)
+            .map_max_entries(map_names::PEER_CONNECT_LATENCY, peer_histograms)
             .load(PROBES_OBJECT)
             .map_err(|error| {
                 let text = format!("{error:#}");
