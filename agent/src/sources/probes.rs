@@ -84,20 +84,6 @@ pub fn peer_histogram_entries(cpus: u32) -> u32 {
     (PEER_HISTOGRAM_BUDGET_BYTES / per_entry).clamp(16, 512) as u32
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn peer_maps_shrink_on_big_machines_to_stay_within_budget() {
-        assert_eq!(super::peer_histogram_entries(2), 512);
-        assert_eq!(super::peer_histogram_entries(128), 63);
-        assert_eq!(super::peer_histogram_entries(4096), 16);
-        for cpus in [1, 2, 8, 64, 128, 256] {
-            let entries = u64::from(super::peer_histogram_entries(cpus));
-            assert!(entries * 4112 * u64::from(cpus) <= 32 << 20 || entries == 16);
-        }
-    }
-}
-
 fn is_permission_error(text: &str) -> bool {
     text.contains("EPERM") || text.contains("Operation not permitted") || text.contains("EACCES")
 }
@@ -234,4 +220,18 @@ fn attach(ebpf: &mut Ebpf, program_name: &str, category: &str) -> Result<(), Str
         .attach(category, program_name)
         .map(|_link| ())
         .map_err(|error| format!("attaching failed: {error:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peer_maps_shrink_on_big_machines_to_stay_within_budget() {
+        assert_eq!(super::peer_histogram_entries(2), 512);
+        assert_eq!(super::peer_histogram_entries(128), 63);
+        assert_eq!(super::peer_histogram_entries(4096), 16);
+        for cpus in [1, 2, 8, 64, 128, 256] {
+            let entries = u64::from(super::peer_histogram_entries(cpus));
+            assert!(entries * 4112 * u64::from(cpus) <= 32 << 20 || entries == 16);
+        }
+    }
 }
