@@ -255,24 +255,12 @@ impl VethPair {
 
     /// Smoothed RTT samples (ms) of sockets in `namespace` talking to `peer`, from `ss -ti`.
     pub fn ss_rtt_ms(namespace: &str, peer: std::net::SocketAddrV4) -> Vec<f64> {
-        let output = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                namespace,
-                "ss",
-                "-tinH",
-                "dst",
-                &peer.to_string(),
-            ])
-            .output()
-            .expect("ss");
-        parse_ss_rtt(&String::from_utf8_lossy(&output.stdout))
+        parse_ss_rtt(&ss_tcp_info(namespace, peer))
     }
 }
 
-/// Total retransmitted segments of sockets in `namespace` talking to `peer` (`retrans:a/b`).
-pub fn ss_total_retransmits(namespace: &str, peer: std::net::SocketAddrV4) -> u64 {
+/// `ss -tin` output for sockets in `namespace` talking to `peer`.
+fn ss_tcp_info(namespace: &str, peer: std::net::SocketAddrV4) -> String {
     let output = Command::new("ip")
         .args([
             "netns",
@@ -285,7 +273,12 @@ pub fn ss_total_retransmits(namespace: &str, peer: std::net::SocketAddrV4) -> u6
         ])
         .output()
         .expect("ss");
-    String::from_utf8_lossy(&output.stdout)
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Total retransmitted segments of sockets in `namespace` talking to `peer` (`retrans:a/b`).
+pub fn ss_total_retransmits(namespace: &str, peer: std::net::SocketAddrV4) -> u64 {
+    ss_tcp_info(namespace, peer)
         .split_whitespace()
         .filter_map(|word| word.strip_prefix("retrans:"))
         .filter_map(|value| value.split('/').nth(1)?.parse::<u64>().ok())
