@@ -95,6 +95,17 @@ pub struct StorageLatencyKey {
     pub _padding: [u8; 2],
 }
 
+impl StorageLatencyKey {
+    pub const fn new(dev: u32, operation: u8, stage: LatencyStage) -> Self {
+        Self {
+            dev,
+            operation,
+            stage: stage as u8,
+            _padding: [0; 2],
+        }
+    }
+}
+
 /// Key of `STORAGE_COUNTERS`: per device and direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -126,6 +137,16 @@ pub struct InflightRequestKey {
     pub dev: u32,
     pub _padding: u32,
     pub sector: u64,
+}
+
+impl InflightRequestKey {
+    pub const fn new(dev: u32, sector: u64) -> Self {
+        Self {
+            dev,
+            _padding: 0,
+            sector,
+        }
+    }
 }
 
 /// What is known about a request between queueing and completion. Lives in an LRU map, so

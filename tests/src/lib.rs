@@ -41,8 +41,29 @@ pub fn tool_or_skip(test: &str, tool: &str) -> bool {
     found
 }
 
+/// Tests that make traffic and count it per process must not overlap: the process is the
+/// same for every test thread. Holding this makes plain `cargo test` safe as well.
+static PROBE_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Loaded probes plus the right to be the only test making traffic. Derefs to the probes.
+pub struct ExclusiveProbes {
+    probes: KernelProbes,
+    _exclusive: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for ExclusiveProbes {
+    type Target = KernelProbes;
+    fn deref(&self) -> &KernelProbes {
+        &self.probes
+    }
+}
+
 /// The real probes, loaded through the same path as `envelope diagnose`.
-pub fn load_probes() -> KernelProbes {
+pub fn load_probes() -> ExclusiveProbes {
+    // A test that failed while holding the lock must not fail every later one.
+    let exclusive = PROBE_TESTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let report = preflight::run().expect("preflight");
     let probes = KernelProbes::load(Path::new(&report.tracefs)).expect("loading the probes");
     for status in probes.statuses() {
@@ -52,7 +73,10 @@ pub fn load_probes() -> KernelProbes {
             status.tracepoint, status.problem
         );
     }
-    probes
+    ExclusiveProbes {
+        probes,
+        _exclusive: exclusive,
+    }
 }
 
 /// Summarises what the probes saw between `before` and now.
@@ -75,6 +99,14 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id() % 100_000,
         UNIQUE.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// True when root and `ip`, `tc` and `ss` are there, which the veth tests need.
+pub fn veth_tools_or_skip(test: &str) -> bool {
+    root_or_skip(test)
+        && ["ip", "tc", "ss"]
+            .iter()
+            .all(|tool| tool_or_skip(test, tool))
 }
 
 /// A file on a real block device (the target directory, not tmpfs), removed on drop.
@@ -251,6 +283,48 @@ impl VethPair {
             nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             f()
         })
+    }
+
+    /// A TCP server in the server namespace that reads everything one client sends and
+    /// returns the byte count. `receive_buffer` (SO_RCVBUF, set before listen so the accepted
+    /// socket inherits it) caps the receive window. Returns once the server is listening.
+    pub fn spawn_sink_server(
+        &self,
+        address: std::net::SocketAddrV4,
+        receive_buffer: Option<usize>,
+    ) -> std::thread::JoinHandle<usize> {
+        use nix::sys::socket::{self, sockopt};
+        let (ready_sender, ready) = std::sync::mpsc::channel();
+        let server = Self::in_namespace(&self.server_namespace, move || {
+            let fd = socket::socket(
+                socket::AddressFamily::Inet,
+                socket::SockType::Stream,
+                socket::SockFlag::empty(),
+                None,
+            )
+            .expect("socket");
+            if let Some(bytes) = receive_buffer {
+                socket::setsockopt(&fd, sockopt::RcvBuf, &bytes).expect("SO_RCVBUF");
+            }
+            socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            socket::bind(raw, &socket::SockaddrIn::from(address)).expect("bind");
+            socket::listen(&fd, socket::Backlog::new(4).expect("backlog")).expect("listen");
+            let listener = std::net::TcpListener::from(fd);
+            ready_sender.send(()).expect("signal ready");
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut sink = vec![0u8; 1 << 16];
+            let mut received = 0;
+            while let Ok(n) = std::io::Read::read(&mut stream, &mut sink) {
+                if n == 0 {
+                    break;
+                }
+                received += n;
+            }
+            received
+        });
+        ready.recv().expect("server ready");
+        server
     }
 
     /// Smoothed RTT samples (ms) of sockets in `namespace` talking to `peer`, from `ss -ti`.

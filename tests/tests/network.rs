@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{VethPair, load_probes, root_or_skip, tool_or_skip, window_since};
+use integration_tests::{VethPair, load_probes, root_or_skip, veth_tools_or_skip, window_since};
 
 /// Connects to a fresh listener on `ip` and does `round_trips` request/response exchanges.
 /// Returns (server address, client's local address).
@@ -138,11 +138,7 @@ fn refused_connect_is_a_failed_connect() {
 /// milliseconds. envelope's median must match `ss -ti`'s srtt sampled over the same time.
 #[test]
 fn veth_rtt_with_tbf_delay_matches_kernel_srtt() {
-    if !root_or_skip("veth_rtt")
-        || !tool_or_skip("veth_rtt", "ip")
-        || !tool_or_skip("veth_rtt", "tc")
-        || !tool_or_skip("veth_rtt", "ss")
-    {
+    if !veth_tools_or_skip("veth_rtt") {
         return;
     }
     let pair = VethPair::create("8mbit", "400ms");
@@ -150,40 +146,8 @@ fn veth_rtt_with_tbf_delay_matches_kernel_srtt() {
     let probes = load_probes();
     let at_load = probes.snapshot().unwrap();
 
-    let (ready_sender, ready) = std::sync::mpsc::channel();
-    let server = VethPair::in_namespace(&pair.server_namespace, move || {
-        let socket = nix::sys::socket::socket(
-            nix::sys::socket::AddressFamily::Inet,
-            nix::sys::socket::SockType::Stream,
-            nix::sys::socket::SockFlag::empty(),
-            None,
-        )
-        .expect("socket");
-        // Before listen, so the accepted socket inherits it: caps the window at ~64 KiB.
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &65536)
-            .expect("SO_RCVBUF");
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReuseAddr, &true).unwrap();
-        nix::sys::socket::bind(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            &nix::sys::socket::SockaddrIn::from(server_address),
-        )
-        .expect("bind");
-        nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::new(4).unwrap())
-            .expect("listen");
-        let listener = TcpListener::from(socket);
-        ready_sender.send(()).unwrap();
-        let (mut stream, _) = listener.accept().expect("accept");
-        let mut sink = vec![0u8; 1 << 16];
-        let mut received = 0usize;
-        while let Ok(n) = stream.read(&mut sink) {
-            if n == 0 {
-                break;
-            }
-            received += n;
-        }
-        received
-    });
-    ready.recv().expect("server ready");
+    // A ~64 KiB receive buffer caps the window, so the flow settles instead of sawing.
+    let server = pair.spawn_sink_server(server_address, Some(65536));
 
     // The first second is slow start overshooting into the queue; then the window settles.
     const WARM_UP: Duration = Duration::from_millis(1500);
@@ -265,26 +229,14 @@ fn veth_rtt_with_tbf_delay_matches_kernel_srtt() {
 /// at most the kernel's; both must be non-zero.
 #[test]
 fn drops_on_a_veth_show_up_as_retransmits() {
-    if !root_or_skip("retransmits")
-        || !tool_or_skip("retransmits", "ip")
-        || !tool_or_skip("retransmits", "tc")
-        || !tool_or_skip("retransmits", "ss")
-    {
+    if !veth_tools_or_skip("retransmits") {
         return;
     }
     let pair = VethPair::create("4mbit", "5ms");
     let server_address = SocketAddrV4::new(pair.server_address, 5202);
     let probes = load_probes();
     let before = probes.snapshot().unwrap();
-    let (ready_sender, ready) = std::sync::mpsc::channel();
-    let server = VethPair::in_namespace(&pair.server_namespace, move || {
-        let listener = TcpListener::bind(server_address).expect("bind");
-        ready_sender.send(()).unwrap();
-        let (mut stream, _) = listener.accept().expect("accept");
-        let mut sink = vec![0u8; 1 << 16];
-        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
-    });
-    ready.recv().unwrap();
+    let server = pair.spawn_sink_server(server_address, None);
     let (done_sender, done) = std::sync::mpsc::channel::<()>();
     let (sent_sender, sent) = std::sync::mpsc::channel::<()>();
     let client = VethPair::in_namespace(&pair.client_namespace, move || {

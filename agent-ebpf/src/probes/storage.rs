@@ -70,11 +70,7 @@ fn try_block_bio_queue(ctx: &TracePointContext) -> Result<(), i64> {
     // bpf_probe_read_kernel and fail cleanly if wrong.
     let dev: u32 = unsafe { ctx.read_at(offset!(bio_queue_dev))? };
     let sector: u64 = unsafe { ctx.read_at(offset!(bio_queue_sector))? };
-    let key = InflightRequestKey {
-        dev,
-        _padding: 0,
-        sector,
-    };
+    let key = InflightRequestKey::new(dev, sector);
     // block_bio_queue runs in the submitter's context (submit_bio), so the current task is
     // the process, or the kernel thread (writeback, journal), that asked for the I/O.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -109,11 +105,7 @@ fn try_block_split(ctx: &TracePointContext) -> Result<(), i64> {
     let dev: u32 = unsafe { ctx.read_at(offset!(split_dev))? };
     let sector: u64 = unsafe { ctx.read_at(offset!(split_sector))? };
     let new_sector: u64 = unsafe { ctx.read_at(offset!(split_new_sector))? };
-    let key = InflightRequestKey {
-        dev,
-        _padding: 0,
-        sector,
-    };
+    let key = InflightRequestKey::new(dev, sector);
     // SAFETY: copied out at once.
     let Some(request) = INFLIGHT_REQUESTS
         .get_ptr(&key)
@@ -121,11 +113,7 @@ fn try_block_split(ctx: &TracePointContext) -> Result<(), i64> {
     else {
         return Ok(());
     };
-    let remainder = InflightRequestKey {
-        dev,
-        _padding: 0,
-        sector: new_sector,
-    };
+    let remainder = InflightRequestKey::new(dev, new_sector);
     INFLIGHT_REQUESTS.insert(&remainder, &request, 0)?;
     Ok(())
 }
@@ -141,11 +129,7 @@ fn try_block_rq_issue(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: see try_block_bio_queue.
     let dev: u32 = unsafe { ctx.read_at(offset!(rq_issue_dev))? };
     let sector: u64 = unsafe { ctx.read_at(offset!(rq_issue_sector))? };
-    let key = InflightRequestKey {
-        dev,
-        _padding: 0,
-        sector,
-    };
+    let key = InflightRequestKey::new(dev, sector);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     match INFLIGHT_REQUESTS.get_ptr_mut(&key) {
@@ -187,11 +171,7 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let key = InflightRequestKey {
-        dev,
-        _padding: 0,
-        sector,
-    };
+    let key = InflightRequestKey::new(dev, sector);
     // SAFETY: copy the entry out before removing it; a stale copy only skews one sample.
     let request = INFLIGHT_REQUESTS
         .get_ptr(&key)
@@ -208,24 +188,16 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let mut timed = false;
     if let Some(request) = request {
         if request.issued_ns != 0 && now.wrapping_sub(request.issued_ns) < STALE_REQUEST_NS {
-            let latency_key = StorageLatencyKey {
-                dev,
-                operation,
-                stage: LatencyStage::IssuedToComplete as u8,
-                _padding: [0; 2],
-            };
+            let latency_key =
+                StorageLatencyKey::new(dev, operation, LatencyStage::IssuedToComplete);
             record_latency!(STORAGE_LATENCY, &latency_key, now - request.issued_ns);
             timed = true;
         }
         let mut queued_latency_ns = 0;
         if request.queued_ns != 0 && now.wrapping_sub(request.queued_ns) < STALE_REQUEST_NS {
             queued_latency_ns = now - request.queued_ns;
-            let latency_key = StorageLatencyKey {
-                dev,
-                operation,
-                stage: LatencyStage::QueuedToComplete as u8,
-                _padding: [0; 2],
-            };
+            let latency_key =
+                StorageLatencyKey::new(dev, operation, LatencyStage::QueuedToComplete);
             record_latency!(STORAGE_LATENCY, &latency_key, queued_latency_ns);
             timed = true;
         }
