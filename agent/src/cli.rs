@@ -36,6 +36,10 @@ pub struct DiagnoseArgs {
     /// How many processes and network peers to list.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub top: u16,
+    /// NVML library to use, for drivers installed off the usual paths (default: the
+    /// driver's libnvidia-ml.so.1 through the dynamic loader).
+    #[arg(long, value_name = "PATH")]
+    pub nvml_lib: Option<std::path::PathBuf>,
 }
 
 /// Parses a positive duration: humantime syntax ("10s", "1m30s") or plain seconds ("2.5").

@@ -1,7 +1,9 @@
 //! `envelope diagnose`: load the probes, measure one window, report.
 use std::{
     io::IsTerminal as _,
-    path::Path,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -9,10 +11,17 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{
-    aggregation::window::summarize_window,
+    aggregation::{
+        gpu::{GpuSummary, summarize_gpu},
+        window::summarize_window,
+    },
     preflight,
     report::{DiagnoseReport, JSON_SCHEMA_VERSION},
-    sources::{probes::KernelProbes, system::LiveSystem},
+    sources::{
+        gpu::{GpuSample, NvmlSource},
+        probes::KernelProbes,
+        system::LiveSystem,
+    },
 };
 
 #[derive(Clone, Debug)]
@@ -20,6 +29,48 @@ pub struct DiagnoseOptions {
     pub duration: Duration,
     /// How many processes and peers to list.
     pub top: usize,
+    /// NVML library to load instead of the driver's libnvidia-ml.so.1.
+    pub nvml_library: Option<PathBuf>,
+    /// How often GPUs are read during the window.
+    pub gpu_interval: Duration,
+}
+
+/// Reads the GPUs on a thread of its own (NVML calls block) until told to stop; one reading
+/// at the start and one at the end, and one per interval between.
+struct GpuSampler {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<GpuSummary>,
+}
+
+impl GpuSampler {
+    fn start(library: Option<PathBuf>, interval: Duration) -> Self {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut source = match NvmlSource::open(library.as_deref()) {
+                Ok(source) => source,
+                Err(reason) => return GpuSummary::unavailable(reason.to_string()),
+            };
+            let mut samples: Vec<GpuSample> = Vec::new();
+            loop {
+                samples.push(source.sample(Instant::now()));
+                match stopped.recv_timeout(interval) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    // Stopped (or the caller is gone): one last reading, then summarise.
+                    _ => break,
+                }
+            }
+            samples.push(source.sample(Instant::now()));
+            summarize_gpu(&samples, source.driver_version(), &LiveSystem)
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> GpuSummary {
+        let _ = self.stop.send(());
+        self.thread
+            .join()
+            .unwrap_or_else(|_| GpuSummary::unavailable("the GPU reader crashed".to_string()))
+    }
 }
 
 /// Waits for `duration`, or less if the user interrupts (Ctrl-C, SIGTERM): what was measured
@@ -72,11 +123,19 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
     }
 
     let started_at = SystemTime::now();
+    let gpu = GpuSampler::start(options.nvml_library.clone(), options.gpu_interval);
     let before = probes.snapshot().context("reading the probes' maps")?;
     let started = Instant::now();
     let interrupted = wait_for_window(options.duration).await?;
     let after = probes.snapshot().context("reading the probes' maps")?;
     let elapsed = started.elapsed();
+    let mut gpu = tokio::task::spawn_blocking(move || gpu.finish())
+        .await
+        .context("GPU reader")?;
+    gpu.processes.truncate(options.top);
+    if let Some(reason) = &gpu.reason {
+        tracing::info!("no GPU section: {reason}");
+    }
 
     let window = summarize_window(&after.since(&before), elapsed, &LiveSystem, options.top);
     Ok(DiagnoseReport {
@@ -92,5 +151,6 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         probes: probes.statuses().to_vec(),
         warnings: preflight.warnings,
         window,
+        gpu,
     })
 }

@@ -46,6 +46,8 @@ fn main() -> ExitCode {
                 let options = DiagnoseOptions {
                     duration: args.duration,
                     top: usize::from(args.top),
+                    nvml_library: args.nvml_lib,
+                    gpu_interval: std::time::Duration::from_secs(1),
                 };
                 let report = diagnose::run(&options).await?;
                 let text = if args.json {

@@ -2,6 +2,7 @@
 //!
 //! Pure: plain data in, plain data out. `sources` produce [`KernelSnapshot`]s; this module
 //! subtracts two of them and summarises the difference per device, process and peer.
+pub mod gpu;
 pub mod histogram;
 pub mod window;
 

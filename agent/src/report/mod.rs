@@ -4,7 +4,10 @@ pub mod terminal;
 
 use serde::Serialize;
 
-use crate::{aggregation::window::WindowSummary, sources::probes::ProbeStatus};
+use crate::{
+    aggregation::{gpu::GpuSummary, window::WindowSummary},
+    sources::probes::ProbeStatus,
+};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).
 pub const JSON_SCHEMA_VERSION: u32 = 1;
@@ -25,4 +28,5 @@ pub struct DiagnoseReport {
     pub warnings: Vec<String>,
     #[serde(flatten)]
     pub window: WindowSummary,
+    pub gpu: GpuSummary,
 }

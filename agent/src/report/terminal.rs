@@ -145,6 +145,8 @@ pub fn render(report: &DiagnoseReport) -> String {
         }
     }
 
+    render_gpu(&mut out, report);
+
     let _ = writeln!(out, "\nNetwork peers (TCP, slowest first)");
     if report.window.network.peers.is_empty() {
         let _ = writeln!(out, "  no TCP activity seen in the window");
@@ -176,6 +178,98 @@ pub fn render(report: &DiagnoseReport) -> String {
         }
     }
     out
+}
+
+fn percent(fraction: Option<f64>) -> String {
+    fraction.map_or_else(|| "n/a".to_string(), |f| format!("{:.0}%", f * 100.0))
+}
+
+fn render_gpu(out: &mut String, report: &DiagnoseReport) {
+    let gpu = &report.gpu;
+    if !gpu.available {
+        let _ = writeln!(
+            out,
+            "\nGPU: not measured: {}",
+            gpu.reason.as_deref().unwrap_or("unknown reason")
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nGPU (driver {})",
+        gpu.driver_version.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        out,
+        "  {:>3}  {:<24} {:>5} {:>23} {:>7} {:>5}  throttle reasons",
+        "gpu", "name", "util", "memory used / total", "power", "temp"
+    );
+    for device in &gpu.devices {
+        let memory = match (device.memory_used_bytes, device.memory_total_bytes) {
+            (Some(used), Some(total)) => format!(
+                "{} / {}",
+                format_bytes(used as f64),
+                format_bytes(total as f64)
+            ),
+            _ => "n/a".to_string(),
+        };
+        let reasons: Vec<&str> = device
+            .throttle_reasons
+            .iter()
+            .copied()
+            .filter(|r| *r != "idle")
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:>3}  {:<24} {:>5} {:>23} {:>7} {:>5}  {}",
+            device.index,
+            device.name,
+            percent(device.utilization),
+            memory,
+            device
+                .power_w
+                .map_or_else(|| "n/a".to_string(), |w| format!("{w:.0} W")),
+            device
+                .temperature_c
+                .map_or_else(|| "n/a".to_string(), |c| format!("{c} C")),
+            if reasons.is_empty() {
+                "-".to_string()
+            } else {
+                reasons.join(",")
+            }
+        );
+        if !device.unsupported.is_empty() {
+            let _ = writeln!(
+                out,
+                "       not supported here: {}",
+                device.unsupported.join(", ")
+            );
+        }
+    }
+    for stale in &gpu.stale {
+        let _ = writeln!(out, "  GPU {} is stale: {}", stale.index, stale.reason);
+    }
+    if !gpu.processes.is_empty() {
+        let _ = writeln!(out, "  Top GPU processes");
+        let _ = writeln!(
+            out,
+            "  {:>7}  {:<24} {:>3} {:>10} {:>5}",
+            "pid", "name", "gpu", "memory", "SM"
+        );
+        for process in &gpu.processes {
+            let _ = writeln!(
+                out,
+                "  {:>7}  {:<24} {:>3} {:>10} {:>5}",
+                process.pid,
+                process.name,
+                process.gpu_index,
+                process
+                    .memory_bytes
+                    .map_or_else(|| "n/a".to_string(), |b| format_bytes(b as f64)),
+                percent(process.sm_utilization)
+            );
+        }
+    }
 }
 
 #[cfg(test)]
