@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Checks envelope's GPU figures against nvidia-smi and pynvml on a real GPU machine.
+#
+# Needs: root, an NVIDIA driver (nvidia-smi), python3 with torch (CUDA) and pynvml
+# (nvidia-ml-py), and envelope's release binary built beforehand:
+#   cargo build --release            # on the build machine
+#   bash tests/gpu/check.sh [path/to/envelope]
+# No network is used. Runs in about a minute (always under 5). Prints a table and exits
+# non-zero when a figure disagrees beyond the tolerance below.
+#
+# Tolerances (why):
+#   utilization: 10 percentage points. envelope averages NVML's utilization over its window,
+#     nvidia-smi is sampled once a second over the same window; both read the same counter,
+#     but not at the same instants.
+#   memory used and per-process memory: 2% or 256 MiB, whichever is larger. A steady PyTorch
+#     load holds its allocation, so all three readers should see the same bytes.
+set -euo pipefail
+
+ENVELOPE=${1:-target/release/envelope}
+WINDOW_S=10
+WORK=$(mktemp -d)
+LOAD_PID=""
+cleanup() {
+  [ -n "$LOAD_PID" ] && kill "$LOAD_PID" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+fail() { echo "check.sh: $*" >&2; exit 2; }
+[ -x "$ENVELOPE" ] || fail "no envelope binary at $ENVELOPE (build it with cargo build --release, or pass its path)"
+command -v nvidia-smi >/dev/null || fail "nvidia-smi not found: is the NVIDIA driver installed?"
+python3 -c 'import torch, pynvml; assert torch.cuda.is_available()' 2>/dev/null \
+  || fail "python3 needs torch with CUDA and pynvml (nvidia-ml-py)"
+
+# 1. A steady matrix-multiply load on GPU 0 for longer than the whole check.
+cat > "$WORK/load.py" <<'PY'
+import time, torch
+a = torch.randn(8192, 8192, device="cuda:0")
+b = torch.randn(8192, 8192, device="cuda:0")
+end = time.time() + 90
+while time.time() < end:
+    c = a @ b
+    torch.cuda.synchronize()
+PY
+python3 "$WORK/load.py" &
+LOAD_PID=$!
+sleep 8   # CUDA context up, allocation done, utilization steady
+
+# 2. envelope and the references over the same window.
+nvidia-smi --query-gpu=index,utilization.gpu,memory.used,memory.total --format=csv,noheader,nounits \
+  -l 1 > "$WORK/smi.csv" &
+SMI_PID=$!
+"$ENVELOPE" diagnose --duration "${WINDOW_S}s" --json > "$WORK/envelope.json"
+kill "$SMI_PID" 2>/dev/null || true
+python3 - "$LOAD_PID" > "$WORK/pynvml.json" <<'PY'
+import json, sys, pynvml
+pynvml.nvmlInit()
+load_pid = int(sys.argv[1])
+out = {"devices": [], "load_process_bytes": None}
+for i in range(pynvml.nvmlDeviceGetCount()):
+    h = pynvml.nvmlDeviceGetHandleByIndex(i)
+    mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+    out["devices"].append({"index": i, "used": mem.used, "total": mem.total})
+    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+        if p.pid == load_pid:
+            out["load_process_bytes"] = p.usedGpuMemory
+print(json.dumps(out))
+PY
+
+# 3. Compare and print the table.
+python3 - "$WORK/envelope.json" "$WORK/smi.csv" "$WORK/pynvml.json" "$LOAD_PID" <<'PY'
+import json, sys
+envelope = json.load(open(sys.argv[1]))
+smi_rows = [line.split(",") for line in open(sys.argv[2]) if line.strip()]
+reference = json.load(open(sys.argv[3]))
+load_pid = int(sys.argv[4])
+MIB = 1 << 20
+
+gpu = envelope.get("gpu", {})
+if not gpu.get("available"):
+    print("envelope saw no GPU:", gpu.get("reason")); sys.exit(1)
+device = next(d for d in gpu["devices"] if d["index"] == 0)
+smi = [r for r in smi_rows if r[0].strip() == "0"]
+smi_util = sum(float(r[1]) for r in smi) / len(smi) / 100.0
+smi_used = float(smi[-1][2]) * MIB
+py_used = next(d for d in reference["devices"] if d["index"] == 0)["used"]
+process = next((p for p in gpu["processes"] if p["pid"] == load_pid), None)
+
+def mem_ok(a, b):
+    return a is not None and b is not None and abs(a - b) <= max(0.02 * b, 256 * MIB)
+
+rows = [
+    ("GPU 0 utilization", device["utilization"], smi_util, "nvidia-smi mean",
+     device["utilization"] is not None and abs(device["utilization"] - smi_util) <= 0.10),
+    ("GPU 0 memory used (bytes)", device["memory_used_bytes"], py_used, "pynvml",
+     mem_ok(device["memory_used_bytes"], py_used)),
+    ("GPU 0 memory used (bytes)", device["memory_used_bytes"], smi_used, "nvidia-smi (MiB)",
+     mem_ok(device["memory_used_bytes"], smi_used)),
+    ("load process memory (bytes)", process and process["memory_bytes"], reference["load_process_bytes"], "pynvml",
+     mem_ok(process and process["memory_bytes"], reference["load_process_bytes"])),
+]
+print(f"{'figure':<30} {'envelope':>16} {'reference':>16}  {'source':<18} result")
+failed = 0
+for name, ours, theirs, source, ok in rows:
+    failed += not ok
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.0f}")
+    print(f"{name:<30} {fmt(ours):>16} {fmt(theirs):>16}  {source:<18} {'ok' if ok else 'DISAGREE'}")
+print(f"GPU 0: {device['name']}, power {device['power_w']} W, temperature {device['temperature_c']} C, "
+      f"throttle {device['throttle_reasons']}, SM of load process {process and process['sm_utilization']}")
+sys.exit(1 if failed else 0)
+PY
