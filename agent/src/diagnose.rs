@@ -18,7 +18,7 @@ use crate::{
     preflight,
     report::{DiagnoseReport, JSON_SCHEMA_VERSION},
     sources::{
-        gpu::{GpuSample, NvmlSource},
+        gpu::{GpuSample, NvmlSource, load_nvml},
         probes::KernelProbes,
         system::LiveSystem,
     },
@@ -46,7 +46,11 @@ impl GpuSampler {
     fn start(library: Option<PathBuf>, interval: Duration) -> Self {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let mut source = match NvmlSource::open(library.as_deref()) {
+            let nvml = match load_nvml(library.as_deref()) {
+                Ok(nvml) => nvml,
+                Err(reason) => return GpuSummary::unavailable(reason.to_string()),
+            };
+            let mut source = match NvmlSource::new(&nvml) {
                 Ok(source) => source,
                 Err(reason) => return GpuSummary::unavailable(reason.to_string()),
             };

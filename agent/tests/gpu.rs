@@ -10,7 +10,7 @@ use std::{
 use envelope::{
     aggregation::gpu::summarize_gpu,
     sources::{
-        gpu::{GpuUnavailable, NvmlSource},
+        gpu::{GpuUnavailable, NvmlSource, load_nvml},
         system::LiveSystem,
     },
 };
@@ -115,7 +115,8 @@ fn two_gpus() -> Value {
 #[test]
 fn every_value_arrives_exactly_through_the_ffi_path() {
     let _script = Script::new(&two_gpus());
-    let mut source = NvmlSource::open(Some(fake_nvml())).expect("open fake NVML");
+    let nvml = load_nvml(Some(fake_nvml())).expect("load fake NVML");
+    let mut source = NvmlSource::new(&nvml).expect("open fake NVML");
     assert_eq!(source.device_count(), 2);
     let sample = source.sample(Instant::now());
     assert!(sample.stale.is_empty(), "{:?}", sample.stale);
@@ -200,7 +201,8 @@ fn every_value_arrives_exactly_through_the_ffi_path() {
 #[test]
 fn a_library_without_gpus_says_so() {
     let _script = Script::new(&json!({"devices": []}));
-    let error = NvmlSource::open(Some(fake_nvml())).err().expect("no GPUs");
+    let nvml = load_nvml(Some(fake_nvml())).expect("the library loads");
+    let error = NvmlSource::new(&nvml).err().expect("no GPUs");
     assert!(matches!(error, GpuUnavailable::NoDevices), "{error}");
     assert_eq!(error.to_string(), "NVML reports no GPU on this machine");
 }
@@ -209,9 +211,7 @@ fn a_library_without_gpus_says_so() {
 fn a_driver_that_is_not_loaded_says_what_to_do() {
     // 9 = NVML_ERROR_DRIVER_NOT_LOADED
     let _script = Script::new(&json!({"init_error": 9, "devices": []}));
-    let error = NvmlSource::open(Some(fake_nvml()))
-        .err()
-        .expect("init fails");
+    let error = load_nvml(Some(fake_nvml())).err().expect("init fails");
     assert!(
         matches!(error, GpuUnavailable::DriverNotLoaded(_)),
         "{error}"
@@ -222,7 +222,8 @@ fn a_driver_that_is_not_loaded_says_what_to_do() {
 #[test]
 fn a_failing_gpu_goes_stale_backs_off_and_recovers() {
     let script = Script::new(&two_gpus());
-    let mut source = NvmlSource::open(Some(fake_nvml())).unwrap();
+    let nvml = load_nvml(Some(fake_nvml())).unwrap();
+    let mut source = NvmlSource::new(&nvml).unwrap();
     let start = Instant::now();
     assert_eq!(source.sample(start).devices.len(), 2);
 
@@ -256,7 +257,8 @@ fn a_failing_gpu_goes_stale_backs_off_and_recovers() {
 #[test]
 fn a_gpu_that_falls_off_the_bus_is_stale_not_fatal() {
     let script = Script::new(&two_gpus());
-    let mut source = NvmlSource::open(Some(fake_nvml())).unwrap();
+    let nvml = load_nvml(Some(fake_nvml())).unwrap();
+    let mut source = NvmlSource::new(&nvml).unwrap();
     let mut lost = two_gpus();
     lost["devices"][0]["lost"] = json!(true);
     script.set(&lost);
@@ -267,6 +269,29 @@ fn a_gpu_that_falls_off_the_bus_is_stale_not_fatal() {
     assert_eq!(sample.devices[0].uuid, "GPU-1111-bbbb");
     // The lost GPU's processes are not reported from stale data.
     assert!(sample.processes.iter().all(|p| p.gpu_index == 1));
+}
+
+#[test]
+fn critical_xid_errors_are_reported_per_gpu() {
+    let mut script_content = two_gpus();
+    // GPU 1 cannot be watched; GPU 0 reports XID 79 (fell off the bus) and 48 (DBE).
+    script_content["devices"][1]["event_types"] = json!(0);
+    let script = Script::new(&script_content);
+    let nvml = load_nvml(Some(fake_nvml())).unwrap();
+    let mut source = NvmlSource::new(&nvml).unwrap();
+    let quiet = source.sample(Instant::now());
+    assert!(quiet.xid_events.is_empty());
+    assert!(quiet.devices[1].unsupported.contains(&"xid_errors"));
+    assert!(!quiet.devices[0].unsupported.contains(&"xid_errors"));
+
+    script_content["xid_events"] = json!([{"device": 0, "xid": 79}, {"device": 0, "xid": 48}]);
+    script.set(&script_content);
+    let noisy = source.sample(Instant::now());
+    let summary = summarize_gpu(&[quiet, noisy], None, &LiveSystem);
+    assert_eq!(summary.devices[0].xid_errors, vec![79, 48]);
+    assert!(summary.devices[1].xid_errors.is_empty());
+    // Delivered once: the next sample has none.
+    assert!(source.sample(Instant::now()).xid_events.is_empty());
 }
 
 fn is_root() -> bool {

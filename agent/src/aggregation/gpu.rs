@@ -36,6 +36,8 @@ pub struct GpuDeviceSummary {
     pub ecc_corrected_errors: Option<u64>,
     pub ecc_uncorrected_errors: Option<u64>,
     pub mig_enabled: Option<bool>,
+    /// Critical XID errors reported in the window, in order (999: the driver did not say which).
+    pub xid_errors: Vec<u64>,
     /// Fields this GPU or driver does not support (their values above are null).
     pub unsupported: Vec<&'static str>,
     /// Readings that went into the figures.
@@ -140,6 +142,14 @@ pub fn summarize_gpu(
             summary.ecc_uncorrected_errors = reading.ecc_uncorrected_errors;
             summary.mig_enabled = reading.mig_enabled;
             summary.unsupported.clone_from(&reading.unsupported);
+        }
+        for event in &sample.xid_events {
+            devices
+                .entry(event.gpu_index)
+                .or_default()
+                .summary
+                .xid_errors
+                .push(event.xid.unwrap_or(999));
         }
         for process in &sample.processes {
             let entry = processes

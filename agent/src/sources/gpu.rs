@@ -10,9 +10,10 @@ use std::{
 };
 
 use nvml_wrapper::{
-    Nvml,
+    EventSet, Nvml,
+    bitmasks::event::EventTypes,
     enum_wrappers::device::{Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
-    enums::device::UsedGpuMemory,
+    enums::{device::UsedGpuMemory, event::XidError},
     error::NvmlError,
 };
 use serde::Serialize;
@@ -46,6 +47,14 @@ pub struct GpuDeviceSample {
     pub unsupported: Vec<&'static str>,
 }
 
+/// A critical XID error the driver reported (e.g. 79: fell off the bus, 48: double-bit ECC).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct XidEvent {
+    pub gpu_index: u32,
+    /// None when the driver could not say which XID it was.
+    pub xid: Option<u64>,
+}
+
 /// One process using a GPU at one moment.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GpuProcessSample {
@@ -69,6 +78,8 @@ pub struct GpuSample {
     pub devices: Vec<GpuDeviceSample>,
     pub processes: Vec<GpuProcessSample>,
     pub stale: Vec<StaleGpu>,
+    /// Critical XID errors delivered since the previous sample.
+    pub xid_events: Vec<XidEvent>,
 }
 
 /// Why there is no GPU section, in one line with what to do.
@@ -105,11 +116,16 @@ fn backoff(consecutive_failures: u32) -> Duration {
     (Duration::from_secs(1) * 2u32.pow(exponent)).min(MAX_BACKOFF)
 }
 
-pub struct NvmlSource {
-    nvml: Nvml,
+/// Reads GPUs through a loaded NVML (see [`load_nvml`]), which it borrows.
+pub struct NvmlSource<'nvml> {
+    nvml: &'nvml Nvml,
     health: Vec<DeviceHealth>,
     /// NVML's timestamp of the newest per-process utilization sample seen, per GPU.
     last_process_sample: Vec<u64>,
+    /// Critical XID events of the GPUs that support them; None when none does.
+    xid_events: Option<EventSet<'nvml>>,
+    /// Per GPU: whether its XID errors are watched.
+    xid_watched: Vec<bool>,
 }
 
 /// What NVML's answer means for a field: a value, unsupported, or a failure of the GPU.
@@ -151,43 +167,113 @@ impl FieldReader {
     }
 }
 
-impl NvmlSource {
-    /// Loads NVML from `library` (default: the driver's libnvidia-ml.so.1) and counts GPUs.
-    pub fn open(library: Option<&Path>) -> Result<Self, GpuUnavailable> {
-        let library_name = library.map_or_else(
-            || DEFAULT_NVML_LIBRARY.to_string(),
-            |p| p.display().to_string(),
-        );
-        let mut builder = Nvml::builder();
-        if let Some(path) = library {
-            builder.lib_path(path.as_os_str());
-        } else {
-            builder.lib_path(OsStr::new(DEFAULT_NVML_LIBRARY));
-        }
-        let nvml = builder.init().map_err(|error| match error {
-            NvmlError::LibloadingError(detail) => GpuUnavailable::NoLibrary {
-                library: library_name.clone(),
-                detail: detail.to_string(),
-            },
-            // The file loaded but lacks NVML's entry point: not an NVML library.
-            NvmlError::FailedToLoadSymbol(detail) => GpuUnavailable::NoLibrary {
-                library: library_name.clone(),
-                detail,
-            },
-            NvmlError::DriverNotLoaded => GpuUnavailable::DriverNotLoaded(error.to_string()),
-            other => GpuUnavailable::Init(other.to_string()),
-        })?;
+/// Loads NVML from `library` (default: the driver's libnvidia-ml.so.1).
+pub fn load_nvml(library: Option<&Path>) -> Result<Nvml, GpuUnavailable> {
+    let library_name = library.map_or_else(
+        || DEFAULT_NVML_LIBRARY.to_string(),
+        |p| p.display().to_string(),
+    );
+    let mut builder = Nvml::builder();
+    builder.lib_path(library.map_or(OsStr::new(DEFAULT_NVML_LIBRARY), Path::as_os_str));
+    builder.init().map_err(|error| match error {
+        NvmlError::LibloadingError(detail) => GpuUnavailable::NoLibrary {
+            library: library_name.clone(),
+            detail: detail.to_string(),
+        },
+        // The file loaded but lacks NVML's entry point: not an NVML library.
+        NvmlError::FailedToLoadSymbol(detail) => GpuUnavailable::NoLibrary {
+            library: library_name.clone(),
+            detail,
+        },
+        NvmlError::DriverNotLoaded => GpuUnavailable::DriverNotLoaded(error.to_string()),
+        other => GpuUnavailable::Init(other.to_string()),
+    })
+}
+
+impl<'nvml> NvmlSource<'nvml> {
+    /// Counts the GPUs and starts watching their critical XID errors.
+    pub fn new(nvml: &'nvml Nvml) -> Result<Self, GpuUnavailable> {
         let count = nvml
             .device_count()
             .map_err(|error| GpuUnavailable::Init(error.to_string()))?;
         if count == 0 {
             return Err(GpuUnavailable::NoDevices);
         }
-        Ok(Self {
+        let mut source = Self {
             nvml,
             health: vec![DeviceHealth::default(); count as usize],
             last_process_sample: vec![0; count as usize],
-        })
+            xid_events: None,
+            xid_watched: vec![false; count as usize],
+        };
+        source.watch_xid_errors();
+        Ok(source)
+    }
+
+    /// Registers every GPU that supports it for critical XID events. A GPU that cannot be
+    /// watched reports `xid_errors` as unsupported; nothing else is lost.
+    fn watch_xid_errors(&mut self) {
+        let Ok(mut set) = self.nvml.create_event_set() else {
+            return;
+        };
+        for index in 0..self.device_count() {
+            let Ok(device) = self.nvml.device_by_index(index) else {
+                continue;
+            };
+            let supported = device
+                .supported_event_types()
+                .is_ok_and(|types| types.contains(EventTypes::CRITICAL_XID_ERROR));
+            if !supported {
+                continue;
+            }
+            match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                Ok(registered) => {
+                    set = registered;
+                    self.xid_watched[index as usize] = true;
+                }
+                // Registration failure frees the set: stop watching rather than retry blindly.
+                Err(error) => {
+                    tracing::info!("GPU {index}: cannot watch XID errors ({})", error.error);
+                    self.xid_watched
+                        .iter_mut()
+                        .for_each(|watched| *watched = false);
+                    return;
+                }
+            }
+        }
+        if self.xid_watched.iter().any(|watched| *watched) {
+            self.xid_events = Some(set);
+        }
+    }
+
+    /// Every XID event waiting in the set, without blocking.
+    fn drain_xid_events(&self) -> Vec<XidEvent> {
+        let Some(set) = &self.xid_events else {
+            return Vec::new();
+        };
+        let mut events = Vec::new();
+        // Bounded: a storm of events cannot hold up the sample.
+        for _ in 0..1024 {
+            match set.wait(0) {
+                Ok(event) => {
+                    let Ok(gpu_index) = event.device.index() else {
+                        continue;
+                    };
+                    let xid = match event.event_data {
+                        Some(XidError::Value(code)) => Some(code),
+                        _ => None,
+                    };
+                    tracing::warn!(
+                        "GPU {gpu_index}: critical XID error {}",
+                        xid.map_or("unknown".to_string(), |x| x.to_string())
+                    );
+                    events.push(XidEvent { gpu_index, xid });
+                }
+                // Timeout: nothing more is waiting.
+                Err(_) => break,
+            }
+        }
+        events
     }
 
     pub fn device_count(&self) -> u32 {
@@ -200,7 +286,10 @@ impl NvmlSource {
 
     /// Reads every GPU that is not waiting out a backoff.
     pub fn sample(&mut self, now: Instant) -> GpuSample {
-        let mut sample = GpuSample::default();
+        let mut sample = GpuSample {
+            xid_events: self.drain_xid_events(),
+            ..GpuSample::default()
+        };
         for index in 0..self.device_count() {
             let health = &self.health[index as usize];
             if health.retry_at.is_some_and(|at| now < at) {
@@ -272,6 +361,9 @@ impl NvmlSource {
             device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
         )?;
         let mig = fields.read("mig_mode", device.mig_mode())?;
+        if !self.xid_watched[index as usize] {
+            fields.unsupported.push("xid_errors");
+        }
 
         // Processes: compute and graphics contexts, joined with the driver's SM samples.
         let mut processes: Vec<GpuProcessSample> = Vec::new();

@@ -28,6 +28,15 @@ struct Script {
     init_error: Option<u32>,
     driver_version: String,
     devices: Vec<FakeDevice>,
+    /// Critical XID events, delivered in order, one per nvmlEventSetWait call.
+    xid_events: Vec<FakeXid>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(default)]
+struct FakeXid {
+    device: u32,
+    xid: u64,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -60,6 +69,8 @@ struct FakeDevice {
     fail_with: Option<u32>,
     /// The GPU fell off the bus: handle lookups and calls answer GPU_IS_LOST.
     lost: bool,
+    /// nvmlEventType bits the GPU supports; default: critical XID (8).
+    event_types: Option<u64>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -478,6 +489,79 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
             };
         }
         *count = samples.len() as c_uint;
+    }
+    SUCCESS
+}
+
+const ERROR_TIMEOUT: u32 = 10;
+const EVENT_TYPE_XID_CRITICAL_ERROR: u64 = 8;
+
+/// How many of the script's XID events have been delivered since the set was created.
+static XID_DELIVERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut *mut c_void) -> u32 {
+    XID_DELIVERED.store(0, std::sync::atomic::Ordering::SeqCst);
+    unsafe { *set = 0x5e7 as *mut c_void };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlEventSetFree(_set: *mut c_void) -> u32 {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
+    handle: *mut c_void,
+    out: *mut c_ulonglong,
+) -> u32 {
+    with_device!(handle, "GetSupportedEventTypes", |device| {
+        unsafe { *out = device.event_types.unwrap_or(EVENT_TYPE_XID_CRITICAL_ERROR) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceRegisterEvents(
+    handle: *mut c_void,
+    _types: c_ulonglong,
+    _set: *mut c_void,
+) -> u32 {
+    match device(handle, "RegisterEvents") {
+        Ok(_) => SUCCESS,
+        Err(code) => code,
+    }
+}
+
+#[repr(C)]
+pub struct EventData {
+    device: *mut c_void,
+    event_type: c_ulonglong,
+    event_data: c_ulonglong,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    _set: *mut c_void,
+    out: *mut EventData,
+    _timeout_ms: c_uint,
+) -> u32 {
+    let events = script().xid_events;
+    let next = XID_DELIVERED.load(std::sync::atomic::Ordering::SeqCst);
+    let Some(event) = events.get(next) else {
+        return ERROR_TIMEOUT;
+    };
+    XID_DELIVERED.store(next + 1, std::sync::atomic::Ordering::SeqCst);
+    unsafe {
+        *out = EventData {
+            device: handle_of(event.device),
+            event_type: EVENT_TYPE_XID_CRITICAL_ERROR,
+            event_data: event.xid,
+            gpu_instance_id: u32::MAX,
+            compute_instance_id: u32::MAX,
+        };
     }
     SUCCESS
 }
