@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn a_missing_library_says_what_to_do() {
-        let error = NvmlSource::open(Some(Path::new("/nonexistent/libnvidia-ml.so.1")))
+        let error = load_nvml(Some(Path::new("/nonexistent/libnvidia-ml.so.1")))
             .err()
             .unwrap();
         let message = error.to_string();
