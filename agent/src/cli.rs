@@ -40,6 +40,9 @@ pub struct DiagnoseArgs {
     /// driver's libnvidia-ml.so.1 through the dynamic loader).
     #[arg(long, value_name = "PATH")]
     pub nvml_lib: Option<std::path::PathBuf>,
+    /// How often GPUs are read during the window.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub gpu_interval: Duration,
 }
 
 /// Parses a positive duration: humantime syntax ("10s", "1m30s") or plain seconds ("2.5").
@@ -113,12 +116,15 @@ mod tests {
             "--json",
             "--top",
             "3",
+            "--gpu-interval",
+            "250ms",
         ])
         .unwrap();
         let Command::Diagnose(args) = cli.command;
         assert_eq!(args.duration, Duration::from_secs(2));
         assert!(args.json);
         assert_eq!(args.top, 3);
+        assert_eq!(args.gpu_interval, Duration::from_millis(250));
     }
 
     #[test]
@@ -128,6 +134,7 @@ mod tests {
             vec!["envelope", "diagnose", "--duration", "-5s"],
             vec!["envelope", "diagnose", "--duration", "0"],
             vec!["envelope", "diagnose", "--top", "0"],
+            vec!["envelope", "diagnose", "--gpu-interval", "0s"],
             vec!["envelope"],
         ] {
             let error = Cli::try_parse_from(&argv).unwrap_err();

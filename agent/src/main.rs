@@ -47,7 +47,7 @@ fn main() -> ExitCode {
                     duration: args.duration,
                     top: usize::from(args.top),
                     nvml_library: args.nvml_lib,
-                    gpu_interval: std::time::Duration::from_secs(1),
+                    gpu_interval: args.gpu_interval,
                 };
                 let report = diagnose::run(&options).await?;
                 let text = if args.json {

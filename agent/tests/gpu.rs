@@ -211,7 +211,7 @@ fn a_library_without_gpus_says_so() {
 fn a_driver_that_is_not_loaded_says_what_to_do() {
     // 9 = NVML_ERROR_DRIVER_NOT_LOADED
     let _script = Script::new(&json!({"init_error": 9, "devices": []}));
-    let error = load_nvml(Some(fake_nvml())).err().expect("init fails");
+    let error = load_nvml(Some(fake_nvml())).expect_err("init fails");
     assert!(
         matches!(error, GpuUnavailable::DriverNotLoaded(_)),
         "{error}"
