@@ -5,6 +5,7 @@
 //! (terminal, JSON). `preflight` runs before anything is loaded; `diagnose` wires the stages
 //! together for the one-off command.
 pub mod aggregation;
+pub mod attribution;
 pub mod cli;
 pub mod diagnose;
 pub mod preflight;
