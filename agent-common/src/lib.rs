@@ -7,6 +7,7 @@
 
 pub mod histogram;
 pub mod network;
+pub mod sched;
 pub mod storage;
 pub mod tracepoint;
 
@@ -21,6 +22,12 @@ pub mod map_names {
     pub const PEER_COUNTERS: &str = "PEER_COUNTERS";
     pub const CONNECTS_IN_FLIGHT: &str = "CONNECTS_IN_FLIGHT";
     pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
+    pub const TRACKED_PROCESSES: &str = "TRACKED_PROCESSES";
+    pub const THREAD_STATES: &str = "THREAD_STATES";
+    pub const THREAD_SYSCALLS: &str = "THREAD_SYSCALLS";
+    pub const TIME_BY_PROCESS: &str = "TIME_BY_PROCESS";
+    pub const LAST_IO_QUEUED: &str = "LAST_IO_QUEUED";
+    pub const LAST_SOCKET_ACTIVITY: &str = "LAST_SOCKET_ACTIVITY";
 }
 
 /// Name of the global variable that carries tracepoint field offsets into the programs.
@@ -28,7 +35,7 @@ pub const TRACEPOINT_OFFSETS_GLOBAL: &str = "TRACEPOINT_OFFSETS";
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{histogram::*, network::*, storage::*, tracepoint::*};
+    use super::{histogram::*, network::*, sched::*, storage::*, tracepoint::*};
     // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and carry
     // explicit padding fields, so every byte pattern is a valid value.
     unsafe impl aya::Pod for LatencyHistogram {}
@@ -44,4 +51,6 @@ mod pod {
     unsafe impl aya::Pod for SocketOwner {}
     unsafe impl aya::Pod for ConnectStart {}
     unsafe impl aya::Pod for TracepointOffsets {}
+    unsafe impl aya::Pod for ThreadState {}
+    unsafe impl aya::Pod for ProcessTime {}
 }

@@ -51,6 +51,16 @@ pub struct TracepointOffsets {
     // sock:sock_send_length / sock:sock_recv_length (same layout)
     pub sock_length_sk: u16,
     pub sock_length_protocol: u16,
+    // sched:sched_switch
+    pub switch_prev_pid: u16,
+    pub switch_prev_state: u16,
+    pub switch_next_pid: u16,
+    // sched:sched_wakeup (and sched_wakeup_new, same layout)
+    pub wakeup_pid: u16,
+    // raw_syscalls:sys_enter
+    pub sys_enter_id: u16,
+    // sched:sched_process_fork
+    pub fork_child_pid: u16,
 }
 
 impl TracepointOffsets {
@@ -90,5 +100,11 @@ impl TracepointOffsets {
         retransmit_daddr_v6: 58,
         sock_length_sk: 8,
         sock_length_protocol: 18,
+        switch_prev_pid: 24,
+        switch_prev_state: 32,
+        switch_next_pid: 56,
+        wakeup_pid: 24,
+        sys_enter_id: 8,
+        fork_child_pid: 20,
     };
 }

@@ -4,7 +4,18 @@
 //! probes) plus the evidence gathered for it (its GPUs, the devices it read and wrote, the
 //! peers it talked to). No I/O here; the rules are unit-tested on synthetic windows and
 //! written out in README.md ("How it decides a bottleneck").
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use serde::Serialize;
+
+use crate::{
+    aggregation::{
+        Histogram, KernelSnapshot,
+        gpu::GpuSummary,
+        window::{WindowSummary, peer_address, split_dev},
+    },
+    sources::system::{ProcessKind, SystemNames},
+};
 
 /// Where a workload's threads spent the window, in thread-nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -45,6 +56,21 @@ impl TimeBreakdown {
         self.network_ns += other.network_ns;
         self.gpu_ns += other.gpu_ns;
         self.other_sleep_ns += other.other_sleep_ns;
+    }
+
+    /// Time not spent in other sleep: running, waiting for a CPU, or blocked on a resource.
+    pub fn active_ns(&self) -> u64 {
+        self.total_ns() - self.other_sleep_ns
+    }
+
+    /// Shares of the active time (other sleep left out): what a workload that does something
+    /// spends its effort on, undiluted by the idle threads of its pools.
+    pub fn active_shares(&self) -> TimeShares {
+        let active = TimeBreakdown {
+            other_sleep_ns: 0,
+            ..*self
+        };
+        active.shares()
     }
 
     pub fn shares(&self) -> TimeShares {
@@ -98,6 +124,8 @@ pub struct PeerEvidence {
 pub struct WorkloadWindow {
     pub name: String,
     pub pids: Vec<u32>,
+    /// Length of the window.
+    pub window_ns: u64,
     pub time: TimeBreakdown,
     /// Busiest first.
     pub gpus: Vec<GpuEvidence>,
@@ -138,6 +166,8 @@ pub struct Rules {
     pub gpu_saturated: f64,
     /// Running plus waiting for a CPU must reach this share for a CPU verdict.
     pub min_cpu_share: f64,
+    /// A workload active for less than this share of the window (in thread time) is idle.
+    pub min_active: f64,
 }
 
 impl Default for Rules {
@@ -146,6 +176,7 @@ impl Default for Rules {
             min_share: 0.20,
             gpu_saturated: 0.90,
             min_cpu_share: 0.50,
+            min_active: 0.25,
         }
     }
 }
@@ -177,7 +208,7 @@ fn ms(value: Option<f64>) -> String {
 
 /// (class, score) candidates, by the rules in README.md.
 fn candidates(window: &WorkloadWindow, rules: &Rules) -> Vec<(Bottleneck, f64)> {
-    let shares = window.time.shares();
+    let shares = window.time.active_shares();
     let cpu = shares.on_cpu + shares.waiting_for_cpu;
     let mut candidates = vec![
         (Bottleneck::Storage, shares.storage),
@@ -190,6 +221,169 @@ fn candidates(window: &WorkloadWindow, rules: &Rules) -> Vec<(Bottleneck, f64)> 
     ];
     candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
     candidates
+}
+
+/// The workload a process belongs to when no configuration names it: its container, else
+/// its systemd service, else its program name (so the workers of one program group together).
+pub fn automatic_workload_name(cgroup: Option<&str>, program: &str) -> String {
+    if let Some(cgroup) = cgroup {
+        for segment in cgroup.rsplit('/') {
+            // docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, or a bare 64-hex id.
+            let id = segment.trim_end_matches(".scope");
+            let id = id.rsplit('-').next().unwrap_or(id);
+            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return format!("container:{}", &id[..12]);
+            }
+        }
+        if let Some(unit) = cgroup
+            .rsplit('/')
+            .find(|segment| segment.ends_with(".service"))
+        {
+            return unit.to_string();
+        }
+    }
+    program.to_string()
+}
+
+/// Groups the window's processes into workloads and gathers each one's evidence: its time
+/// breakdown, the GPUs it has contexts on, the devices it queued I/O to, the peers it talked
+/// to. Processes with no accounted time are left out.
+pub fn workload_windows(
+    delta: &KernelSnapshot,
+    window: &WindowSummary,
+    gpu: &GpuSummary,
+    names: &dyn SystemNames,
+    window_ns: u64,
+) -> Vec<WorkloadWindow> {
+    let mut workloads: BTreeMap<String, WorkloadWindow> = BTreeMap::new();
+    let mut workload_of: HashMap<u32, String> = HashMap::new();
+    for (&tgid, time) in &delta.process_time {
+        let breakdown = TimeBreakdown {
+            on_cpu_ns: time.ns[0],
+            waiting_for_cpu_ns: time.ns[1],
+            storage_ns: time.ns[2],
+            network_ns: time.ns[3],
+            gpu_ns: time.ns[4],
+            other_sleep_ns: time.ns[5],
+        };
+        if breakdown.total_ns() == 0 {
+            continue;
+        }
+        let identity = names.process(tgid, &crate::sources::system::comm_to_string(&time.comm));
+        if identity.kind != ProcessKind::Process || identity.name.is_empty() {
+            continue;
+        }
+        let name = automatic_workload_name(identity.cgroup.as_deref(), &identity.name);
+        let workload = workloads
+            .entry(name.clone())
+            .or_insert_with(|| WorkloadWindow {
+                name: name.clone(),
+                window_ns,
+                ..WorkloadWindow::default()
+            });
+        workload.pids.push(tgid);
+        workload.time.add(&breakdown);
+        workload_of.insert(tgid, name);
+    }
+
+    // Devices: bytes each workload queued, with the device's window figures.
+    let mut device_bytes: BTreeMap<(String, u32), u64> = BTreeMap::new();
+    for (key, stats) in &delta.process_io {
+        if let Some(name) = workload_of.get(&key.tgid) {
+            *device_bytes.entry((name.clone(), key.dev)).or_default() += stats.completed_bytes;
+        }
+    }
+    for ((name, dev), bytes) in device_bytes {
+        let (major, minor) = split_dev(dev);
+        let summary = window
+            .storage
+            .devices
+            .iter()
+            .find(|d| (d.major, d.minor) == (major, minor));
+        let device = DeviceEvidence {
+            device: summary.map_or_else(|| format!("{major}:{minor}"), |d| d.device.clone()),
+            bytes,
+            p95_ms: summary.and_then(|d| d.p95_ms),
+            queue_share: summary.and_then(|d| d.queue_share),
+        };
+        if let Some(workload) = workloads.get_mut(&name) {
+            workload.devices.push(device);
+        }
+    }
+
+    // Peers: RTT and retransmits of this workload's own sockets.
+    let mut peers: BTreeMap<(String, String), (Histogram, u64)> = BTreeMap::new();
+    for (key, histogram) in &delta.peer_rtt {
+        if let (Some(name), Some(ip)) = (
+            workload_of.get(&key.tgid),
+            peer_address(key.family, &key.address),
+        ) {
+            let peer = std::net::SocketAddr::new(ip, key.port).to_string();
+            peers
+                .entry((name.clone(), peer))
+                .or_default()
+                .0
+                .add(histogram);
+        }
+    }
+    for (key, counters) in &delta.peer_counters {
+        if let (Some(name), Some(ip)) = (
+            workload_of.get(&key.tgid),
+            peer_address(key.family, &key.address),
+        ) {
+            let peer = std::net::SocketAddr::new(ip, key.port).to_string();
+            peers.entry((name.clone(), peer)).or_default().1 += counters.retransmits;
+        }
+    }
+    for ((name, peer), (rtt, retransmits)) in peers {
+        if let Some(workload) = workloads.get_mut(&name) {
+            workload.peers.push(PeerEvidence {
+                peer,
+                rtt_p95_ms: rtt.quantile_ms(0.95),
+                retransmits,
+            });
+        }
+    }
+
+    // GPUs the workload's processes have contexts on.
+    for workload in workloads.values_mut() {
+        let indices: BTreeSet<u32> = gpu
+            .processes
+            .iter()
+            .filter(|process| workload.pids.contains(&process.pid))
+            .map(|process| process.gpu_index)
+            .collect();
+        workload.gpus = gpu
+            .devices
+            .iter()
+            .filter(|device| indices.contains(&device.index))
+            .map(|device| GpuEvidence {
+                index: device.index,
+                name: device.name.clone(),
+                utilization: device.utilization,
+                throttle_reasons: device
+                    .throttle_reasons
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect(),
+            })
+            .collect();
+        workload.gpus.sort_by(|a, b| {
+            b.utilization
+                .unwrap_or(0.0)
+                .total_cmp(&a.utilization.unwrap_or(0.0))
+        });
+        workload
+            .devices
+            .sort_by_key(|device| std::cmp::Reverse(device.bytes));
+        workload.peers.sort_by(|a, b| {
+            b.rtt_p95_ms
+                .unwrap_or(-1.0)
+                .total_cmp(&a.rtt_p95_ms.unwrap_or(-1.0))
+        });
+        workload.pids.sort_unstable();
+    }
+    workloads.into_values().collect()
 }
 
 /// Decides one workload's bottleneck.
@@ -268,9 +462,28 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
 
     // Rule 2: otherwise the class that took the largest share of the time, if it is large
     // enough; confidence grows with its margin over the runner-up and with its size.
+    let active = window.time.active_shares();
+    let active_fraction = window.time.active_ns() as f64 / window.window_ns.max(1) as f64;
+    evidence.push(format!(
+        "active {:.1} thread-seconds in a {:.1} s window; the shares below leave other sleep out",
+        window.time.active_ns() as f64 / 1e9,
+        window.window_ns as f64 / 1e9
+    ));
     let ranked = candidates(window, rules);
     let (winner, score) = ranked[0];
     let runner_up = ranked[1].1;
+    if active_fraction < rules.min_active {
+        return verdict(
+            Bottleneck::None,
+            1.0 - active_fraction / rules.min_active,
+            format!(
+                "none - {who} is mostly idle (active {} of the window)",
+                percent(active_fraction)
+            ),
+            evidence,
+            0.0,
+        );
+    }
     if score < rules.min_share {
         // The nearer the busiest class came to the threshold, the less sure "none" is.
         let confidence = 1.0 - score / rules.min_share;
@@ -299,7 +512,7 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
                 ));
             }
             format!(
-                "storage - {who} spent {} of its time blocked on {}{}",
+                "storage - {who} spent {} of its active time blocked on {}{}",
                 percent(score),
                 device.map_or("storage", |d| d.device.as_str()),
                 device.map_or(String::new(), |d| format!(", P95 {}", ms(d.p95_ms)))
@@ -316,7 +529,7 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
                 ));
             }
             format!(
-                "network - {who} spent {} of its time waiting on the network{}",
+                "network - {who} spent {} of its active time waiting on the network{}",
                 percent(score),
                 peer.map_or(String::new(), |p| format!(
                     ", slowest peer {} RTT P95 {}",
@@ -341,9 +554,9 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
             )
         }
         Bottleneck::Cpu => format!(
-            "cpu - {who} was running {} and waiting for a CPU {} of its time",
-            percent(shares.on_cpu),
-            percent(shares.waiting_for_cpu)
+            "cpu - {who} was running {} and waiting for a CPU {} of its active time",
+            percent(active.on_cpu),
+            percent(active.waiting_for_cpu)
         ),
         Bottleneck::None => unreachable!("None is never a candidate"),
     };
@@ -388,9 +601,32 @@ mod tests {
         WorkloadWindow {
             name: "trainer".into(),
             pids: vec![4121, 4130],
+            window_ns: 10 * SECOND,
             time,
             ..WorkloadWindow::default()
         }
+    }
+
+    #[test]
+    fn processes_group_by_container_then_service_then_program() {
+        let id = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00112233445566778899";
+        assert_eq!(
+            automatic_workload_name(Some(&format!("/system.slice/docker-{id}.scope")), "python3"),
+            "container:3f4e5d6c7b8a"
+        );
+        assert_eq!(
+            automatic_workload_name(Some(&format!("/kubepods/burstable/pod1/{id}")), "python3"),
+            "container:3f4e5d6c7b8a"
+        );
+        assert_eq!(
+            automatic_workload_name(Some("/system.slice/triton.service"), "tritonserver"),
+            "triton.service"
+        );
+        assert_eq!(
+            automatic_workload_name(Some("/user.slice/user-1000.slice/session-3.scope"), "fio"),
+            "fio"
+        );
+        assert_eq!(automatic_workload_name(None, "fio"), "fio");
     }
 
     #[test]
@@ -433,7 +669,7 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Storage);
         assert_eq!(
             verdict.summary,
-            "storage - trainer (pid 4121) spent 63% of its time blocked on vda, P95 84.0 ms"
+            "storage - trainer (pid 4121) spent 86% of its active time blocked on vda, P95 84.0 ms"
         );
         assert!(
             verdict
@@ -443,7 +679,7 @@ mod tests {
         );
         // Runner-up is other sleep's rivals: 0.1 on CPU -> cpu not a candidate (below 50%).
         assert_eq!(verdict.confidence, 1.0);
-        assert_eq!(verdict.share, 0.63);
+        assert_eq!(verdict.share, 6.3 / 7.3);
     }
 
     #[test]
@@ -506,7 +742,7 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Cpu);
         assert_eq!(
             verdict.summary,
-            "cpu - trainer (pid 4121) was running 60% and waiting for a CPU 30% of its time"
+            "cpu - trainer (pid 4121) was running 67% and waiting for a CPU 33% of its active time"
         );
     }
 
@@ -520,11 +756,12 @@ mod tests {
         });
         let verdict = decide(&w, &Rules::default());
         assert_eq!(verdict.bottleneck, Bottleneck::None);
-        assert!(verdict.confidence > 0.9, "{}", verdict.confidence);
+        // Active 2% of the window against a 25% threshold.
+        assert_eq!(verdict.confidence, 0.92);
         assert!(
             verdict
                 .summary
-                .starts_with("none - trainer (pid 4121) is not held back")
+                .starts_with("none - trainer (pid 4121) is mostly idle (active 2% of the window)")
         );
     }
 
@@ -577,7 +814,7 @@ mod tests {
             roll_up(&[storage.clone(), network.clone(), idle.clone()]),
             network
         );
-        let node = roll_up(&[idle.clone()]);
+        let node = roll_up(std::slice::from_ref(&idle));
         assert_eq!(node.bottleneck, Bottleneck::None);
         assert_eq!(node.confidence, 0.8);
         assert_eq!(node.workload, None);

@@ -40,6 +40,12 @@ pub struct DiagnoseArgs {
     /// driver's libnvidia-ml.so.1 through the dynamic loader).
     #[arg(long, value_name = "PATH")]
     pub nvml_lib: Option<std::path::PathBuf>,
+    /// Judge only the workload of this name (see the workloads list of a plain run).
+    #[arg(long, value_name = "NAME")]
+    pub workload: Option<String>,
+    /// Judge only the workload this process belongs to.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
     /// How often GPUs are read during the window.
     #[arg(long, default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub gpu_interval: Duration,

@@ -1,5 +1,5 @@
-//! The `envelope` binary: parse flags, set up logging, run the command, map errors to exit
-//! codes (0 ok, 1 could not measure, 2 bad usage).
+//! The `envelope` binary: parse flags, set up logging, run the command, map the outcome to
+//! exit codes: 0 no bottleneck, 3 bottleneck found, 1 could not measure, 2 bad usage.
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -9,6 +9,9 @@ use envelope::{
     report,
 };
 use tracing_subscriber::EnvFilter;
+
+/// `diagnose` found a bottleneck (0 means it found none), for scripts that gate on it.
+const EXIT_BOTTLENECK_FOUND: u8 = 3;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -48,6 +51,8 @@ fn main() -> ExitCode {
                     top: usize::from(args.top),
                     nvml_library: args.nvml_lib,
                     gpu_interval: args.gpu_interval,
+                    workload: args.workload,
+                    pid: args.pid,
                 };
                 let report = diagnose::run(&options).await?;
                 let text = if args.json {
@@ -56,12 +61,17 @@ fn main() -> ExitCode {
                     report::terminal::render(&report)
                 };
                 println!("{text}");
-                anyhow::Ok(())
+                let found = report.verdict.bottleneck != envelope::attribution::Bottleneck::None;
+                anyhow::Ok(if found {
+                    ExitCode::from(EXIT_BOTTLENECK_FOUND)
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(1)

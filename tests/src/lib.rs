@@ -101,6 +101,99 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// Path of a binary or cdylib the workspace builds, built once per test process through
+/// cargo (so these tests work from a plain `cargo test` too).
+fn cargo_artifact(
+    package: &str,
+    wanted: impl Fn(&serde_json::Value) -> Option<PathBuf>,
+) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let output = Command::new(env!("CARGO"))
+        .args(["build", "--package", package, "--message-format=json"])
+        .current_dir(workspace)
+        .output()
+        .expect("cargo build");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .find_map(|message| wanted(&message))
+        .unwrap_or_else(|| panic!("cargo built no artifact of {package}"))
+}
+
+/// The `envelope` binary.
+pub fn envelope_binary() -> &'static Path {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        cargo_artifact("envelope-agent", |message| {
+            message["executable"]
+                .as_str()
+                .filter(|path| path.ends_with("/envelope"))
+                .map(PathBuf::from)
+        })
+    })
+}
+
+/// The fake NVML library (tests/fake-nvml).
+pub fn fake_nvml_library() -> &'static Path {
+    static LIBRARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        cargo_artifact("fake-nvml", |message| {
+            (message["target"]["name"] == "fake_nvml")
+                .then(|| {
+                    message["filenames"]
+                        .as_array()?
+                        .iter()
+                        .find_map(|f| f.as_str().filter(|f| f.ends_with(".so")))
+                        .map(PathBuf::from)
+                })
+                .flatten()
+        })
+    })
+}
+
+/// Runs `envelope diagnose --json` for `seconds` with extra arguments; returns (exit code,
+/// report).
+pub fn diagnose_json(
+    seconds: u32,
+    extra: &[&str],
+    environment: &[(&str, &Path)],
+) -> (i32, serde_json::Value) {
+    let mut command = Command::new(envelope_binary());
+    command
+        .args(["diagnose", "--json", "--duration", &format!("{seconds}s")])
+        .args(extra);
+    for (name, value) in environment {
+        command.env(name, value);
+    }
+    let output = command.output().expect("run envelope");
+    let code = output.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "envelope failed ({code}): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        code,
+        serde_json::from_slice(&output.stdout).expect("one JSON object"),
+    )
+}
+
+/// The workload entry named `name` in a diagnose report.
+pub fn workload<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["workloads"]
+        .as_array()
+        .and_then(|workloads| workloads.iter().find(|w| w["name"] == name))
+        .unwrap_or_else(|| panic!("no workload {name} in {:#}", report["workloads"]))
+}
+
 /// True when root and `ip`, `tc` and `ss` are there, which the veth tests need.
 pub fn veth_tools_or_skip(test: &str) -> bool {
     root_or_skip(test)

@@ -260,5 +260,9 @@ fn try_sock_length(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let socket: u64 = unsafe { ctx.read_at(offset!(sock_length_sk))? };
     remember_owner(socket);
+    // SAFETY: plain helper call.
+    super::sched::note_socket_activity((bpf_get_current_pid_tgid() >> 32) as u32, unsafe {
+        bpf_ktime_get_ns()
+    });
     Ok(())
 }

@@ -77,9 +77,11 @@ fn try_block_bio_queue(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: plain helper call.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    super::sched::note_io_queued(tgid, now);
     let request = InflightRequest {
-        // SAFETY: plain helper call.
-        queued_ns: unsafe { bpf_ktime_get_ns() },
+        queued_ns: now,
         issued_ns: 0,
         cgroup_id,
         tgid,

@@ -10,6 +10,7 @@ use std::{collections::HashMap, hash::Hash};
 
 use agent_common::{
     network::{PeerCounters, PeerKey},
+    sched::ProcessTime,
     storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
 };
 pub use histogram::Histogram;
@@ -23,6 +24,9 @@ pub struct KernelSnapshot {
     pub peer_rtt: HashMap<PeerKey, Histogram>,
     pub peer_connect_latency: HashMap<PeerKey, Histogram>,
     pub peer_counters: HashMap<PeerKey, PeerCounters>,
+    /// Per tracked process (tgid): nanoseconds by activity, including intervals still open
+    /// when the snapshot was taken.
+    pub process_time: HashMap<u32, ProcessTime>,
 }
 
 /// Per-CPU values that add up, and that can be subtracted to get a window's share.
@@ -96,6 +100,33 @@ impl Counters for PeerCounters {
     }
 }
 
+impl Counters for ProcessTime {
+    fn add(&mut self, other: &Self) {
+        for (total, value) in self.ns.iter_mut().zip(other.ns.iter()) {
+            *total += value;
+        }
+        if self.comm[0] == 0 {
+            self.comm = other.comm;
+        }
+    }
+
+    fn checked_since(&self, earlier: &Self) -> Option<Self> {
+        let mut delta = ProcessTime {
+            comm: self.comm,
+            ..ProcessTime::default()
+        };
+        for ((out, now), before) in delta
+            .ns
+            .iter_mut()
+            .zip(self.ns.iter())
+            .zip(earlier.ns.iter())
+        {
+            *out = now.checked_sub(*before)?;
+        }
+        Some(delta)
+    }
+}
+
 /// Sums the per-CPU copies of one map value.
 pub fn merge_per_cpu<V: Counters>(per_cpu: &[V]) -> Option<V> {
     let (first, rest) = per_cpu.split_first()?;
@@ -149,6 +180,7 @@ impl KernelSnapshot {
                 &earlier.peer_connect_latency,
             ),
             peer_counters: counters_since(&self.peer_counters, &earlier.peer_counters),
+            process_time: counters_since(&self.process_time, &earlier.process_time),
         }
     }
 }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::{
     aggregation::{gpu::GpuSummary, window::WindowSummary},
+    attribution::{TimeShares, Verdict},
     sources::probes::ProbeStatus,
 };
 
@@ -29,4 +30,17 @@ pub struct DiagnoseReport {
     #[serde(flatten)]
     pub window: WindowSummary,
     pub gpu: GpuSummary,
+    /// The node's bottleneck: the workload losing the largest share of its time.
+    pub verdict: Verdict,
+    pub workloads: Vec<WorkloadReport>,
+}
+
+/// One workload's verdict and where its time went (fractions summing to 1).
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadReport {
+    pub name: String,
+    pub pids: Vec<u32>,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    pub time: TimeShares,
 }

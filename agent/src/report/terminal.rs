@@ -43,6 +43,33 @@ pub fn render(report: &DiagnoseReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
+        "Bottleneck: {} (confidence {:.0}%)",
+        report.verdict.summary,
+        report.verdict.confidence * 100.0
+    );
+    for line in &report.verdict.evidence {
+        let _ = writeln!(out, "  {line}");
+    }
+    if report.workloads.len() > 1 {
+        let _ = writeln!(out, "Workloads (most held back first):");
+        for workload in &report.workloads {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<8} cpu {:>4} wait-cpu {:>4} storage {:>4} network {:>4} gpu {:>4} sleep {:>4}",
+                workload.name,
+                workload.verdict.bottleneck.name(),
+                percent(Some(workload.time.on_cpu)),
+                percent(Some(workload.time.waiting_for_cpu)),
+                percent(Some(workload.time.storage)),
+                percent(Some(workload.time.network)),
+                percent(Some(workload.time.gpu)),
+                percent(Some(workload.time.other_sleep)),
+            );
+        }
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
         "envelope {} on {} (kernel {}), {:.1} s window{}",
         report.envelope_version,
         report.host,

@@ -7,12 +7,13 @@ use agent_common::{
     histogram::LatencyHistogram,
     map_names,
     network::{PeerCounters, PeerKey},
+    sched::{ProcessTime, ThreadState},
     storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
 };
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{MapData, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
     programs::TracePoint,
 };
 use serde::Serialize;
@@ -166,7 +167,54 @@ impl KernelProbes {
             peer_connect_latency: self
                 .read_histograms::<PeerKey>(map_names::PEER_CONNECT_LATENCY)?,
             peer_counters: self.read_counters::<PeerKey, PeerCounters>(map_names::PEER_COUNTERS)?,
+            process_time: self.read_process_time()?,
         })
+    }
+
+    /// Starts (or updates) accounting `tgid`'s time, with `agent_common::sched::tracked` flags.
+    pub fn track_process(&mut self, tgid: u32, flags: u32) -> anyhow::Result<()> {
+        let mut map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::TRACKED_PROCESSES)
+                .context("no TRACKED_PROCESSES map")?,
+        )?;
+        if map.get(&tgid, 0).ok() != Some(flags) {
+            map.insert(tgid, flags, 0)
+                .with_context(|| format!("tracking process {tgid}"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops accounting processes that are gone.
+    pub fn untrack_processes(&mut self, gone: &[u32]) -> anyhow::Result<()> {
+        let mut map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::TRACKED_PROCESSES)
+                .context("no TRACKED_PROCESSES map")?,
+        )?;
+        for tgid in gone {
+            let _ = map.remove(tgid);
+        }
+        Ok(())
+    }
+
+    /// Closed intervals per process plus each thread's interval still open now, so a thread
+    /// blocked for the whole window still counts.
+    fn read_process_time(&self) -> anyhow::Result<HashMap<u32, ProcessTime>> {
+        let mut times = self.read_counters::<u32, ProcessTime>(map_names::TIME_BY_PROCESS)?;
+        let now = monotonic_now_ns();
+        let states: BpfHashMap<_, u32, ThreadState> = BpfHashMap::try_from(
+            self.ebpf
+                .map(map_names::THREAD_STATES)
+                .context("no THREAD_STATES map")?,
+        )?;
+        for (_, state) in states.iter().flatten() {
+            let index = state.activity as usize;
+            if index < agent_common::sched::activity::COUNT && now > state.since_ns {
+                times.entry(state.tgid).or_default().ns[index] += now - state.since_ns;
+            }
+        }
+        Ok(times)
     }
 
     fn per_cpu_map<K: Pod, V: Pod>(
@@ -205,6 +253,17 @@ impl KernelProbes {
         }
         Ok(out)
     }
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn attach(ebpf: &mut Ebpf, program_name: &str, category: &str) -> Result<(), String> {

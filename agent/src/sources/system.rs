@@ -79,6 +79,23 @@ impl SystemNames for LiveSystem {
     }
 }
 
+/// Every user process (thread group) alive now; kernel threads are left out.
+pub fn user_processes() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| parse_stat(&stat))
+                .is_some_and(|(_, flags)| flags & PF_KTHREAD == 0)
+        })
+        .collect()
+}
+
 /// (comm, flags) from /proc/PID/stat. The comm is in parentheses and may itself contain
 /// spaces and parentheses, so split at the last ')'.
 pub fn parse_stat(stat: &str) -> Option<(String, u64)> {
@@ -163,6 +180,17 @@ mod tests {
         assert_eq!(gone.name, "jbd2/vda-8");
         let gone = LiveSystem.process(u32::MAX - 1, "python3");
         assert_eq!(gone.kind, ProcessKind::Process);
+    }
+
+    #[test]
+    fn user_processes_include_this_one_and_no_kernel_thread() {
+        let processes = user_processes();
+        assert!(processes.contains(&std::process::id()));
+        assert!(
+            processes
+                .iter()
+                .all(|&pid| LiveSystem.process(pid, "").kind != ProcessKind::KernelThread)
+        );
     }
 
     #[test]

@@ -247,6 +247,46 @@ pub const TRACEPOINTS: &[TracepointSpec] = &[
             field!("protocol", 2, sock_length_protocol),
         ],
     },
+    TracepointSpec {
+        category: "sched",
+        name: "sched_switch",
+        feeds: "the time breakdown per workload (attribution)",
+        fields: &[
+            field!("prev_pid", 4, switch_prev_pid),
+            field!("prev_state", 8, switch_prev_state),
+            field!("next_pid", 4, switch_next_pid),
+        ],
+    },
+    TracepointSpec {
+        category: "sched",
+        name: "sched_wakeup",
+        feeds: "the split between sleeping and waiting for a CPU",
+        fields: &[field!("pid", 4, wakeup_pid)],
+    },
+    TracepointSpec {
+        category: "sched",
+        name: "sched_wakeup_new",
+        feeds: "the split between sleeping and waiting for a CPU of new threads",
+        fields: &[field!("pid", 4, wakeup_pid)],
+    },
+    TracepointSpec {
+        category: "sched",
+        name: "sched_process_exit",
+        feeds: "the last interval of exiting threads",
+        fields: &[],
+    },
+    TracepointSpec {
+        category: "sched",
+        name: "sched_process_fork",
+        feeds: "tracking of processes started by tracked ones",
+        fields: &[field!("child_pid", 4, fork_child_pid)],
+    },
+    TracepointSpec {
+        category: "raw_syscalls",
+        name: "sys_enter",
+        feeds: "which system call a thread sleeps in (network or GPU waits)",
+        fields: &[field!("id", 8, sys_enter_id)],
+    },
 ];
 
 /// Why a tracepoint cannot be used on this kernel.

@@ -1,0 +1,213 @@
+//! Where each tracked process's threads spend their time, from the scheduler tracepoints.
+
+/// What a thread is doing since `ThreadState::since_ns`. Also the index into
+/// `ProcessTime::ns`.
+pub mod activity {
+    pub const ON_CPU: u32 = 0;
+    pub const WAITING_FOR_CPU: u32 = 1;
+    pub const STORAGE: u32 = 2;
+    pub const NETWORK: u32 = 3;
+    pub const GPU: u32 = 4;
+    pub const OTHER_SLEEP: u32 = 5;
+    pub const COUNT: usize = 6;
+    /// Not an activity: the thread is gone (its final switch-out), forget it.
+    pub const EXITED: u32 = u32::MAX;
+}
+
+/// Flags in `TRACKED_PROCESSES` values, set by userspace.
+pub mod tracked {
+    /// Account this process's time.
+    pub const TRACKED: u32 = 1;
+    /// The process has a GPU context (from NVML): its ioctl/poll sleeps wait on the GPU.
+    pub const GPU_USER: u32 = 2;
+}
+
+/// Per thread (key: thread id), in an LRU map so exited threads age out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadState {
+    pub since_ns: u64,
+    pub tgid: u32,
+    /// One of `activity::*`.
+    pub activity: u32,
+}
+
+/// Per process (key: tgid), per CPU: nanoseconds by activity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessTime {
+    pub ns: [u64; activity::COUNT],
+    /// Command name at the last switch-out, to name the process after it has exited.
+    pub comm: [u8; 16],
+}
+
+/// Task state bits as sched_switch reports them (TASK_REPORT; 0 is running).
+pub const TASK_INTERRUPTIBLE: u64 = 0x1;
+pub const TASK_UNINTERRUPTIBLE: u64 = 0x2;
+pub const EXIT_DEAD: u64 = 0x10;
+pub const EXIT_ZOMBIE: u64 = 0x20;
+/// What sched_switch reports for a task that was preempted (TASK_REPORT_MAX).
+pub const PREEMPTED: u64 = 0x100;
+
+/// How recent I/O or socket activity must be to explain a sleep.
+pub const RECENT_ACTIVITY_NS: u64 = 2_000_000_000;
+
+/// x86-64 system call numbers the sleep classification looks at.
+pub mod syscall {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const POLL: u64 = 7;
+    pub const IOCTL: u64 = 16;
+    pub const SELECT: u64 = 23;
+    pub const CONNECT: u64 = 42;
+    pub const ACCEPT: u64 = 43;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    pub const IO_GETEVENTS: u64 = 208;
+    pub const EPOLL_WAIT: u64 = 232;
+    pub const PSELECT6: u64 = 270;
+    pub const PPOLL: u64 = 271;
+    pub const EPOLL_PWAIT: u64 = 281;
+    pub const ACCEPT4: u64 = 288;
+    pub const RECVMMSG: u64 = 299;
+    pub const SENDMMSG: u64 = 307;
+    pub const IO_URING_ENTER: u64 = 426;
+    pub const EPOLL_PWAIT2: u64 = 441;
+}
+
+/// Why a thread that just left the CPU is not running, from the kernel's own evidence:
+/// its task state, the system call it is in, whether its process queued block I/O or used a
+/// socket recently, and whether it has a GPU context. Pure, so it is unit-tested here and
+/// runs unchanged in the kernel.
+#[inline(always)]
+pub const fn classify_switch_out(
+    task_state: u64,
+    syscall_id: u64,
+    recent_io: bool,
+    recent_socket: bool,
+    gpu_user: bool,
+) -> u32 {
+    use syscall::*;
+    if task_state == 0 || task_state & PREEMPTED != 0 {
+        return activity::WAITING_FOR_CPU; // preempted: still runnable
+    }
+    if task_state & (EXIT_DEAD | EXIT_ZOMBIE) != 0 {
+        return activity::EXITED;
+    }
+    if task_state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
+        return activity::OTHER_SLEEP; // stopped, traced, parked
+    }
+    let waits_for_events = matches!(
+        syscall_id,
+        POLL | SELECT | PSELECT6 | PPOLL | EPOLL_WAIT | EPOLL_PWAIT | EPOLL_PWAIT2
+    );
+    if task_state & TASK_UNINTERRUPTIBLE != 0 {
+        // D state: block I/O (direct or page cache) if the process has I/O going.
+        return if recent_io {
+            activity::STORAGE
+        } else {
+            activity::OTHER_SLEEP
+        };
+    }
+    match syscall_id {
+        // Asynchronous I/O completions are waited for interruptibly.
+        IO_GETEVENTS | IO_URING_ENTER if recent_io => activity::STORAGE,
+        CONNECT | ACCEPT | ACCEPT4 | SENDTO | RECVFROM | SENDMSG | RECVMSG | RECVMMSG
+        | SENDMMSG => activity::NETWORK,
+        // The NVIDIA driver blocks in ioctl (and poll) on its device files.
+        IOCTL if gpu_user => activity::GPU,
+        READ | WRITE if recent_socket => activity::NETWORK,
+        _ if waits_for_events && recent_socket => activity::NETWORK,
+        _ if waits_for_events && gpu_user => activity::GPU,
+        _ => activity::OTHER_SLEEP,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{activity::*, syscall::*, *};
+
+    #[test]
+    fn preempted_threads_wait_for_a_cpu() {
+        assert_eq!(
+            classify_switch_out(0, READ, true, true, true),
+            WAITING_FOR_CPU
+        );
+        assert_eq!(
+            classify_switch_out(0x100, READ, false, false, false),
+            WAITING_FOR_CPU
+        );
+    }
+
+    #[test]
+    fn the_final_switch_of_a_dead_thread_ends_it() {
+        assert_eq!(classify_switch_out(EXIT_DEAD, 60, true, true, true), EXITED);
+        assert_eq!(
+            classify_switch_out(EXIT_ZOMBIE, 60, false, false, false),
+            EXITED
+        );
+        assert_eq!(
+            classify_switch_out(0x4, 0, false, false, false),
+            OTHER_SLEEP
+        ); // stopped
+    }
+
+    #[test]
+    fn uninterruptible_sleep_with_io_is_storage() {
+        assert_eq!(
+            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, true, false, false),
+            STORAGE
+        );
+        assert_eq!(
+            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, false, false, false),
+            OTHER_SLEEP
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, IO_GETEVENTS, true, false, false),
+            STORAGE
+        );
+    }
+
+    #[test]
+    fn socket_waits_are_network() {
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, RECVFROM, false, false, false),
+            NETWORK
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, true, false),
+            NETWORK
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, READ, false, true, false),
+            NETWORK
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, false, false),
+            OTHER_SLEEP
+        );
+    }
+
+    #[test]
+    fn driver_waits_of_gpu_users_are_gpu() {
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, false, true),
+            GPU
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, POLL, false, false, true),
+            GPU
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, false, false),
+            OTHER_SLEEP
+        );
+        // futex (202) is a lock or condition variable: other sleep, even for GPU users.
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, 202, false, false, true),
+            OTHER_SLEEP
+        );
+    }
+}

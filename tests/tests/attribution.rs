@@ -1,0 +1,218 @@
+//! Scenarios with a known answer (root only): each load must get the right verdict for the
+//! right workload, and the evidence must name the right device, peer or GPU.
+use std::{
+    io::Write as _,
+    net::{SocketAddrV4, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    ScratchFile, VethPair, diagnose_json, fake_nvml_library, root_or_skip, veth_tools_or_skip,
+    workload,
+};
+
+/// A child process, killed when the test ends however it ends.
+struct Load(Child);
+
+impl Load {
+    fn shell(script: &str) -> Self {
+        Self(
+            Command::new("sh")
+                .args(["-c", script])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn"),
+        )
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Only one scenario at a time: each measures the whole node.
+static SCENARIOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    SCENARIOS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[test]
+fn direct_reads_in_a_loop_are_a_storage_bottleneck_on_their_device() {
+    if !root_or_skip("storage scenario") {
+        return;
+    }
+    let _exclusive = exclusive();
+    let file = ScratchFile::create(256 << 20);
+    // 1 MiB direct reads: the device's time dominates the CPU's.
+    let load = Load::shell(&format!(
+        "while :; do dd if={} of=/dev/null bs=1M iflag=direct 2>/dev/null; done",
+        file.path.display()
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, report) = diagnose_json(4, &[], &[]);
+    let dd = workload(&report, "dd");
+    assert_eq!(dd["bottleneck"], "storage", "{dd:#}");
+    let (major, minor) = file.device();
+    let device = report["storage"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["major"] == major && d["minor"] == minor)
+        .expect("the file's device");
+    let evidence = dd["evidence"].as_array().unwrap();
+    assert!(
+        evidence.iter().any(|e| e
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}: P95", device["device"].as_str().unwrap()))),
+        "{evidence:#?}"
+    );
+    assert_eq!(report["verdict"]["bottleneck"], "storage");
+    assert_eq!(code, 3, "bottleneck found");
+    let shares = &dd["time"];
+    let sum: f64 = [
+        "on_cpu",
+        "waiting_for_cpu",
+        "storage",
+        "network",
+        "gpu",
+        "other_sleep",
+    ]
+    .iter()
+    .map(|k| shares[k].as_f64().unwrap())
+    .sum();
+    assert!((sum - 1.0).abs() < 1e-9, "time fractions sum to {sum}");
+    drop(load);
+}
+
+#[test]
+fn a_spinner_is_a_cpu_bottleneck() {
+    if !root_or_skip("cpu scenario") {
+        return;
+    }
+    let _exclusive = exclusive();
+    let load = Load::shell("while :; do :; done");
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, report) = diagnose_json(3, &["--pid", &load.pid().to_string()], &[]);
+    let sh = workload(&report, "sh");
+    assert_eq!(sh["bottleneck"], "cpu", "{sh:#}");
+    assert!(sh["time"]["on_cpu"].as_f64().unwrap() > 0.5, "{sh:#}");
+    assert_eq!(report["verdict"]["workload"], "sh");
+    assert_eq!(code, 3);
+}
+
+#[test]
+fn bulk_sends_through_a_delayed_veth_are_a_network_bottleneck_on_that_peer() {
+    if !veth_tools_or_skip("network scenario") {
+        return;
+    }
+    let _exclusive = exclusive();
+    let pair = VethPair::create("4mbit", "400ms");
+    let server_address = SocketAddrV4::new(pair.server_address, 5203);
+    let server = pair.spawn_sink_server(server_address, Some(65536));
+    // This test process is the workload: one thread sends for the whole window.
+    let client = VethPair::in_namespace(&pair.client_namespace, move || {
+        let mut stream = TcpStream::connect(server_address).expect("connect");
+        let chunk = vec![7u8; 1 << 16];
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            stream.write_all(&chunk).expect("send");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let me = std::process::id().to_string();
+    let (code, report) = diagnose_json(4, &["--pid", &me], &[]);
+    client.join().unwrap();
+    server.join().unwrap();
+    let workloads = report["workloads"].as_array().unwrap();
+    assert_eq!(
+        workloads.len(),
+        1,
+        "--pid narrows to this process: {workloads:#?}"
+    );
+    let this = &workloads[0];
+    assert_eq!(this["bottleneck"], "network", "{this:#}");
+    let evidence = this["evidence"].as_array().unwrap();
+    assert!(
+        evidence.iter().any(|e| e
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{server_address}: RTT P95"))),
+        "{evidence:#?}"
+    );
+    assert_eq!(code, 3);
+}
+
+#[test]
+fn a_process_on_a_saturated_gpu_is_a_model_bottleneck_on_that_gpu() {
+    if !root_or_skip("model scenario") {
+        return;
+    }
+    let _exclusive = exclusive();
+    let load = Load::shell("while :; do sleep 0.05; done");
+    let script = std::env::temp_dir().join(format!(
+        "envelope-model-scenario-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(
+        &script,
+        serde_json::to_vec(&serde_json::json!({
+            "devices": [
+                {"uuid": "GPU-idle", "name": "Fake A10", "utilization_gpu_percent": 2, "memory_total_bytes": 1u64 << 34},
+                {"uuid": "GPU-busy", "name": "Fake H100", "utilization_gpu_percent": 98,
+                 "memory_total_bytes": 1u64 << 36, "memory_used_bytes": 1u64 << 35, "throttle_reasons": 4,
+                 "compute_processes": [{"pid": load.pid(), "memory_bytes": 1u64 << 34}]}
+            ]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let library = fake_nvml_library().to_str().unwrap().to_string();
+    let (code, report) = diagnose_json(
+        3,
+        &["--nvml-lib", &library, "--pid", &load.pid().to_string()],
+        &[("FAKE_NVML_SCRIPT", &script)],
+    );
+    let _ = std::fs::remove_file(&script);
+    let sh = workload(&report, "sh");
+    assert_eq!(sh["bottleneck"], "model", "{sh:#}");
+    assert_eq!(
+        sh["summary"]
+            .as_str()
+            .unwrap()
+            .split(" keeps GPU ")
+            .nth(1)
+            .unwrap(),
+        "1 (Fake H100) 98% busy, throttled: sw_power_cap"
+    );
+    assert_eq!(code, 3);
+}
+
+#[test]
+fn an_idle_process_has_no_bottleneck() {
+    if !root_or_skip("idle scenario") {
+        return;
+    }
+    let _exclusive = exclusive();
+    let load = Load::shell("while :; do sleep 0.2; done");
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, report) = diagnose_json(3, &["--pid", &load.pid().to_string()], &[]);
+    assert_eq!(
+        report["verdict"]["bottleneck"], "none",
+        "{:#}",
+        report["verdict"]
+    );
+    assert_eq!(code, 0, "no bottleneck");
+}
