@@ -504,11 +504,11 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
             let device = window.devices.first();
             if let Some(device) = device {
                 evidence.push(format!(
-                    "{}: P95 {} queued-to-complete, {} of the wait queued before the device, {} bytes",
+                    "{}: P95 {} queued-to-complete, {} of the wait queued before the device, {} read or written",
                     device.device,
                     ms(device.p95_ms),
                     device.queue_share.map_or("n/a".to_string(), percent),
-                    device.bytes
+                    crate::report::terminal::format_bytes(device.bytes as f64)
                 ));
             }
             format!(
