@@ -14,6 +14,7 @@ use crate::{
         gpu::GpuSummary,
         window::{WindowSummary, peer_address, split_dev},
     },
+    config::{ProcessFacts, WorkloadRules},
     sources::system::{ProcessKind, SystemNames},
 };
 
@@ -223,17 +224,22 @@ fn candidates(window: &WorkloadWindow, rules: &Rules) -> Vec<(Bottleneck, f64)> 
     candidates
 }
 
+/// The container id in a cgroup path, if any: docker-<id>.scope, cri-containerd-<id>.scope,
+/// crio-<id>.scope, or a bare 64-hex segment (Kubernetes pods).
+pub fn container_id(cgroup: &str) -> Option<&str> {
+    cgroup.rsplit('/').find_map(|segment| {
+        let id = segment.trim_end_matches(".scope");
+        let id = id.rsplit('-').next().unwrap_or(id);
+        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    })
+}
+
 /// The workload a process belongs to when no configuration names it: its container, else
 /// its systemd service, else its program name (so the workers of one program group together).
 pub fn automatic_workload_name(cgroup: Option<&str>, program: &str) -> String {
     if let Some(cgroup) = cgroup {
-        for segment in cgroup.rsplit('/') {
-            // docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, or a bare 64-hex id.
-            let id = segment.trim_end_matches(".scope");
-            let id = id.rsplit('-').next().unwrap_or(id);
-            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return format!("container:{}", &id[..12]);
-            }
+        if let Some(id) = container_id(cgroup) {
+            return format!("container:{}", &id[..12]);
         }
         if let Some(unit) = cgroup
             .rsplit('/')
@@ -254,6 +260,7 @@ pub fn workload_windows(
     gpu: &GpuSummary,
     names: &dyn SystemNames,
     window_ns: u64,
+    rules: &WorkloadRules,
 ) -> Vec<WorkloadWindow> {
     let mut workloads: BTreeMap<String, WorkloadWindow> = BTreeMap::new();
     let mut workload_of: HashMap<u32, String> = HashMap::new();
@@ -273,7 +280,15 @@ pub fn workload_windows(
         if identity.kind != ProcessKind::Process || identity.name.is_empty() {
             continue;
         }
-        let name = automatic_workload_name(identity.cgroup.as_deref(), &identity.name);
+        let facts = ProcessFacts {
+            name: &identity.name,
+            executable: identity.executable.as_deref(),
+            cgroup: identity.cgroup.as_deref(),
+        };
+        let name = match rules.workload_of(&facts) {
+            Some(configured) => configured.to_string(),
+            None => automatic_workload_name(identity.cgroup.as_deref(), &identity.name),
+        };
         let workload = workloads
             .entry(name.clone())
             .or_insert_with(|| WorkloadWindow {

@@ -40,6 +40,9 @@ pub struct DiagnoseArgs {
     /// driver's libnvidia-ml.so.1 through the dynamic loader).
     #[arg(long, value_name = "PATH")]
     pub nvml_lib: Option<std::path::PathBuf>,
+    /// Configuration file naming workloads (TOML; see README.md "Configuration").
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Judge only the workload of this name (see the workloads list of a plain run).
     #[arg(long, value_name = "NAME")]
     pub workload: Option<String>,

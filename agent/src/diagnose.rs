@@ -28,7 +28,7 @@ use crate::{
     },
 };
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct DiagnoseOptions {
     pub duration: Duration,
     /// How many processes and peers to list.
@@ -37,6 +37,8 @@ pub struct DiagnoseOptions {
     pub nvml_library: Option<PathBuf>,
     /// How often GPUs are read during the window.
     pub gpu_interval: Duration,
+    /// Named workloads from the configuration file (empty: automatic grouping only).
+    pub workload_rules: crate::config::WorkloadRules,
     /// Narrow the verdict to the workload of this name, or to the one holding this process.
     pub workload: Option<String>,
     pub pid: Option<u32>,
@@ -226,6 +228,7 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         &gpu,
         &LiveSystem,
         elapsed.as_nanos() as u64,
+        &options.workload_rules,
     );
     gpu.processes.truncate(options.top);
     if let Some(name) = &options.workload {

@@ -7,6 +7,7 @@
 pub mod aggregation;
 pub mod attribution;
 pub mod cli;
+pub mod config;
 pub mod diagnose;
 pub mod preflight;
 pub mod report;

@@ -46,7 +46,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Diagnose(args) => {
+                let workload_rules = match &args.config {
+                    Some(path) => envelope::config::load(path)?,
+                    None => envelope::config::WorkloadRules::default(),
+                };
                 let options = DiagnoseOptions {
+                    workload_rules,
                     duration: args.duration,
                     top: usize::from(args.top),
                     nvml_library: args.nvml_lib,

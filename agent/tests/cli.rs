@@ -34,6 +34,22 @@ fn bad_flags_exit_2_with_a_message() {
 }
 
 #[test]
+fn a_bad_configuration_is_refused_with_where_and_what() {
+    let (code, _, stderr) = envelope(&["diagnose", "--config", "/nonexistent/envelope.toml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot read the configuration /nonexistent/envelope.toml"),
+        "{stderr}"
+    );
+    let path = std::env::temp_dir().join(format!("envelope-bad-{}.toml", std::process::id()));
+    std::fs::write(&path, "[[workload]]\nname = \"a\"\nproces = [\"x\"]\n").unwrap();
+    let (code, _, stderr) = envelope(&["diagnose", "--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(":3:1: unknown field `proces`"), "{stderr}");
+}
+
+#[test]
 fn version_and_help_work_without_privileges() {
     let (code, stdout, _) = envelope(&["--version"]);
     assert_eq!(code, 0);

@@ -59,9 +59,17 @@ fn direct_reads_in_a_loop_are_a_storage_bottleneck_on_their_device() {
         "while :; do dd if={} of=/dev/null bs=1M iflag=direct 2>/dev/null; done",
         file.path.display()
     ));
+    // A configured workload: the dd processes the loop starts get its name.
+    let config = file.path.with_extension("toml");
+    std::fs::write(
+        &config,
+        "[[workload]]\nname = \"bulk-reader\"\nprocess = [\"dd\"]\n",
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let (code, report) = diagnose_json(4, &[], &[]);
-    let dd = workload(&report, "dd");
+    let (code, report) = diagnose_json(4, &["--config", config.to_str().unwrap()], &[]);
+    let _ = std::fs::remove_file(&config);
+    let dd = workload(&report, "bulk-reader");
     assert_eq!(dd["bottleneck"], "storage", "{dd:#}");
     let (major, minor) = file.device();
     let device = report["storage"]["devices"]

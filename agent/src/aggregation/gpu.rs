@@ -221,6 +221,7 @@ mod tests {
                 name: format!("proc{tgid}"),
                 kind: ProcessKind::Process,
                 cgroup: None,
+                executable: None,
             }
         }
     }

@@ -459,6 +459,7 @@ mod tests {
                     ProcessKind::Process
                 },
                 cgroup: None,
+                executable: None,
             }
         }
     }

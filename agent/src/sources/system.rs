@@ -22,6 +22,8 @@ pub struct ProcessIdentity {
     pub kind: ProcessKind,
     /// cgroup v2 path, when the process is still alive to ask.
     pub cgroup: Option<String>,
+    /// Path of the executable, when the process is alive and not a kernel thread.
+    pub executable: Option<String>,
 }
 
 pub trait SystemNames {
@@ -53,6 +55,7 @@ impl SystemNames for LiveSystem {
                 name: "kernel (no submitting process)".to_string(),
                 kind: ProcessKind::Unattributed,
                 cgroup: None,
+                executable: None,
             };
         }
         let Ok(stat) = fs::read_to_string(format!("/proc/{tgid}/stat")) else {
@@ -60,6 +63,7 @@ impl SystemNames for LiveSystem {
                 name: comm_at_event.to_string(),
                 kind: kind_from_comm(comm_at_event),
                 cgroup: None,
+                executable: None,
             };
         };
         let (name, flags) = parse_stat(&stat).unwrap_or((comm_at_event.to_string(), 0));
@@ -75,7 +79,15 @@ impl SystemNames for LiveSystem {
                     .find_map(|line| line.strip_prefix("0::"))
                     .map(str::to_string)
             });
-        ProcessIdentity { name, kind, cgroup }
+        let executable = fs::read_link(format!("/proc/{tgid}/exe"))
+            .ok()
+            .map(|path| path.display().to_string());
+        ProcessIdentity {
+            name,
+            kind,
+            cgroup,
+            executable,
+        }
     }
 }
 
