@@ -6,6 +6,7 @@
 //! together for the one-off command.
 pub mod aggregation;
 pub mod attribution;
+pub mod budgets;
 pub mod cli;
 pub mod config;
 pub mod diagnose;

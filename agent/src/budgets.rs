@@ -1,0 +1,365 @@
+//! Performance budgets ("inference envelopes"): per-window good/bad, multi-window burn rates
+//! and a breach state machine with hysteresis. Pure: windows of observations in, states and
+//! transition events out; the daemon feeds it and persists [`BudgetState`].
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// One burn-rate alert pair (Google SRE workbook): it holds when the burn rate over both the
+/// long and the short window reaches `factor`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BurnRateWindow {
+    pub long_s: u64,
+    pub short_s: u64,
+    pub factor: f64,
+}
+
+/// The workbook's defaults for a 30-day objective: page at 14.4 over 1 h and 5 min, page at 6
+/// over 6 h and 30 min, ticket at 1 over 3 days and 6 h.
+pub const DEFAULT_BURN_RATE_WINDOWS: [BurnRateWindow; 3] = [
+    BurnRateWindow {
+        long_s: 3_600,
+        short_s: 300,
+        factor: 14.4,
+    },
+    BurnRateWindow {
+        long_s: 21_600,
+        short_s: 1_800,
+        factor: 6.0,
+    },
+    BurnRateWindow {
+        long_s: 259_200,
+        short_s: 21_600,
+        factor: 1.0,
+    },
+];
+
+/// How a budget is evaluated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetPolicy {
+    /// Target ratio of good windows, e.g. 0.99. The error budget is `1 - objective`.
+    pub objective: f64,
+    pub burn_rate_windows: Vec<BurnRateWindow>,
+    /// Consecutive alerting windows before the breach fires.
+    pub enter_after: u32,
+    /// Consecutive quiet windows before a firing breach resolves.
+    pub leave_after: u32,
+}
+
+impl Default for BudgetPolicy {
+    fn default() -> Self {
+        Self {
+            objective: 0.99,
+            burn_rate_windows: DEFAULT_BURN_RATE_WINDOWS.to_vec(),
+            enter_after: 2,
+            leave_after: 3,
+        }
+    }
+}
+
+/// A window's observation for one budget: observed vs threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    /// Window end, seconds since the Unix epoch.
+    pub at_s: u64,
+    pub observed: f64,
+    pub threshold: f64,
+    /// True when the observation is within the budget.
+    pub good: bool,
+}
+
+/// Whether a value must stay below (ceiling) or above (floor) its threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    Ceiling,
+    Floor,
+}
+
+pub fn observe(at_s: u64, observed: f64, threshold: f64, bound: Bound) -> Observation {
+    let good = match bound {
+        Bound::Ceiling => observed <= threshold,
+        Bound::Floor => observed >= threshold,
+    };
+    Observation {
+        at_s,
+        observed,
+        threshold,
+        good,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreachStatus {
+    Ok,
+    Firing,
+}
+
+/// What a budget remembers between windows (and across restarts, serialised).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetState {
+    /// Good/bad per window, oldest first, bounded by the longest burn-rate window.
+    pub history: VecDeque<(u64, bool)>,
+    pub firing_since_s: Option<u64>,
+    pub consecutive_alerting: u32,
+    pub consecutive_quiet: u32,
+    /// Breaches fired so far (a counter for metrics).
+    pub breaches: u64,
+}
+
+/// A state change, explained.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BreachEvent {
+    pub budget: String,
+    pub status: BreachStatus,
+    /// Stable for the life of one breach: the budget's name and when it started firing.
+    pub breach_id: String,
+    pub observed: f64,
+    pub threshold: f64,
+    /// Burn rate per configured window pair: (long window s, long burn, short burn).
+    pub burn_rates: Vec<(u64, f64, f64)>,
+}
+
+/// The burn rate over the last `span_s` seconds ending at `now_s`: the share of bad windows
+/// divided by the error budget. None without any window in the span.
+pub fn burn_rate(
+    history: &VecDeque<(u64, bool)>,
+    now_s: u64,
+    span_s: u64,
+    objective: f64,
+) -> Option<f64> {
+    let (bad, total) = history
+        .iter()
+        .filter(|(at, _)| *at + span_s > now_s && *at <= now_s)
+        .fold((0u64, 0u64), |(bad, total), (_, good)| {
+            (bad + u64::from(!good), total + 1)
+        });
+    let error_budget = (1.0 - objective).max(1e-9);
+    (total > 0).then(|| bad as f64 / total as f64 / error_budget)
+}
+
+impl BudgetState {
+    /// Adds a window's observation and returns the transition it causes, if any.
+    pub fn record(
+        &mut self,
+        name: &str,
+        observation: &Observation,
+        policy: &BudgetPolicy,
+    ) -> Option<BreachEvent> {
+        let now = observation.at_s;
+        self.history.push_back((now, observation.good));
+        let keep_s = policy
+            .burn_rate_windows
+            .iter()
+            .map(|w| w.long_s)
+            .max()
+            .unwrap_or(0);
+        while self
+            .history
+            .front()
+            .is_some_and(|(at, _)| *at + keep_s < now)
+        {
+            self.history.pop_front();
+        }
+        let burn_rates: Vec<(u64, f64, f64)> = policy
+            .burn_rate_windows
+            .iter()
+            .map(|w| {
+                let long = burn_rate(&self.history, now, w.long_s, policy.objective).unwrap_or(0.0);
+                let short =
+                    burn_rate(&self.history, now, w.short_s, policy.objective).unwrap_or(0.0);
+                (
+                    w.long_s,
+                    (long * 1000.0).round() / 1000.0,
+                    (short * 1000.0).round() / 1000.0,
+                )
+            })
+            .collect();
+        let alerting = policy
+            .burn_rate_windows
+            .iter()
+            .zip(&burn_rates)
+            .any(|(w, (_, long, short))| *long >= w.factor && *short >= w.factor);
+        if alerting {
+            self.consecutive_alerting += 1;
+            self.consecutive_quiet = 0;
+        } else {
+            self.consecutive_quiet += 1;
+            self.consecutive_alerting = 0;
+        }
+        let event = |status, since: u64| BreachEvent {
+            budget: name.to_string(),
+            status,
+            breach_id: format!("{name}@{since}"),
+            observed: observation.observed,
+            threshold: observation.threshold,
+            burn_rates: burn_rates.clone(),
+        };
+        match self.firing_since_s {
+            None if self.consecutive_alerting >= policy.enter_after => {
+                self.firing_since_s = Some(now);
+                self.breaches += 1;
+                Some(event(BreachStatus::Firing, now))
+            }
+            Some(since) if self.consecutive_quiet >= policy.leave_after => {
+                self.firing_since_s = None;
+                Some(event(BreachStatus::Ok, since))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> BreachStatus {
+        if self.firing_since_s.is_some() {
+            BreachStatus::Firing
+        } else {
+            BreachStatus::Ok
+        }
+    }
+}
+
+/// Cost rate of a workload: GPUs it holds and CPU cores it keeps busy, at the given prices.
+pub fn cost_per_hour(
+    gpus_in_use: f64,
+    cpu_cores_busy: f64,
+    price_per_gpu_hour: f64,
+    price_per_cpu_core_hour: f64,
+) -> f64 {
+    gpus_in_use * price_per_gpu_hour + cpu_cores_busy * price_per_cpu_core_hour
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Windows of 10 s; burn-rate windows scaled down for a test: 10 min / 1 min at factor 10.
+    fn policy() -> BudgetPolicy {
+        BudgetPolicy {
+            objective: 0.9,
+            burn_rate_windows: vec![BurnRateWindow {
+                long_s: 600,
+                short_s: 60,
+                factor: 5.0,
+            }],
+            enter_after: 2,
+            leave_after: 3,
+        }
+    }
+
+    fn run(state: &mut BudgetState, start_s: u64, goods: &[bool]) -> Vec<(u64, BreachStatus)> {
+        goods
+            .iter()
+            .enumerate()
+            .filter_map(|(i, good)| {
+                let at = start_s + 10 * i as u64;
+                let observation = observe(at, if *good { 5.0 } else { 50.0 }, 10.0, Bound::Ceiling);
+                state
+                    .record("storage-p95", &observation, &policy())
+                    .map(|e| (at, e.status))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn thresholds_have_a_direction() {
+        assert!(observe(0, 10.0, 10.0, Bound::Ceiling).good);
+        assert!(!observe(0, 10.1, 10.0, Bound::Ceiling).good);
+        assert!(observe(0, 0.3, 0.2, Bound::Floor).good);
+        assert!(!observe(0, 0.1, 0.2, Bound::Floor).good);
+    }
+
+    #[test]
+    fn burn_rate_is_bad_share_over_error_budget() {
+        let history: VecDeque<(u64, bool)> = (0..10).map(|i| (i * 10, i % 5 != 0)).collect();
+        // 2 bad of 10 = 0.2; error budget 0.1 -> burn 2.
+        assert!((burn_rate(&history, 90, 100, 0.9).unwrap() - 2.0).abs() < 1e-9);
+        // Last 30 s: windows at 70, 80, 90, all good.
+        assert_eq!(burn_rate(&history, 90, 30, 0.9), Some(0.0));
+        assert_eq!(burn_rate(&VecDeque::new(), 90, 30, 0.9), None);
+    }
+
+    #[test]
+    fn a_sustained_breach_fires_once_and_resolves_once() {
+        let mut state = BudgetState::default();
+        // 6 good windows, then 8 bad ones, then 10 good ones.
+        let mut goods = vec![true; 6];
+        goods.extend([false; 8]);
+        goods.extend([true; 10]);
+        let events = run(&mut state, 1_000, &goods);
+        // Bad windows start at 1060. The long window (everything since 1000) reaches half bad,
+        // burn 5, at the 6th bad window (1110); 2 alerting windows fire it at 1120. After the
+        // bad run (last at 1130) the long window falls under half bad at 1160 (8 of 17);
+        // 3 quiet windows resolve it at 1180.
+        assert_eq!(events, vec![(1_120, BreachStatus::Firing), (1_180, BreachStatus::Ok)]);
+        assert_eq!(state.breaches, 1);
+        assert_eq!(state.status(), BreachStatus::Ok);
+    }
+
+    #[test]
+    fn a_single_bad_window_does_not_flap() {
+        let mut state = BudgetState::default();
+        let mut goods = vec![true; 20];
+        goods[10] = false;
+        goods[13] = false;
+        assert!(run(&mut state, 0, &goods).is_empty());
+    }
+
+    #[test]
+    fn the_breach_id_is_stable_for_the_breach() {
+        let mut state = BudgetState::default();
+        let policy = policy();
+        let mut ids = Vec::new();
+        for i in 0..15u64 {
+            let good = !(3..8).contains(&i);
+            let observation = observe(i * 10, if good { 1.0 } else { 99.0 }, 10.0, Bound::Ceiling);
+            if let Some(event) = state.record("b", &observation, &policy) {
+                ids.push((event.status, event.breach_id, event.observed));
+            }
+        }
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert_eq!(
+            ids[0].1, ids[1].1,
+            "firing and resolved share the breach id"
+        );
+        assert_eq!(ids[0].1, "b@60");
+        assert_eq!(ids[0].2, 99.0);
+    }
+
+    #[test]
+    fn history_stays_bounded_by_the_longest_window() {
+        let mut state = BudgetState::default();
+        run(&mut state, 0, &vec![true; 500]);
+        assert!(state.history.len() <= 61, "{}", state.history.len());
+    }
+
+    #[test]
+    fn state_survives_serialisation() {
+        let mut state = BudgetState::default();
+        run(&mut state, 0, &[true, false, false, false]);
+        let text = serde_json::to_string(&state).unwrap();
+        let restored: BudgetState = serde_json::from_str(&text).unwrap();
+        assert_eq!(restored, state);
+        assert_eq!(restored.status(), BreachStatus::Firing);
+    }
+
+    #[test]
+    fn cost_adds_gpus_and_cores() {
+        assert_eq!(cost_per_hour(2.0, 1.5, 3.0, 0.04), 6.06);
+        assert_eq!(cost_per_hour(0.0, 0.0, 3.0, 0.04), 0.0);
+    }
+
+    #[test]
+    fn default_windows_follow_the_sre_workbook() {
+        let policy = BudgetPolicy::default();
+        assert_eq!(
+            policy.burn_rate_windows[0],
+            BurnRateWindow {
+                long_s: 3_600,
+                short_s: 300,
+                factor: 14.4
+            }
+        );
+        assert_eq!(policy.burn_rate_windows[2].long_s, 3 * 24 * 3_600);
+    }
+}
