@@ -291,7 +291,10 @@ mod tests {
         // burn 5, at the 6th bad window (1110); 2 alerting windows fire it at 1120. After the
         // bad run (last at 1130) the long window falls under half bad at 1160 (8 of 17);
         // 3 quiet windows resolve it at 1180.
-        assert_eq!(events, vec![(1_120, BreachStatus::Firing), (1_180, BreachStatus::Ok)]);
+        assert_eq!(
+            events,
+            vec![(1_120, BreachStatus::Firing), (1_180, BreachStatus::Ok)]
+        );
         assert_eq!(state.breaches, 1);
         assert_eq!(state.status(), BreachStatus::Ok);
     }

@@ -23,6 +23,16 @@ pub enum Command {
     /// Measure storage and network latency for a while and report what you see (needs root
     /// or CAP_BPF + CAP_PERFMON).
     Diagnose(DiagnoseArgs),
+    /// Validate a configuration file: errors with line and column and a hint; exit 1 if bad.
+    Check {
+        /// The configuration to check.
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/etc/envelope/envelope.toml"
+        )]
+        config: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -129,7 +139,9 @@ mod tests {
             "250ms",
         ])
         .unwrap();
-        let Command::Diagnose(args) = cli.command;
+        let Command::Diagnose(args) = cli.command else {
+            panic!("diagnose expected")
+        };
         assert_eq!(args.duration, Duration::from_secs(2));
         assert!(args.json);
         assert_eq!(args.top, 3);

@@ -20,7 +20,154 @@ use serde::Deserialize;
 pub struct Config {
     #[serde(default, rename = "workload")]
     pub workloads: Vec<WorkloadConfig>,
+    #[serde(default, rename = "budget")]
+    pub budgets: Vec<BudgetConfig>,
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    #[serde(default)]
+    pub alerting: AlertingConfig,
 }
+
+/// Prices that turn GPU and CPU use into a cost rate (any currency, per hour).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    pub gpu_hour: Option<f64>,
+    pub cpu_core_hour: Option<f64>,
+}
+
+/// Burn-rate windows and hysteresis shared by every budget.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertingConfig {
+    #[serde(default = "default_windows")]
+    pub windows: Vec<BurnWindowConfig>,
+    #[serde(default = "default_enter_after")]
+    pub enter_after: u32,
+    #[serde(default = "default_leave_after")]
+    pub leave_after: u32,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        Self {
+            windows: default_windows(),
+            enter_after: default_enter_after(),
+            leave_after: default_leave_after(),
+        }
+    }
+}
+
+fn default_enter_after() -> u32 {
+    crate::budgets::BudgetPolicy::default().enter_after
+}
+
+fn default_leave_after() -> u32 {
+    crate::budgets::BudgetPolicy::default().leave_after
+}
+
+fn default_windows() -> Vec<BurnWindowConfig> {
+    crate::budgets::DEFAULT_BURN_RATE_WINDOWS
+        .iter()
+        .map(|w| BurnWindowConfig {
+            long: humantime::format_duration(std::time::Duration::from_secs(w.long_s)).to_string(),
+            short: humantime::format_duration(std::time::Duration::from_secs(w.short_s))
+                .to_string(),
+            factor: w.factor,
+        })
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BurnWindowConfig {
+    pub long: String,
+    pub short: String,
+    pub factor: f64,
+}
+
+/// One budget: a metric of a workload (or "*", the node), a ceiling or a floor, an objective.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub name: String,
+    pub workload: String,
+    /// Informational: the stage of the workload this budget guards (e.g. "retrieval").
+    pub stage: Option<String>,
+    pub metric: String,
+    pub max: Option<f64>,
+    pub min: Option<f64>,
+    #[serde(default = "default_objective")]
+    pub objective: f64,
+    /// Storage metrics: this device only (default: the device the workload used most).
+    pub device: Option<String>,
+    /// Network metrics: this peer only, "addr:port" (default: the workload's slowest peer).
+    pub peer: Option<String>,
+}
+
+fn default_objective() -> f64 {
+    0.99
+}
+
+/// The metrics a budget can bound, with what they mean (for `envelope check` hints).
+pub const BUDGET_METRICS: [(&str, &str); 14] = [
+    (
+        "storage_p50_ms",
+        "queued-to-complete latency P50 on the workload's device",
+    ),
+    (
+        "storage_p95_ms",
+        "queued-to-complete latency P95 on the workload's device",
+    ),
+    (
+        "storage_p99_ms",
+        "queued-to-complete latency P99 on the workload's device",
+    ),
+    (
+        "network_rtt_p95_ms",
+        "RTT P95 to the workload's slowest peer",
+    ),
+    (
+        "network_rtt_p99_ms",
+        "RTT P99 to the workload's slowest peer",
+    ),
+    (
+        "retransmits",
+        "retransmitted packets per window to the workload's peers",
+    ),
+    (
+        "gpu_utilization",
+        "utilization of the workload's busiest GPU, 0..1 (max: saturation, min: idle GPUs)",
+    ),
+    (
+        "gpu_memory_bytes",
+        "GPU memory the workload's processes hold",
+    ),
+    (
+        "gpu_throttled",
+        "1 when a GPU of the workload was throttled (other than idle), else 0",
+    ),
+    (
+        "cost_per_hour",
+        "GPUs held and CPU cores kept busy, at [pricing]",
+    ),
+    (
+        "lost_share_storage",
+        "share of the workload's active time blocked on storage, 0..1",
+    ),
+    (
+        "lost_share_network",
+        "share of the workload's active time waiting on the network, 0..1",
+    ),
+    (
+        "lost_share_model",
+        "share of the workload's active time waiting on the GPU, 0..1",
+    ),
+    (
+        "lost_share_cpu",
+        "share of the workload's active time running or waiting for a CPU, 0..1",
+    ),
+];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +212,13 @@ pub enum ConfigError {
     NoRule { path: String, workload: String },
     #[error("{path}: two workloads are named {name:?}; names must be unique")]
     Duplicate { path: String, name: String },
+    #[error("{path}:{line}: budget {budget:?}: {problem}")]
+    Budget {
+        path: String,
+        line: usize,
+        budget: String,
+        problem: String,
+    },
 }
 
 /// What a matcher knows about a process.
@@ -165,8 +319,17 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Parses a configuration text; `path` only names it in errors.
-pub fn parse(path: &str, text: &str) -> Result<WorkloadRules, ConfigError> {
+/// A validated configuration: compiled workload rules, budgets and their policy.
+#[derive(Debug, Default)]
+pub struct LoadedConfig {
+    pub workloads: WorkloadRules,
+    pub budgets: Vec<BudgetConfig>,
+    pub pricing: PricingConfig,
+    pub policy: crate::budgets::BudgetPolicy,
+}
+
+/// Parses and validates a whole configuration; `path` only names it in errors.
+pub fn parse_config(path: &str, text: &str) -> Result<LoadedConfig, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|error| {
         let (line, column) = error
             .span()
@@ -178,6 +341,109 @@ pub fn parse(path: &str, text: &str) -> Result<WorkloadRules, ConfigError> {
             message: error.message().trim().replace('\n', "; "),
         }
     })?;
+    let budget_line = |name: &str| {
+        text.find(&format!("\"{name}\""))
+            .map_or(1, |offset| line_and_column(text, offset).0)
+    };
+    let workload_names: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
+    let mut windows = Vec::new();
+    for window in &config.alerting.windows {
+        let parse = |field: &str, value: &str| {
+            humantime::parse_duration(value).map_err(|error| ConfigError::Budget {
+                path: path.to_string(),
+                line: 1,
+                budget: "[alerting]".to_string(),
+                problem: format!(
+                    "window {field} {value:?} is not a duration ({error}); use e.g. 1h, 5m"
+                ),
+            })
+        };
+        windows.push(crate::budgets::BurnRateWindow {
+            long_s: parse("long", &window.long)?.as_secs(),
+            short_s: parse("short", &window.short)?.as_secs(),
+            factor: window.factor,
+        });
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for budget in &config.budgets {
+        let problem = |problem: String| ConfigError::Budget {
+            path: path.to_string(),
+            line: budget_line(&budget.name),
+            budget: budget.name.clone(),
+            problem,
+        };
+        if seen.contains(&budget.name.as_str()) {
+            return Err(problem(
+                "another budget has this name; names must be unique".into(),
+            ));
+        }
+        seen.push(&budget.name);
+        if !BUDGET_METRICS
+            .iter()
+            .any(|(metric, _)| *metric == budget.metric)
+        {
+            let known: Vec<&str> = BUDGET_METRICS.iter().map(|(m, _)| *m).collect();
+            return Err(problem(format!(
+                "unknown metric {:?}; one of: {}",
+                budget.metric,
+                known.join(", ")
+            )));
+        }
+        if budget.max.is_some() == budget.min.is_some() {
+            return Err(problem(
+                "give exactly one of max (a ceiling) or min (a floor)".into(),
+            ));
+        }
+        if !(budget.objective > 0.0 && budget.objective < 1.0) {
+            return Err(problem(format!(
+                "objective {} must be between 0 and 1, e.g. 0.99",
+                budget.objective
+            )));
+        }
+        if budget.workload != "*" && !workload_names.contains(&budget.workload.as_str()) {
+            return Err(problem(format!(
+                "workload {:?} is not defined; add a [[workload]] with that name, or use \"*\" for the node",
+                budget.workload
+            )));
+        }
+        if budget.metric == "cost_per_hour"
+            && config.pricing.gpu_hour.is_none()
+            && config.pricing.cpu_core_hour.is_none()
+        {
+            return Err(problem(
+                "cost_per_hour needs [pricing] gpu_hour and/or cpu_core_hour".into(),
+            ));
+        }
+    }
+    let workloads = compile_workloads(path, config.workloads)?;
+    Ok(LoadedConfig {
+        workloads,
+        budgets: config.budgets,
+        pricing: config.pricing,
+        policy: crate::budgets::BudgetPolicy {
+            objective: 0.99,
+            burn_rate_windows: windows,
+            enter_after: config.alerting.enter_after,
+            leave_after: config.alerting.leave_after,
+        },
+    })
+}
+
+/// Parses a configuration text for its workload rules only.
+pub fn parse(path: &str, text: &str) -> Result<WorkloadRules, ConfigError> {
+    parse_config(path, text).map(|config| config.workloads)
+}
+
+fn compile_workloads(
+    path: &str,
+    workloads: Vec<WorkloadConfig>,
+) -> Result<WorkloadRules, ConfigError> {
+    let config = Config {
+        workloads,
+        ..Config::default()
+    };
+    let path = path.to_string();
+    let path = path.as_str();
     let mut matchers: Vec<WorkloadMatcher> = Vec::new();
     for workload in config.workloads {
         if matchers.iter().any(|m| m.name == workload.name) {
@@ -209,14 +475,14 @@ pub fn parse(path: &str, text: &str) -> Result<WorkloadRules, ConfigError> {
     Ok(WorkloadRules { matchers })
 }
 
-/// Reads and parses a configuration file.
-pub fn load(path: &Path) -> Result<WorkloadRules, ConfigError> {
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
-    parse(&shown, &text)
+    parse_config(&shown, &text)
 }
 
 #[cfg(test)]
@@ -321,6 +587,68 @@ container_id = ["3f4e5d6c"]
             .to_string();
         assert!(
             error.starts_with("cannot read the configuration /nonexistent/envelope.toml"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let text = include_str!("../../systemd/envelope.toml");
+        let config = parse_config("systemd/envelope.toml", text).unwrap();
+        assert_eq!(config.budgets.len(), 6);
+        assert_eq!(config.policy.burn_rate_windows[0].long_s, 3_600);
+        assert_eq!(config.policy.burn_rate_windows[2].long_s, 3 * 86_400);
+        assert_eq!(config.pricing.gpu_hour, Some(2.5));
+        assert_eq!(
+            config.workloads.workload_of(&facts("torchrun", None, None)),
+            Some("trainer")
+        );
+    }
+
+    #[test]
+    fn bad_budgets_say_what_to_fix() {
+        let base = "[[workload]]\nname = \"w\"\nprocess = [\"p\"]\n";
+        let check = |budget: &str| {
+            parse_config("b.toml", &format!("{base}{budget}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let error = check(
+            "[[budget]]\nname = \"x\"\nworkload = \"w\"\nmetric = \"storage_p96_ms\"\nmax = 1.0\n",
+        );
+        assert!(
+            error.starts_with(
+                "b.toml:5: budget \"x\": unknown metric \"storage_p96_ms\"; one of: storage_p50_ms"
+            ),
+            "{error}"
+        );
+        let error = check("[[budget]]\nname = \"x\"\nworkload = \"w\"\nmetric = \"retransmits\"\n");
+        assert!(
+            error.ends_with("give exactly one of max (a ceiling) or min (a floor)"),
+            "{error}"
+        );
+        let error = check(
+            "[[budget]]\nname = \"x\"\nworkload = \"nope\"\nmetric = \"retransmits\"\nmax = 1.0\n",
+        );
+        assert!(
+            error.contains("workload \"nope\" is not defined"),
+            "{error}"
+        );
+        let error = check(
+            "[[budget]]\nname = \"x\"\nworkload = \"*\"\nmetric = \"retransmits\"\nmax = 1.0\nobjective = 1.5\n",
+        );
+        assert!(
+            error.contains("objective 1.5 must be between 0 and 1"),
+            "{error}"
+        );
+        let error = check(
+            "[[budget]]\nname = \"x\"\nworkload = \"*\"\nmetric = \"cost_per_hour\"\nmax = 1.0\n",
+        );
+        assert!(error.contains("needs [pricing]"), "{error}");
+        let error =
+            check("[alerting]\nwindows = [{ long = \"soon\", short = \"5m\", factor = 1.0 }]\n");
+        assert!(
+            error.contains("window long \"soon\" is not a duration"),
             "{error}"
         );
     }

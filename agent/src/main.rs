@@ -45,11 +45,21 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Check { config } => {
+                let loaded = envelope::config::load(&config)?;
+                println!(
+                    "{}: ok ({} budgets; workloads and budgets valid)",
+                    config.display(),
+                    loaded.budgets.len()
+                );
+                anyhow::Ok(ExitCode::SUCCESS)
+            }
             Command::Diagnose(args) => {
-                let workload_rules = match &args.config {
+                let config = match &args.config {
                     Some(path) => envelope::config::load(path)?,
-                    None => envelope::config::WorkloadRules::default(),
+                    None => envelope::config::LoadedConfig::default(),
                 };
+                let workload_rules = config.workloads;
                 let options = DiagnoseOptions {
                     workload_rules,
                     duration: args.duration,

@@ -50,6 +50,17 @@ fn a_bad_configuration_is_refused_with_where_and_what() {
 }
 
 #[test]
+fn check_passes_the_shipped_example_and_fails_a_bad_file() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/envelope.toml");
+    let (code, stdout, stderr) = envelope(&["check", "--config", example]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(": ok (6 budgets"), "{stdout}");
+    let (code, _, stderr) = envelope(&["check", "--config", "/nonexistent/envelope.toml"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot read the configuration"), "{stderr}");
+}
+
+#[test]
 fn version_and_help_work_without_privileges() {
     let (code, stdout, _) = envelope(&["--version"]);
     assert_eq!(code, 0);
