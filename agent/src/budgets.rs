@@ -219,6 +219,154 @@ impl BudgetState {
     }
 }
 
+/// One budget evaluated on one window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BudgetResult {
+    pub name: String,
+    pub workload: String,
+    pub metric: String,
+    pub bound: Bound,
+    pub threshold: f64,
+    /// None when the window had nothing to measure (e.g. the workload did no I/O).
+    pub observed: Option<f64>,
+    /// None without an observation.
+    pub good: Option<bool>,
+}
+
+/// What one budget metric measured in a window for one workload (or the node, `"*"`).
+pub fn measure(
+    metric: &str,
+    workload: &str,
+    device: Option<&str>,
+    peer: Option<&str>,
+    windows: &[crate::attribution::WorkloadWindow],
+    pricing: &crate::config::PricingConfig,
+) -> Option<f64> {
+    let chosen: Vec<&crate::attribution::WorkloadWindow> = windows
+        .iter()
+        .filter(|w| workload == "*" || w.name == workload)
+        .collect();
+    let max_of = |values: Vec<f64>| {
+        values.into_iter().fold(None, |max: Option<f64>, v| {
+            Some(max.map_or(v, |m| m.max(v)))
+        })
+    };
+    let storage = |pick: fn(&crate::attribution::DeviceEvidence) -> Option<f64>| {
+        max_of(
+            chosen
+                .iter()
+                .flat_map(|w| w.devices.iter())
+                .filter(|d| device.is_none_or(|name| d.device == name))
+                .filter_map(pick)
+                .collect(),
+        )
+    };
+    let window_s = chosen
+        .first()
+        .map_or(1.0, |w| w.window_ns as f64 / 1e9)
+        .max(1e-9);
+    match metric {
+        "storage_p95_ms" => storage(|d| d.p95_ms),
+        "network_rtt_p95_ms" => max_of(
+            chosen
+                .iter()
+                .flat_map(|w| w.peers.iter())
+                .filter(|p| peer.is_none_or(|name| p.peer == name))
+                .filter_map(|p| p.rtt_p95_ms)
+                .collect(),
+        ),
+        "retransmits" => Some(
+            chosen
+                .iter()
+                .flat_map(|w| w.peers.iter())
+                .map(|p| p.retransmits as f64)
+                .sum(),
+        ),
+        "gpu_utilization" => max_of(
+            chosen
+                .iter()
+                .flat_map(|w| w.gpus.iter())
+                .filter_map(|g| g.utilization)
+                .collect(),
+        ),
+        "gpu_throttled" => {
+            let gpus: Vec<_> = chosen.iter().flat_map(|w| w.gpus.iter()).collect();
+            (!gpus.is_empty()).then(|| {
+                f64::from(u8::from(
+                    gpus.iter()
+                        .any(|g| g.throttle_reasons.iter().any(|r| r != "idle")),
+                ))
+            })
+        }
+        "cost_per_hour" => {
+            let gpus = chosen.iter().map(|w| w.gpus.len()).sum::<usize>() as f64;
+            let cores = chosen
+                .iter()
+                .map(|w| w.time.on_cpu_ns as f64 / 1e9)
+                .sum::<f64>()
+                / window_s;
+            Some(cost_per_hour(
+                gpus,
+                cores,
+                pricing.gpu_hour.unwrap_or(0.0),
+                pricing.cpu_core_hour.unwrap_or(0.0),
+            ))
+        }
+        lost if lost.starts_with("lost_share_") => {
+            let mut total = crate::attribution::TimeBreakdown::default();
+            for w in &chosen {
+                total.add(&w.time);
+            }
+            let shares = total.active_shares();
+            let share = match lost {
+                "lost_share_storage" => shares.storage,
+                "lost_share_network" => shares.network,
+                "lost_share_model" => shares.gpu,
+                _ => shares.on_cpu + shares.waiting_for_cpu,
+            };
+            (total.active_ns() > 0).then_some(share)
+        }
+        // Every metric in BUDGET_METRICS is handled above.
+        _ => None,
+    }
+}
+
+/// Evaluates every configured budget on one window.
+pub fn evaluate_window(
+    config: &crate::config::LoadedConfig,
+    windows: &[crate::attribution::WorkloadWindow],
+    at_s: u64,
+) -> Vec<BudgetResult> {
+    config
+        .budgets
+        .iter()
+        .map(|budget| {
+            let (bound, threshold) = match (budget.max, budget.min) {
+                (Some(max), _) => (Bound::Ceiling, max),
+                (None, Some(min)) => (Bound::Floor, min),
+                (None, None) => (Bound::Ceiling, f64::INFINITY),
+            };
+            let observed = measure(
+                &budget.metric,
+                &budget.workload,
+                budget.device.as_deref(),
+                budget.peer.as_deref(),
+                windows,
+                &config.pricing,
+            );
+            BudgetResult {
+                name: budget.name.clone(),
+                workload: budget.workload.clone(),
+                metric: budget.metric.clone(),
+                bound,
+                threshold,
+                observed: observed.map(|v| (v * 1000.0).round() / 1000.0),
+                good: observed.map(|v| observe(at_s, v, threshold, bound).good),
+            }
+        })
+        .collect()
+}
+
 /// Cost rate of a workload: GPUs it holds and CPU cores it keeps busy, at the given prices.
 pub fn cost_per_hour(
     gpus_in_use: f64,
@@ -344,6 +492,107 @@ mod tests {
         let restored: BudgetState = serde_json::from_str(&text).unwrap();
         assert_eq!(restored, state);
         assert_eq!(restored.status(), BreachStatus::Firing);
+    }
+
+    #[test]
+    fn budgets_are_measured_on_the_right_workload() {
+        use crate::attribution::{
+            DeviceEvidence, GpuEvidence, PeerEvidence, TimeBreakdown, WorkloadWindow,
+        };
+        let config = crate::config::parse_config(
+            "t.toml",
+            r#"
+[[workload]]
+name = "trainer"
+process = ["python"]
+[pricing]
+gpu_hour = 2.0
+cpu_core_hour = 0.5
+[[budget]]
+name = "p95"
+workload = "trainer"
+metric = "storage_p95_ms"
+max = 10.0
+[[budget]]
+name = "busy gpus"
+workload = "trainer"
+metric = "gpu_utilization"
+min = 0.6
+[[budget]]
+name = "cost"
+workload = "trainer"
+metric = "cost_per_hour"
+max = 3.0
+[[budget]]
+name = "rtt"
+workload = "*"
+metric = "network_rtt_p95_ms"
+max = 50.0
+[[budget]]
+name = "stalls"
+workload = "*"
+metric = "lost_share_storage"
+max = 0.3
+"#,
+        )
+        .unwrap();
+        let trainer = WorkloadWindow {
+            name: "trainer".into(),
+            pids: vec![1],
+            window_ns: 10_000_000_000,
+            time: TimeBreakdown {
+                on_cpu_ns: 20_000_000_000,
+                storage_ns: 5_000_000_000,
+                ..Default::default()
+            },
+            gpus: vec![GpuEvidence {
+                index: 0,
+                name: "H100".into(),
+                utilization: Some(0.4),
+                throttle_reasons: vec![],
+            }],
+            devices: vec![DeviceEvidence {
+                device: "vda".into(),
+                bytes: 1,
+                p95_ms: Some(84.0),
+                queue_share: None,
+            }],
+            peers: vec![],
+        };
+        let other = WorkloadWindow {
+            name: "web".into(),
+            window_ns: 10_000_000_000,
+            peers: vec![PeerEvidence {
+                peer: "10.0.0.7:443".into(),
+                rtt_p95_ms: Some(20.0),
+                retransmits: 0,
+            }],
+            ..WorkloadWindow::default()
+        };
+        let results = evaluate_window(&config, &[trainer, other], 100);
+        let by_name = |name: &str| results.iter().find(|r| r.name == name).unwrap();
+        assert_eq!(
+            (by_name("p95").observed, by_name("p95").good),
+            (Some(84.0), Some(false))
+        );
+        assert_eq!(
+            (by_name("busy gpus").observed, by_name("busy gpus").good),
+            (Some(0.4), Some(false))
+        );
+        // One GPU at 2.0 plus 2 busy cores at 0.5.
+        assert_eq!(
+            (by_name("cost").observed, by_name("cost").good),
+            (Some(3.0), Some(true))
+        );
+        assert_eq!(
+            (by_name("rtt").observed, by_name("rtt").good),
+            (Some(20.0), Some(true))
+        );
+        // Node: 5 s storage of 25 s active.
+        assert_eq!(
+            (by_name("stalls").observed, by_name("stalls").good),
+            (Some(0.2), Some(true))
+        );
     }
 
     #[test]

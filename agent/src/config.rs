@@ -110,26 +110,14 @@ fn default_objective() -> f64 {
 }
 
 /// The metrics a budget can bound, with what they mean (for `envelope check` hints).
-pub const BUDGET_METRICS: [(&str, &str); 14] = [
-    (
-        "storage_p50_ms",
-        "queued-to-complete latency P50 on the workload's device",
-    ),
+pub const BUDGET_METRICS: [(&str, &str); 10] = [
     (
         "storage_p95_ms",
         "queued-to-complete latency P95 on the workload's device",
     ),
     (
-        "storage_p99_ms",
-        "queued-to-complete latency P99 on the workload's device",
-    ),
-    (
         "network_rtt_p95_ms",
         "RTT P95 to the workload's slowest peer",
-    ),
-    (
-        "network_rtt_p99_ms",
-        "RTT P99 to the workload's slowest peer",
     ),
     (
         "retransmits",
@@ -138,10 +126,6 @@ pub const BUDGET_METRICS: [(&str, &str); 14] = [
     (
         "gpu_utilization",
         "utilization of the workload's busiest GPU, 0..1 (max: saturation, min: idle GPUs)",
-    ),
-    (
-        "gpu_memory_bytes",
-        "GPU memory the workload's processes hold",
     ),
     (
         "gpu_throttled",
@@ -618,7 +602,7 @@ container_id = ["3f4e5d6c"]
         );
         assert!(
             error.starts_with(
-                "b.toml:5: budget \"x\": unknown metric \"storage_p96_ms\"; one of: storage_p50_ms"
+                "b.toml:5: budget \"x\": unknown metric \"storage_p96_ms\"; one of: storage_p95_ms"
             ),
             "{error}"
         );

@@ -37,8 +37,8 @@ pub struct DiagnoseOptions {
     pub nvml_library: Option<PathBuf>,
     /// How often GPUs are read during the window.
     pub gpu_interval: Duration,
-    /// Named workloads from the configuration file (empty: automatic grouping only).
-    pub workload_rules: crate::config::WorkloadRules,
+    /// The configuration: named workloads (empty: automatic grouping only) and budgets.
+    pub config: crate::config::LoadedConfig,
     /// Narrow the verdict to the workload of this name, or to the one holding this process.
     pub workload: Option<String>,
     pub pid: Option<u32>,
@@ -228,7 +228,7 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         &gpu,
         &LiveSystem,
         elapsed.as_nanos() as u64,
-        &options.workload_rules,
+        &options.config.workloads,
     );
     gpu.processes.truncate(options.top);
     if let Some(name) = &options.workload {
@@ -237,6 +237,10 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
     if let Some(pid) = options.pid {
         workloads.retain(|workload| workload.pids.contains(&pid));
     }
+    let window_end_s = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let budgets = crate::budgets::evaluate_window(&options.config, &workloads, window_end_s);
     let (verdict, workloads) = judge(workloads, options.top);
     if let Some(reason) = &gpu.reason {
         tracing::info!("no GPU section: {reason}");
@@ -258,5 +262,6 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         gpu,
         verdict,
         workloads,
+        budgets,
     })
 }

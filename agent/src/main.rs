@@ -59,9 +59,8 @@ fn main() -> ExitCode {
                     Some(path) => envelope::config::load(path)?,
                     None => envelope::config::LoadedConfig::default(),
                 };
-                let workload_rules = config.workloads;
                 let options = DiagnoseOptions {
-                    workload_rules,
+                    config,
                     duration: args.duration,
                     top: usize::from(args.top),
                     nvml_library: args.nvml_lib,

@@ -63,13 +63,31 @@ fn direct_reads_in_a_loop_are_a_storage_bottleneck_on_their_device() {
     let config = file.path.with_extension("toml");
     std::fs::write(
         &config,
-        "[[workload]]\nname = \"bulk-reader\"\nprocess = [\"dd\"]\n",
+        concat!(
+            "[[workload]]\nname = \"bulk-reader\"\nprocess = [\"dd\"]\n",
+            "[[budget]]\nname = \"generous p95\"\nworkload = \"bulk-reader\"\n",
+            "metric = \"storage_p95_ms\"\nmax = 10000.0\n",
+            "[[budget]]\nname = \"stalls\"\nworkload = \"bulk-reader\"\n",
+            "metric = \"lost_share_storage\"\nmax = 0.3\n",
+        ),
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (code, report) = diagnose_json(4, &["--config", config.to_str().unwrap()], &[]);
     let _ = std::fs::remove_file(&config);
     let dd = workload(&report, "bulk-reader");
+    // Budgets evaluated on the same window: the P95 ceiling holds, the stall share does not.
+    let budgets = report["budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 2);
+    assert_eq!(
+        (budgets[0]["name"].as_str(), budgets[0]["good"].as_bool()),
+        (Some("generous p95"), Some(true))
+    );
+    assert_eq!(
+        (budgets[1]["name"].as_str(), budgets[1]["good"].as_bool()),
+        (Some("stalls"), Some(false))
+    );
+    assert!(budgets[1]["observed"].as_f64().unwrap() > 0.3);
     assert_eq!(dd["bottleneck"], "storage", "{dd:#}");
     let (major, minor) = file.device();
     let device = report["storage"]["devices"]

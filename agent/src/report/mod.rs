@@ -33,6 +33,8 @@ pub struct DiagnoseReport {
     /// The node's bottleneck: the workload losing the largest share of its time.
     pub verdict: Verdict,
     pub workloads: Vec<WorkloadReport>,
+    /// Every configured budget, evaluated on this window.
+    pub budgets: Vec<crate::budgets::BudgetResult>,
 }
 
 /// One workload's verdict and where its time went (fractions summing to 1).

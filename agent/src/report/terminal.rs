@@ -67,6 +67,28 @@ pub fn render(report: &DiagnoseReport) -> String {
             );
         }
     }
+    if !report.budgets.is_empty() {
+        let _ = writeln!(out, "Budgets (this window):");
+        for budget in &report.budgets {
+            let comparison = match budget.bound {
+                crate::budgets::Bound::Ceiling => "<=",
+                crate::budgets::Bound::Floor => ">=",
+            };
+            let verdict = match budget.good {
+                Some(true) => "ok",
+                Some(false) => "BREACHED",
+                None => "no data",
+            };
+            let observed = budget
+                .observed
+                .map_or_else(|| "-".to_string(), |v| format!("{v}"));
+            let _ = writeln!(
+                out,
+                "  {:<32} {:<20} {} {observed} (budget {comparison} {}) {verdict}",
+                budget.name, budget.metric, budget.workload, budget.threshold
+            );
+        }
+    }
     out.push('\n');
     let _ = writeln!(
         out,
