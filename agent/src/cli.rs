@@ -23,6 +23,9 @@ pub enum Command {
     /// Measure storage and network latency for a while and report what you see (needs root
     /// or CAP_BPF + CAP_PERFMON).
     Diagnose(DiagnoseArgs),
+    /// The archive of configurations that loaded successfully: list, or roll back.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Validate a configuration file: errors with line and column and a hint; exit 1 if bad.
     Check {
         /// The configuration to check.
@@ -32,6 +35,29 @@ pub enum Command {
             default_value = "/etc/envelope/envelope.toml"
         )]
         config: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// List archived configurations, oldest first.
+    History {
+        #[arg(long, value_name = "DIR", default_value = crate::config_archive::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
+    },
+    /// Restore an archived configuration byte for byte (default: the last known good one).
+    Rollback {
+        /// Archive id (or a prefix of it) from `envelope config history`.
+        id: Option<String>,
+        /// The configuration file to restore.
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/etc/envelope/envelope.toml"
+        )]
+        config: std::path::PathBuf,
+        #[arg(long, value_name = "DIR", default_value = crate::config_archive::DEFAULT_STATE_DIR)]
+        state_dir: std::path::PathBuf,
     },
 }
 
@@ -53,6 +79,9 @@ pub struct DiagnoseArgs {
     /// Configuration file naming workloads (TOML; see README.md "Configuration").
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
+    /// Where configurations that load successfully are archived.
+    #[arg(long, value_name = "DIR", default_value = crate::config_archive::DEFAULT_STATE_DIR)]
+    pub state_dir: std::path::PathBuf,
     /// Judge only the workload of this name (see the workloads list of a plain run).
     #[arg(long, value_name = "NAME")]
     pub workload: Option<String>,

@@ -9,6 +9,7 @@ pub mod attribution;
 pub mod budgets;
 pub mod cli;
 pub mod config;
+pub mod config_archive;
 pub mod diagnose;
 pub mod preflight;
 pub mod report;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use envelope::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, ConfigCommand},
     diagnose::{self, DiagnoseOptions},
     report,
 };
@@ -45,6 +45,31 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Config(ConfigCommand::History { state_dir }) => {
+                let archived = envelope::config_archive::history(&state_dir)?;
+                if archived.is_empty() {
+                    println!("no archived configuration under {}", state_dir.display());
+                }
+                for entry in archived {
+                    println!(
+                        "{}  {:>7} bytes  {}",
+                        entry.id,
+                        entry.bytes,
+                        entry.path.display()
+                    );
+                }
+                anyhow::Ok(ExitCode::SUCCESS)
+            }
+            Command::Config(ConfigCommand::Rollback {
+                id,
+                config,
+                state_dir,
+            }) => {
+                let restored =
+                    envelope::config_archive::rollback(&state_dir, id.as_deref(), &config)?;
+                println!("restored {} from archive {restored}", config.display());
+                anyhow::Ok(ExitCode::SUCCESS)
+            }
             Command::Check { config } => {
                 let loaded = envelope::config::load(&config)?;
                 println!(
@@ -56,7 +81,28 @@ fn main() -> ExitCode {
             }
             Command::Diagnose(args) => {
                 let config = match &args.config {
-                    Some(path) => envelope::config::load(path)?,
+                    Some(path) => {
+                        let loaded = envelope::config::load(path)?;
+                        // Loaded: keep it as a known good configuration to roll back to.
+                        let archived =
+                            std::fs::read(path)
+                                .map_err(anyhow::Error::from)
+                                .and_then(|bytes| {
+                                    envelope::config_archive::archive(
+                                        &args.state_dir,
+                                        &bytes,
+                                        std::time::SystemTime::now(),
+                                    )
+                                });
+                        if let Err(error) = archived {
+                            tracing::warn!(
+                                "could not archive {} under {}: {error:#}",
+                                path.display(),
+                                args.state_dir.display()
+                            );
+                        }
+                        loaded
+                    }
                     None => envelope::config::LoadedConfig::default(),
                 };
                 let options = DiagnoseOptions {

@@ -61,6 +61,91 @@ fn check_passes_the_shipped_example_and_fails_a_bad_file() {
 }
 
 #[test]
+fn config_history_and_rollback_restore_byte_for_byte() {
+    let dir = std::env::temp_dir().join(format!("envelope-cli-archive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let config = dir.join("envelope.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/envelope.toml"
+    ))
+    .unwrap();
+    let start = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+    envelope::config_archive::archive(&state, &good, start).unwrap();
+    let (code, stdout, _) =
+        envelope(&["config", "history", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.contains(&format!("{} bytes", good.len())),
+        "{stdout}"
+    );
+
+    // A bad edit, refused by check; one command puts the last good one back.
+    std::fs::write(&config, "[[workload]]\nname = \"a\"\nproces = [\"x\"]\n").unwrap();
+    let (code, _, _) = envelope(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let (code, stdout, stderr) = envelope(&[
+        "config",
+        "rollback",
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("restored "), "{stdout}");
+    assert_eq!(std::fs::read(&config).unwrap(), good);
+    let (code, _, _) = envelope(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let (code, _, stderr) = envelope(&[
+        "config",
+        "rollback",
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        dir.join("empty").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no archived configuration"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// As root, a configuration diagnose loaded is archived.
+#[test]
+fn diagnose_archives_the_configuration_it_loaded() {
+    if !nix_is_root() {
+        eprintln!(
+            "skipping diagnose_archives_the_configuration_it_loaded: needs root to load probes"
+        );
+        return;
+    }
+    let dir =
+        std::env::temp_dir().join(format!("envelope-cli-diag-archive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/envelope.toml");
+    let (code, _, stderr) = envelope(&[
+        "diagnose",
+        "--duration",
+        "1s",
+        "--config",
+        example,
+        "--state-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(code == 0 || code == 3, "{stderr}");
+    let archived = envelope::config_archive::history(&dir).unwrap();
+    assert_eq!(archived.len(), 1);
+    assert_eq!(
+        std::fs::read(&archived[0].path).unwrap(),
+        std::fs::read(example).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn version_and_help_work_without_privileges() {
     let (code, stdout, _) = envelope(&["--version"]);
     assert_eq!(code, 0);
