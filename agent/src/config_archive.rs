@@ -61,10 +61,11 @@ pub fn history(state_dir: &Path) -> anyhow::Result<Vec<ArchivedConfig>> {
 pub fn archive(state_dir: &Path, content: &[u8], now: SystemTime) -> anyhow::Result<String> {
     let hash = short_hash(content);
     let existing = history(state_dir)?;
-    if let Some(newest) = existing.last() {
-        if newest.id.ends_with(&hash) && fs::read(&newest.path).is_ok_and(|old| old == content) {
-            return Ok(newest.id.clone());
-        }
+    if let Some(newest) = existing.last()
+        && newest.id.ends_with(&hash)
+        && fs::read(&newest.path).is_ok_and(|old| old == content)
+    {
+        return Ok(newest.id.clone());
     }
     let stamp = humantime::format_rfc3339_seconds(now)
         .to_string()
