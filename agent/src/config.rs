@@ -46,6 +46,9 @@ pub struct AlertingConfig {
     pub enter_after: u32,
     #[serde(default = "default_leave_after")]
     pub leave_after: u32,
+    /// Least time between two actions of one budget.
+    #[serde(default = "default_action_min_interval")]
+    pub action_min_interval: String,
 }
 
 impl Default for AlertingConfig {
@@ -54,8 +57,13 @@ impl Default for AlertingConfig {
             windows: default_windows(),
             enter_after: default_enter_after(),
             leave_after: default_leave_after(),
+            action_min_interval: default_action_min_interval(),
         }
     }
+}
+
+fn default_action_min_interval() -> String {
+    "5m".to_string()
 }
 
 fn default_enter_after() -> u32 {
@@ -103,6 +111,23 @@ pub struct BudgetConfig {
     pub device: Option<String>,
     /// Network metrics: this peer only, "addr:port" (default: the workload's slowest peer).
     pub peer: Option<String>,
+    /// What to do when the budget's breach fires or resolves.
+    #[serde(default)]
+    pub actions: Vec<ActionConfig>,
+}
+
+/// One action: `command` (argv, no shell) or `webhook` (a URL to POST the breach to).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    pub command: Option<Vec<String>>,
+    pub webhook: Option<String>,
+    #[serde(default = "default_action_timeout")]
+    pub timeout: String,
+}
+
+fn default_action_timeout() -> String {
+    "10s".to_string()
 }
 
 fn default_objective() -> f64 {
@@ -310,6 +335,9 @@ pub struct LoadedConfig {
     pub budgets: Vec<BudgetConfig>,
     pub pricing: PricingConfig,
     pub policy: crate::budgets::BudgetPolicy,
+    /// Validated actions per budget, in budget order.
+    pub actions: Vec<Vec<crate::actions::Action>>,
+    pub action_min_interval: std::time::Duration,
 }
 
 /// Parses and validates a whole configuration; `path` only names it in errors.
@@ -349,6 +377,7 @@ pub fn parse_config(path: &str, text: &str) -> Result<LoadedConfig, ConfigError>
         });
     }
     let mut seen: Vec<&str> = Vec::new();
+    let mut actions = Vec::new();
     for budget in &config.budgets {
         let problem = |problem: String| ConfigError::Budget {
             path: path.to_string(),
@@ -398,7 +427,42 @@ pub fn parse_config(path: &str, text: &str) -> Result<LoadedConfig, ConfigError>
                 "cost_per_hour needs [pricing] gpu_hour and/or cpu_core_hour".into(),
             ));
         }
+        let mut budget_actions = Vec::new();
+        for action in &budget.actions {
+            let timeout = humantime::parse_duration(&action.timeout).map_err(|error| {
+                problem(format!(
+                    "action timeout {:?} is not a duration ({error}); use e.g. 10s",
+                    action.timeout
+                ))
+            })?;
+            budget_actions.push(match (&action.command, &action.webhook) {
+                (Some(argv), None) if !argv.is_empty() => crate::actions::Action::Command { argv: argv.clone(), timeout },
+                (None, Some(url)) if url.starts_with("http://") || url.starts_with("https://") => {
+                    crate::actions::Action::Webhook { url: url.clone(), timeout }
+                }
+                (None, Some(url)) => {
+                    return Err(problem(format!("webhook {url:?} must start with http:// or https://")));
+                }
+                _ => {
+                    return Err(problem(
+                        "an action needs exactly one of command = [\"/path/to/program\", \"arg\"] or webhook = \"http://...\""
+                            .into(),
+                    ));
+                }
+            });
+        }
+        actions.push(budget_actions);
     }
+    let action_min_interval = humantime::parse_duration(&config.alerting.action_min_interval)
+        .map_err(|error| ConfigError::Budget {
+            path: path.to_string(),
+            line: 1,
+            budget: "[alerting]".to_string(),
+            problem: format!(
+                "action_min_interval {:?} is not a duration ({error}); use e.g. 5m",
+                config.alerting.action_min_interval
+            ),
+        })?;
     let workloads = compile_workloads(path, config.workloads)?;
     Ok(LoadedConfig {
         workloads,
@@ -410,6 +474,8 @@ pub fn parse_config(path: &str, text: &str) -> Result<LoadedConfig, ConfigError>
             enter_after: config.alerting.enter_after,
             leave_after: config.alerting.leave_after,
         },
+        actions,
+        action_min_interval,
     })
 }
 
@@ -587,6 +653,11 @@ container_id = ["3f4e5d6c"]
             config.workloads.workload_of(&facts("torchrun", None, None)),
             Some("trainer")
         );
+        assert_eq!(config.actions.iter().map(Vec::len).sum::<usize>(), 2);
+        assert_eq!(
+            config.action_min_interval,
+            std::time::Duration::from_secs(300)
+        );
     }
 
     #[test]
@@ -629,6 +700,19 @@ container_id = ["3f4e5d6c"]
             "[[budget]]\nname = \"x\"\nworkload = \"*\"\nmetric = \"cost_per_hour\"\nmax = 1.0\n",
         );
         assert!(error.contains("needs [pricing]"), "{error}");
+        let error = check(concat!(
+            "[[budget]]\nname = \"x\"\nworkload = \"*\"\nmetric = \"retransmits\"\nmax = 1.0\n",
+            "actions = [{ webhook = \"ftp://x\" }]\n"
+        ));
+        assert!(
+            error.contains("must start with http:// or https://"),
+            "{error}"
+        );
+        let error = check(concat!(
+            "[[budget]]\nname = \"x\"\nworkload = \"*\"\nmetric = \"retransmits\"\nmax = 1.0\n",
+            "actions = [{ command = [] }]\n"
+        ));
+        assert!(error.contains("an action needs exactly one of"), "{error}");
         let error =
             check("[alerting]\nwindows = [{ long = \"soon\", short = \"5m\", factor = 1.0 }]\n");
         assert!(

@@ -4,6 +4,7 @@
 //! `sources` (eBPF maps, /proc, /sys) -> `aggregation` (windows, histograms) -> `report`
 //! (terminal, JSON). `preflight` runs before anything is loaded; `diagnose` wires the stages
 //! together for the one-off command.
+pub mod actions;
 pub mod aggregation;
 pub mod attribution;
 pub mod budgets;
