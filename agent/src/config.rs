@@ -26,6 +26,69 @@ pub struct Config {
     pub pricing: PricingConfig,
     #[serde(default)]
     pub alerting: AlertingConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub export: ExportConfig,
+}
+
+/// How the daemon (`envelope run`) measures.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// One evaluation window: attribution and budgets run once per window.
+    pub window: String,
+    /// How often the GPUs are read within a window.
+    pub gpu_interval: String,
+    /// NVML library to load instead of the driver's libnvidia-ml.so.1.
+    pub nvml_lib: Option<String>,
+    /// Budget state and the configuration archive live here.
+    pub state_dir: String,
+    /// Cardinality limits: series beyond them are exported under "other".
+    pub max_workloads: usize,
+    pub max_peers: usize,
+    pub max_devices: usize,
+    pub max_gpu_processes: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            window: "10s".into(),
+            gpu_interval: "2s".into(),
+            nvml_lib: None,
+            state_dir: crate::config_archive::DEFAULT_STATE_DIR.into(),
+            max_workloads: 50,
+            max_peers: 50,
+            max_devices: 32,
+            max_gpu_processes: 50,
+        }
+    }
+}
+
+/// Where and how metrics and breach events go (OTLP). Unset fields fall back to the standard
+/// OTEL_EXPORTER_OTLP_* environment variables, then to the defaults.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// false: measure, evaluate and log, but send nothing.
+    pub enabled: Option<bool>,
+    /// "grpc" (default) or "http/protobuf".
+    pub protocol: Option<String>,
+    /// Base endpoint, e.g. "http://collector:4317" (gRPC) or "http://collector:4318" (HTTP;
+    /// /v1/metrics and /v1/logs are appended).
+    pub endpoint: Option<String>,
+    /// Full URLs per signal, used as they are (e.g. VictoriaMetrics'
+    /// "http://vm:8428/opentelemetry/v1/metrics").
+    pub metrics_endpoint: Option<String>,
+    pub logs_endpoint: Option<String>,
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// How often metrics are sent (rounded up to whole windows; default: every window).
+    pub interval: Option<String>,
+    /// Per export request.
+    pub timeout: Option<String>,
+    /// PEM file of the CA that signed the collector's certificate (https endpoints).
+    pub ca_file: Option<String>,
 }
 
 /// Prices that turn GPU and CPU use into a cost rate (any currency, per hour).
@@ -221,6 +284,12 @@ pub enum ConfigError {
     NoRule { path: String, workload: String },
     #[error("{path}: two workloads are named {name:?}; names must be unique")]
     Duplicate { path: String, name: String },
+    #[error("{path}: [{section}]: {problem}")]
+    Section {
+        path: String,
+        section: &'static str,
+        problem: String,
+    },
     #[error("{path}:{line}: budget {budget:?}: {problem}")]
     Budget {
         path: String,
@@ -338,6 +407,111 @@ pub struct LoadedConfig {
     /// Validated actions per budget, in budget order.
     pub actions: Vec<Vec<crate::actions::Action>>,
     pub action_min_interval: std::time::Duration,
+    pub agent: AgentSettings,
+    pub export: ExportConfig,
+}
+
+/// `[agent]`, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSettings {
+    pub window: std::time::Duration,
+    pub gpu_interval: std::time::Duration,
+    pub nvml_lib: Option<std::path::PathBuf>,
+    pub state_dir: std::path::PathBuf,
+    pub max_workloads: usize,
+    pub max_peers: usize,
+    pub max_devices: usize,
+    pub max_gpu_processes: usize,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        validate_agent("", &AgentConfig::default()).expect("the defaults are valid")
+    }
+}
+
+fn validate_agent(path: &str, agent: &AgentConfig) -> Result<AgentSettings, ConfigError> {
+    let problem = |problem: String| ConfigError::Section {
+        path: path.to_string(),
+        section: "agent",
+        problem,
+    };
+    let duration = |field: &str, value: &str| {
+        humantime::parse_duration(value).map_err(|error| {
+            problem(format!(
+                "{field} {value:?} is not a duration ({error}); use e.g. 10s"
+            ))
+        })
+    };
+    let window = duration("window", &agent.window)?;
+    if window < std::time::Duration::from_millis(500) {
+        return Err(problem(format!(
+            "window {:?} is too short; use 500ms or more (10s is the default)",
+            agent.window
+        )));
+    }
+    let gpu_interval = duration("gpu_interval", &agent.gpu_interval)?;
+    if gpu_interval.is_zero() {
+        return Err(problem("gpu_interval must be above zero, e.g. 2s".into()));
+    }
+    for (field, value) in [
+        ("max_workloads", agent.max_workloads),
+        ("max_peers", agent.max_peers),
+        ("max_devices", agent.max_devices),
+        ("max_gpu_processes", agent.max_gpu_processes),
+    ] {
+        if value == 0 {
+            return Err(problem(format!("{field} must be at least 1")));
+        }
+    }
+    Ok(AgentSettings {
+        window,
+        gpu_interval,
+        nvml_lib: agent.nvml_lib.as_ref().map(Into::into),
+        state_dir: agent.state_dir.clone().into(),
+        max_workloads: agent.max_workloads,
+        max_peers: agent.max_peers,
+        max_devices: agent.max_devices,
+        max_gpu_processes: agent.max_gpu_processes,
+    })
+}
+
+fn validate_export(path: &str, export: &ExportConfig) -> Result<(), ConfigError> {
+    let problem = |problem: String| ConfigError::Section {
+        path: path.to_string(),
+        section: "export",
+        problem,
+    };
+    if let Some(protocol) = &export.protocol
+        && !["grpc", "http/protobuf"].contains(&protocol.as_str())
+    {
+        return Err(problem(format!(
+            "protocol {protocol:?} is not supported; use \"grpc\" or \"http/protobuf\""
+        )));
+    }
+    for (field, value) in [
+        ("endpoint", &export.endpoint),
+        ("metrics_endpoint", &export.metrics_endpoint),
+        ("logs_endpoint", &export.logs_endpoint),
+    ] {
+        if let Some(url) = value
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(problem(format!(
+                "{field} {url:?} needs a scheme: http://host:port or https://host:port"
+            )));
+        }
+    }
+    for (field, value) in [("interval", &export.interval), ("timeout", &export.timeout)] {
+        if let Some(value) = value {
+            humantime::parse_duration(value).map_err(|error| {
+                problem(format!(
+                    "{field} {value:?} is not a duration ({error}); use e.g. 10s"
+                ))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Parses and validates a whole configuration; `path` only names it in errors.
@@ -464,7 +638,11 @@ pub fn parse_config(path: &str, text: &str) -> Result<LoadedConfig, ConfigError>
             ),
         })?;
     let workloads = compile_workloads(path, config.workloads)?;
+    let agent = validate_agent(path, &config.agent)?;
+    validate_export(path, &config.export)?;
     Ok(LoadedConfig {
+        agent,
+        export: config.export,
         workloads,
         budgets: config.budgets,
         pricing: config.pricing,

@@ -88,6 +88,24 @@ impl Histogram {
         self.count
     }
 
+    /// Counts re-bucketed onto explicit upper bounds (OTLP style: bucket i holds values in
+    /// (bounds[i-1], bounds[i]], plus one overflow bucket). Each kernel bucket goes whole to
+    /// the bucket holding its midpoint, so a bound that is not a kernel bucket edge is off by
+    /// at most one kernel bucket (6.25%). O(kernel buckets), whatever the number of events.
+    pub fn rebucket_ns(&self, upper_bounds_ns: &[f64]) -> Vec<u64> {
+        let mut counts = vec![0u64; upper_bounds_ns.len() + 1];
+        for (index, &in_bucket) in self.buckets.iter().enumerate() {
+            if in_bucket == 0 {
+                continue;
+            }
+            let midpoint =
+                (bucket_lower_bound_ns(index) as f64 + bucket_upper_bound_ns(index) as f64) / 2.0;
+            let target = upper_bounds_ns.partition_point(|&bound| bound < midpoint);
+            counts[target] += in_bucket;
+        }
+        counts
+    }
+
     pub fn sum_ns(&self) -> u64 {
         self.sum_ns
     }
@@ -130,6 +148,19 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rebucketing_keeps_every_sample_and_respects_the_bounds() {
+        // 100 samples at 1 ms, 50 at 20 ms, 10 at 3 s.
+        let histogram = Histogram::from_samples_ns(
+            std::iter::repeat_n(1_000_000, 100)
+                .chain(std::iter::repeat_n(20_000_000, 50))
+                .chain(std::iter::repeat_n(3_000_000_000, 10)),
+        );
+        let counts = histogram.rebucket_ns(&[5e6, 10e6, 100e6, 1e9]);
+        assert_eq!(counts, vec![100, 0, 50, 0, 10]);
+        assert_eq!(counts.iter().sum::<u64>(), histogram.count());
+    }
 
     /// Exact quantile of a sorted sample set (nearest rank).
     fn exact_quantile(sorted: &[u64], quantile: f64) -> f64 {

@@ -1,0 +1,882 @@
+//! What the daemon exports: every metric's name, unit and attributes, built from the kernel's
+//! cumulative maps, the last GPU reading, the attribution and the budgets.
+//!
+//! Pure: data in, [`Series`] out; `otlp` turns them into protocol messages. Counters and
+//! histograms are cumulative since the agent started (the kernel maps already are), so a
+//! collector outage loses nothing: the next export carries the totals.
+//!
+//! Memory stays bounded: each label family (workload, device, peer, GPU process) admits its
+//! first `max_*` values for the life of the agent; the rest are exported under "other" (the
+//! same first-come rule as the OpenTelemetry SDK's cardinality limit, so a series never
+//! jumps between a name and "other" and counters stay monotonic).
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use agent_common::storage::{IoOperation, LatencyStage};
+
+use crate::{
+    aggregation::{
+        Histogram, KernelSnapshot,
+        gpu::GpuSummary,
+        window::{peer_address, split_dev},
+    },
+    attribution::{Bottleneck, Verdict, WorkloadWindow},
+    budgets::BreachStatus,
+    sources::system::SystemNames,
+};
+
+/// The label value that collects everything past a cardinality limit.
+pub const OTHER: &str = "other";
+
+/// Default latency bucket bounds in seconds (budget thresholds are added to them).
+pub const DEFAULT_LATENCY_BOUNDS_S: [f64; 18] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Gauge(f64),
+    /// Cumulative and monotonic since `start`.
+    Counter(f64),
+    Histogram(ExportHistogram),
+}
+
+/// An explicit-bounds histogram, cumulative.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportHistogram {
+    pub bounds: Vec<f64>,
+    /// One more than `bounds`: the last one counts values above the last bound.
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+/// One time series: a metric and one set of attribute values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub metric: &'static Metric,
+    pub attributes: Vec<(&'static str, String)>,
+    pub value: Value,
+}
+
+/// A metric's identity, as exported.
+#[derive(Debug, PartialEq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub description: &'static str,
+}
+
+macro_rules! metrics {
+    ($($id:ident = $name:literal, $unit:literal, $description:literal;)*) => {
+        $(pub static $id: Metric = Metric { name: $name, unit: $unit, description: $description };)*
+        /// Every metric the agent exports (README.md lists them; a test checks it).
+        pub static ALL_METRICS: &[&Metric] = &[$(&$id),*];
+    };
+}
+
+metrics! {
+    STORAGE_LATENCY = "envelope.storage.latency", "s",
+        "Block I/O latency per device and direction; stage total = queued to complete (what the application sees), device = issued to complete";
+    DISK_OPERATIONS = "system.disk.operations", "{operation}", "Completed block I/O requests";
+    DISK_IO = "system.disk.io", "By", "Bytes moved by completed block I/O requests";
+    STORAGE_ERRORS = "envelope.storage.errors", "{error}", "Block I/O requests completed with an error";
+    NETWORK_RTT = "envelope.network.rtt", "s", "TCP smoothed round-trip time samples per remote endpoint";
+    NETWORK_CONNECT_DURATION = "envelope.network.connect.duration", "s", "TCP connect latency (SYN sent to established) per remote endpoint";
+    NETWORK_RETRANSMITS = "envelope.network.retransmits", "{segment}", "TCP segments retransmitted to a remote endpoint";
+    NETWORK_CONNECT_FAILURES = "envelope.network.connect.failures", "{connection}", "TCP connects that never got established";
+    WORKLOAD_TIME_LOST = "envelope.workload.time_lost", "s", "Time a workload's threads spent blocked on each bottleneck class (model = waiting on the GPU, cpu = runnable but not running)";
+    WORKLOAD_BOTTLENECK = "envelope.workload.bottleneck", "1", "1 for the bottleneck class of the workload's latest window, 0 for the others";
+    WORKLOAD_BOTTLENECK_SHARE = "envelope.workload.bottleneck.share", "1", "Share of the workload's active time lost to its bottleneck in the latest window";
+    GPU_UTILIZATION = "hw.gpu.utilization", "1", "GPU (SM) utilization, 0..1";
+    GPU_MEMORY_UTILIZATION = "hw.gpu.memory.utilization", "1", "GPU memory controller utilization, 0..1";
+    GPU_MEMORY_USAGE = "hw.gpu.memory.usage", "By", "GPU memory in use";
+    GPU_MEMORY_LIMIT = "hw.gpu.memory.limit", "By", "GPU memory in total";
+    GPU_POWER = "hw.power", "W", "GPU power draw";
+    GPU_ENERGY = "hw.energy", "J", "GPU energy consumed since the driver loaded";
+    GPU_TEMPERATURE = "hw.temperature", "Cel", "GPU temperature";
+    GPU_ERRORS = "hw.errors", "{error}", "GPU errors by error.type: ecc_corrected, ecc_uncorrected (driver totals), xid (seen by this agent)";
+    GPU_CLOCK = "envelope.gpu.clock", "MHz", "GPU clocks (envelope.gpu.clock.domain = sm or memory)";
+    GPU_THROTTLED = "envelope.gpu.throttled", "1", "1 while a clock-throttle reason is active (envelope.gpu.throttle.reason)";
+    GPU_PCIE_THROUGHPUT = "envelope.gpu.pcie.throughput", "By/s", "PCIe throughput per direction (transmit, receive)";
+    GPU_PROCESS_MEMORY = "envelope.gpu.process.memory.usage", "By", "GPU memory held by a process";
+    GPU_PROCESS_UTILIZATION = "envelope.gpu.process.utilization", "1", "SM utilization of a process, 0..1";
+    BUDGET_STATE = "envelope.budget.state", "1", "1 while the budget's breach is firing, 0 when it is within its envelope";
+    BUDGET_OBSERVED = "envelope.budget.observed", "1", "The budget's metric in the latest window, in the metric's own unit (see envelope.budget.metric)";
+    BUDGET_THRESHOLD = "envelope.budget.threshold", "1", "The budget's bound, in the metric's own unit";
+    BUDGET_BURN_RATE = "envelope.budget.burn_rate", "1", "Error-budget burn rate over a window (envelope.burn_window), 1 = spending exactly the budget";
+    BUDGET_BREACHES = "envelope.budget.breaches", "{breach}", "Breaches that fired";
+}
+
+/// Admits the first `limit` values of a label for good; later ones become "other".
+#[derive(Debug)]
+pub struct CardinalityLimit {
+    admitted: HashSet<String>,
+    limit: usize,
+}
+
+impl CardinalityLimit {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            admitted: HashSet::new(),
+            limit,
+        }
+    }
+
+    pub fn admit(&mut self, value: &str) -> String {
+        if self.admitted.contains(value) {
+            return value.to_string();
+        }
+        if self.admitted.len() < self.limit {
+            self.admitted.insert(value.to_string());
+            return value.to_string();
+        }
+        OTHER.to_string()
+    }
+}
+
+/// The limits from `[agent]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub workloads: usize,
+    pub peers: usize,
+    pub devices: usize,
+    pub gpu_processes: usize,
+}
+
+/// A budget as exported.
+#[derive(Clone, Debug)]
+pub struct BudgetView {
+    pub name: String,
+    pub workload: String,
+    pub metric: String,
+    pub threshold: f64,
+    pub observed: Option<f64>,
+    pub status: BreachStatus,
+    /// (window label e.g. "1h", burn rate).
+    pub burn_rates: Vec<(String, f64)>,
+    pub breaches: u64,
+}
+
+/// What lives between exports: userspace totals and the admitted label values.
+#[derive(Debug)]
+pub struct MetricsState {
+    latency_bounds_s: Vec<f64>,
+    workloads: CardinalityLimit,
+    peers: CardinalityLimit,
+    devices: CardinalityLimit,
+    gpu_processes: CardinalityLimit,
+    /// Seconds lost per (workload, bottleneck class), since start.
+    time_lost_s: BTreeMap<(String, &'static str), f64>,
+    /// XID errors seen per GPU uuid, since start.
+    xid_errors: BTreeMap<String, u64>,
+    /// Latest verdict per workload.
+    verdicts: BTreeMap<String, Verdict>,
+}
+
+const TIME_LOST_CLASSES: [&str; 4] = ["model", "storage", "network", "cpu"];
+
+impl MetricsState {
+    /// `extra_bounds_s`: budget thresholds on latency metrics, so a dashboard can count the
+    /// samples above a budget exactly.
+    pub fn new(limits: Limits, extra_bounds_s: &[f64]) -> Self {
+        let mut bounds: Vec<f64> = DEFAULT_LATENCY_BOUNDS_S
+            .iter()
+            .chain(extra_bounds_s)
+            .copied()
+            .filter(|b| b.is_finite() && *b > 0.0)
+            .collect();
+        bounds.sort_by(f64::total_cmp);
+        bounds.dedup_by(|a, b| (*a - *b).abs() <= 1e-12);
+        Self {
+            latency_bounds_s: bounds,
+            workloads: CardinalityLimit::new(limits.workloads),
+            peers: CardinalityLimit::new(limits.peers),
+            devices: CardinalityLimit::new(limits.devices),
+            gpu_processes: CardinalityLimit::new(limits.gpu_processes),
+            time_lost_s: BTreeMap::new(),
+            xid_errors: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+        }
+    }
+
+    pub fn latency_bounds_s(&self) -> &[f64] {
+        &self.latency_bounds_s
+    }
+
+    /// Adds one window's attribution and GPU events to the totals.
+    pub fn add_window(&mut self, workloads: &[(WorkloadWindow, Verdict)], gpu: &GpuSummary) {
+        for (window, verdict) in workloads {
+            let name = self.workloads.admit(&window.name);
+            let time = &window.time;
+            for (class, ns) in [
+                ("model", time.gpu_ns),
+                ("storage", time.storage_ns),
+                ("network", time.network_ns),
+                ("cpu", time.waiting_for_cpu_ns),
+            ] {
+                *self.time_lost_s.entry((name.clone(), class)).or_default() += ns as f64 / 1e9;
+            }
+            // Under "other" several workloads share a series: keep the one losing most.
+            let keep = self
+                .verdicts
+                .get(&name)
+                .is_none_or(|kept| name != OTHER || verdict.share >= kept.share);
+            if keep {
+                self.verdicts.insert(name, verdict.clone());
+            }
+        }
+        for device in &gpu.devices {
+            *self.xid_errors.entry(device.uuid.clone()).or_default() +=
+                device.xid_errors.len() as u64;
+        }
+    }
+
+    fn histogram(&self, histogram: &Histogram) -> Value {
+        let bounds_ns: Vec<f64> = self.latency_bounds_s.iter().map(|b| b * 1e9).collect();
+        Value::Histogram(ExportHistogram {
+            bounds: self.latency_bounds_s.clone(),
+            counts: histogram.rebucket_ns(&bounds_ns),
+            count: histogram.rebucket_ns(&[]).iter().sum(),
+            sum: histogram.sum_ns() as f64 / 1e9,
+        })
+    }
+
+    /// Every series, from the cumulative kernel snapshot, the latest GPU reading and budgets.
+    pub fn series(
+        &mut self,
+        kernel: &KernelSnapshot,
+        names: &dyn SystemNames,
+        gpu: &GpuSummary,
+        budgets: &[BudgetView],
+    ) -> Vec<Series> {
+        let mut out = Vec::new();
+        self.storage_series(kernel, names, &mut out);
+        self.network_series(kernel, &mut out);
+        self.attribution_series(&mut out);
+        self.gpu_series(gpu, &mut out);
+        budget_series(budgets, &mut out);
+        out
+    }
+
+    fn storage_series(
+        &mut self,
+        kernel: &KernelSnapshot,
+        names: &dyn SystemNames,
+        out: &mut Vec<Series>,
+    ) {
+        let mut device_label = |dev: u32| {
+            let (major, minor) = split_dev(dev);
+            let name = names
+                .block_device_name(major, minor)
+                .unwrap_or_else(|| format!("{major}:{minor}"));
+            self.devices.admit(&name)
+        };
+        let mut latency: BTreeMap<(String, &'static str, &'static str), Histogram> =
+            BTreeMap::new();
+        for (key, histogram) in &kernel.storage_latency {
+            let stage = match LatencyStage::from_u8(key.stage) {
+                LatencyStage::QueuedToComplete => "total",
+                LatencyStage::IssuedToComplete => "device",
+            };
+            let operation = IoOperation::from_u8(key.operation).name();
+            latency
+                .entry((device_label(key.dev), operation, stage))
+                .or_default()
+                .add(histogram);
+        }
+        let mut counters: BTreeMap<(String, &'static str), [u64; 3]> = BTreeMap::new();
+        for (key, value) in &kernel.storage_counters {
+            let operation = IoOperation::from_u8(key.operation).name();
+            let total = counters
+                .entry((device_label(key.dev), operation))
+                .or_default();
+            total[0] += value.completed_requests;
+            total[1] += value.completed_bytes;
+            total[2] += value.errors;
+        }
+        for ((device, operation, stage), histogram) in latency {
+            out.push(Series {
+                metric: &STORAGE_LATENCY,
+                attributes: vec![
+                    ("system.device", device),
+                    ("disk.io.direction", operation.to_string()),
+                    ("envelope.storage.stage", stage.to_string()),
+                ],
+                value: self.histogram(&histogram),
+            });
+        }
+        for ((device, operation), [requests, bytes, errors]) in counters {
+            let attributes = vec![
+                ("system.device", device),
+                ("disk.io.direction", operation.to_string()),
+            ];
+            for (metric, value) in [
+                (&DISK_OPERATIONS, requests),
+                (&DISK_IO, bytes),
+                (&STORAGE_ERRORS, errors),
+            ] {
+                out.push(Series {
+                    metric,
+                    attributes: attributes.clone(),
+                    value: Value::Counter(value as f64),
+                });
+            }
+        }
+    }
+
+    fn network_series(&mut self, kernel: &KernelSnapshot, out: &mut Vec<Series>) {
+        // Peers merge across the processes that talk to them; the kernel keys them by both.
+        let mut peer_label = |family: u16, address: &[u8; 16], port: u16| {
+            let address =
+                peer_address(family, address).map_or_else(|| "?".into(), |a| a.to_string());
+            let label = format!("{address}|{port}");
+            let admitted = self.peers.admit(&label);
+            if admitted == OTHER {
+                (OTHER.to_string(), OTHER.to_string())
+            } else {
+                (address, port.to_string())
+            }
+        };
+        let mut rtt: BTreeMap<(String, String), Histogram> = BTreeMap::new();
+        let mut connect: BTreeMap<(String, String), Histogram> = BTreeMap::new();
+        let mut counters: BTreeMap<(String, String), [u64; 2]> = BTreeMap::new();
+        for (key, histogram) in &kernel.peer_rtt {
+            rtt.entry(peer_label(key.family, &key.address, key.port))
+                .or_default()
+                .add(histogram);
+        }
+        for (key, histogram) in &kernel.peer_connect_latency {
+            connect
+                .entry(peer_label(key.family, &key.address, key.port))
+                .or_default()
+                .add(histogram);
+        }
+        for (key, value) in &kernel.peer_counters {
+            let total = counters
+                .entry(peer_label(key.family, &key.address, key.port))
+                .or_default();
+            total[0] += value.retransmits;
+            total[1] += value.connects_failed;
+        }
+        let attributes = |(address, port): (String, String)| {
+            vec![
+                ("network.peer.address", address),
+                ("network.peer.port", port),
+            ]
+        };
+        for (peer, histogram) in rtt {
+            out.push(Series {
+                metric: &NETWORK_RTT,
+                attributes: attributes(peer),
+                value: self.histogram(&histogram),
+            });
+        }
+        for (peer, histogram) in connect {
+            out.push(Series {
+                metric: &NETWORK_CONNECT_DURATION,
+                attributes: attributes(peer),
+                value: self.histogram(&histogram),
+            });
+        }
+        for (peer, [retransmits, failed]) in counters {
+            out.push(Series {
+                metric: &NETWORK_RETRANSMITS,
+                attributes: attributes(peer.clone()),
+                value: Value::Counter(retransmits as f64),
+            });
+            out.push(Series {
+                metric: &NETWORK_CONNECT_FAILURES,
+                attributes: attributes(peer),
+                value: Value::Counter(failed as f64),
+            });
+        }
+    }
+
+    fn attribution_series(&self, out: &mut Vec<Series>) {
+        for ((workload, class), seconds) in &self.time_lost_s {
+            out.push(Series {
+                metric: &WORKLOAD_TIME_LOST,
+                attributes: vec![
+                    ("envelope.workload", workload.clone()),
+                    ("envelope.bottleneck", class.to_string()),
+                ],
+                value: Value::Counter(*seconds),
+            });
+        }
+        for (workload, verdict) in &self.verdicts {
+            for class in TIME_LOST_CLASSES.iter().chain(["none"].iter()) {
+                out.push(Series {
+                    metric: &WORKLOAD_BOTTLENECK,
+                    attributes: vec![
+                        ("envelope.workload", workload.clone()),
+                        ("envelope.bottleneck", class.to_string()),
+                    ],
+                    value: Value::Gauge(f64::from(u8::from(verdict.bottleneck.name() == *class))),
+                });
+            }
+            out.push(Series {
+                metric: &WORKLOAD_BOTTLENECK_SHARE,
+                attributes: vec![("envelope.workload", workload.clone())],
+                value: Value::Gauge(if verdict.bottleneck == Bottleneck::None {
+                    0.0
+                } else {
+                    verdict.share
+                }),
+            });
+        }
+    }
+
+    fn gpu_series(&mut self, gpu: &GpuSummary, out: &mut Vec<Series>) {
+        for device in &gpu.devices {
+            let id = || {
+                vec![
+                    ("hw.id", device.uuid.clone()),
+                    ("hw.name", device.name.clone()),
+                    ("hw.gpu.index", device.index.to_string()),
+                ]
+            };
+            let with = |key: &'static str, value: &str| {
+                let mut attributes = id();
+                attributes.push((key, value.to_string()));
+                attributes
+            };
+            let mut gauge = |metric: &'static Metric, attributes, value: Option<f64>| {
+                if let Some(value) = value {
+                    out.push(Series {
+                        metric,
+                        attributes,
+                        value: Value::Gauge(value),
+                    });
+                }
+            };
+            gauge(&GPU_UTILIZATION, id(), device.utilization);
+            gauge(&GPU_MEMORY_UTILIZATION, id(), device.memory_utilization);
+            gauge(
+                &GPU_MEMORY_USAGE,
+                id(),
+                device.memory_used_bytes.map(|b| b as f64),
+            );
+            gauge(
+                &GPU_MEMORY_LIMIT,
+                id(),
+                device.memory_total_bytes.map(|b| b as f64),
+            );
+            gauge(&GPU_POWER, id(), device.power_w);
+            gauge(&GPU_TEMPERATURE, id(), device.temperature_c.map(f64::from));
+            gauge(
+                &GPU_CLOCK,
+                with("envelope.gpu.clock.domain", "sm"),
+                device.sm_clock_mhz.map(f64::from),
+            );
+            gauge(
+                &GPU_CLOCK,
+                with("envelope.gpu.clock.domain", "memory"),
+                device.memory_clock_mhz.map(f64::from),
+            );
+            gauge(
+                &GPU_PCIE_THROUGHPUT,
+                with("network.io.direction", "transmit"),
+                device.pcie_tx_bytes_per_s,
+            );
+            gauge(
+                &GPU_PCIE_THROUGHPUT,
+                with("network.io.direction", "receive"),
+                device.pcie_rx_bytes_per_s,
+            );
+            for reason in &device.throttle_reasons {
+                gauge(
+                    &GPU_THROTTLED,
+                    with("envelope.gpu.throttle.reason", reason),
+                    Some(1.0),
+                );
+            }
+            let mut counter = |metric: &'static Metric, attributes, value: Option<f64>| {
+                if let Some(value) = value {
+                    out.push(Series {
+                        metric,
+                        attributes,
+                        value: Value::Counter(value),
+                    });
+                }
+            };
+            counter(&GPU_ENERGY, id(), device.energy_j);
+            counter(
+                &GPU_ERRORS,
+                with("error.type", "ecc_corrected"),
+                device.ecc_corrected_errors.map(|n| n as f64),
+            );
+            counter(
+                &GPU_ERRORS,
+                with("error.type", "ecc_uncorrected"),
+                device.ecc_uncorrected_errors.map(|n| n as f64),
+            );
+            counter(
+                &GPU_ERRORS,
+                with("error.type", "xid"),
+                self.xid_errors.get(&device.uuid).map(|n| *n as f64),
+            );
+        }
+        let mut processes: HashMap<(String, String, u32), (f64, f64)> = HashMap::new();
+        for process in &gpu.processes {
+            let label = self
+                .gpu_processes
+                .admit(&format!("{}|{}", process.pid, process.name));
+            let (pid, name) = if label == OTHER {
+                (OTHER.to_string(), OTHER.to_string())
+            } else {
+                (process.pid.to_string(), process.name.clone())
+            };
+            let total = processes.entry((pid, name, process.gpu_index)).or_default();
+            total.0 += process.memory_bytes.unwrap_or(0) as f64;
+            total.1 += process.sm_utilization.unwrap_or(0.0);
+        }
+        let mut processes: Vec<_> = processes.into_iter().collect();
+        processes.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((pid, name, gpu_index), (memory, utilization)) in processes {
+            let attributes = vec![
+                ("process.pid", pid),
+                ("process.executable.name", name),
+                ("hw.gpu.index", gpu_index.to_string()),
+            ];
+            out.push(Series {
+                metric: &GPU_PROCESS_MEMORY,
+                attributes: attributes.clone(),
+                value: Value::Gauge(memory),
+            });
+            out.push(Series {
+                metric: &GPU_PROCESS_UTILIZATION,
+                attributes,
+                value: Value::Gauge(utilization),
+            });
+        }
+    }
+}
+
+fn budget_series(budgets: &[BudgetView], out: &mut Vec<Series>) {
+    for budget in budgets {
+        let attributes = vec![
+            ("envelope.budget", budget.name.clone()),
+            ("envelope.workload", budget.workload.clone()),
+            ("envelope.budget.metric", budget.metric.clone()),
+        ];
+        out.push(Series {
+            metric: &BUDGET_STATE,
+            attributes: attributes.clone(),
+            value: Value::Gauge(f64::from(u8::from(budget.status == BreachStatus::Firing))),
+        });
+        out.push(Series {
+            metric: &BUDGET_THRESHOLD,
+            attributes: attributes.clone(),
+            value: Value::Gauge(budget.threshold),
+        });
+        if let Some(observed) = budget.observed {
+            out.push(Series {
+                metric: &BUDGET_OBSERVED,
+                attributes: attributes.clone(),
+                value: Value::Gauge(observed),
+            });
+        }
+        for (window, rate) in &budget.burn_rates {
+            let mut attributes = attributes.clone();
+            attributes.push(("envelope.burn_window", window.clone()));
+            out.push(Series {
+                metric: &BUDGET_BURN_RATE,
+                attributes,
+                value: Value::Gauge(*rate),
+            });
+        }
+        out.push(Series {
+            metric: &BUDGET_BREACHES,
+            attributes,
+            value: Value::Counter(budget.breaches as f64),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        attribution::TimeBreakdown,
+        sources::system::{ProcessIdentity, ProcessKind},
+    };
+    use agent_common::{
+        network::{PeerCounters, PeerKey},
+        storage::{StorageCounters, StorageDeviceKey, StorageLatencyKey},
+    };
+
+    struct Names;
+    impl SystemNames for Names {
+        fn block_device_name(&self, major: u32, minor: u32) -> Option<String> {
+            Some(format!("disk{major}-{minor}"))
+        }
+        fn process(&self, _tgid: u32, comm: &str) -> ProcessIdentity {
+            ProcessIdentity {
+                name: comm.to_string(),
+                kind: ProcessKind::Process,
+                cgroup: None,
+                executable: None,
+            }
+        }
+    }
+
+    fn limits(n: usize) -> Limits {
+        Limits {
+            workloads: n,
+            peers: n,
+            devices: n,
+            gpu_processes: n,
+        }
+    }
+
+    fn find<'a>(series: &'a [Series], name: &str, attribute: (&str, &str)) -> Vec<&'a Series> {
+        series
+            .iter()
+            .filter(|s| {
+                s.metric.name == name
+                    && s.attributes
+                        .iter()
+                        .any(|(k, v)| *k == attribute.0 && v == attribute.1)
+            })
+            .collect()
+    }
+
+    fn peer(last_octet: u8, port: u16, tgid: u32) -> PeerKey {
+        let mut address = [0u8; 16];
+        address[..4].copy_from_slice(&[10, 0, 0, last_octet]);
+        PeerKey {
+            address,
+            family: 2,
+            port,
+            tgid,
+        }
+    }
+
+    #[test]
+    fn storage_histograms_use_the_budget_thresholds_as_bounds() {
+        let mut kernel = KernelSnapshot::default();
+        let dev = (8 << 20) | 16;
+        kernel.storage_latency.insert(
+            StorageLatencyKey::new(dev, IoOperation::Read as u8, LatencyStage::QueuedToComplete),
+            Histogram::from_samples_ns(
+                std::iter::repeat_n(3_000_000, 90).chain(std::iter::repeat_n(9_000_000, 10)),
+            ),
+        );
+        kernel.storage_counters.insert(
+            StorageDeviceKey {
+                dev,
+                operation: IoOperation::Read as u8,
+                _padding: [0; 3],
+            },
+            StorageCounters {
+                completed_requests: 100,
+                completed_bytes: 409_600,
+                errors: 1,
+                untimed_completions: 0,
+            },
+        );
+        // A budget at 7 ms: a bound there separates the 3 ms and 9 ms samples exactly.
+        let mut state = MetricsState::new(limits(8), &[0.007]);
+        let series = state.series(&kernel, &Names, &GpuSummary::default(), &[]);
+        let latency = find(
+            &series,
+            "envelope.storage.latency",
+            ("system.device", "disk8-16"),
+        );
+        assert_eq!(latency.len(), 1);
+        let Value::Histogram(histogram) = &latency[0].value else {
+            panic!("not a histogram")
+        };
+        let at = |bound: f64| {
+            histogram
+                .bounds
+                .iter()
+                .position(|b| (*b - bound).abs() < 1e-12)
+                .expect("bound present")
+        };
+        let up_to_5ms: u64 = histogram.counts[..=at(0.005)].iter().sum();
+        assert_eq!(up_to_5ms, 90);
+        assert_eq!(histogram.counts[at(0.007)], 0);
+        assert_eq!(histogram.counts[at(0.01)], 10);
+        assert_eq!(histogram.count, 100);
+        assert!((histogram.sum - 0.36).abs() < 1e-9, "{}", histogram.sum);
+        let operations = find(
+            &series,
+            "system.disk.operations",
+            ("disk.io.direction", "read"),
+        );
+        assert_eq!(operations[0].value, Value::Counter(100.0));
+        let bytes = find(&series, "system.disk.io", ("system.device", "disk8-16"));
+        assert_eq!(bytes[0].value, Value::Counter(409_600.0));
+    }
+
+    #[test]
+    fn peers_past_the_limit_go_to_other_and_stay_there() {
+        let mut kernel = KernelSnapshot::default();
+        for (octet, tgid) in [(1, 100), (1, 101), (2, 100), (3, 100)] {
+            kernel.peer_counters.insert(
+                peer(octet, 443, tgid),
+                PeerCounters {
+                    retransmits: u64::from(octet),
+                    ..PeerCounters::default()
+                },
+            );
+        }
+        let mut state = MetricsState::new(limits(1), &[]);
+        let series = state.series(&kernel, &Names, &GpuSummary::default(), &[]);
+        let retransmits: Vec<_> = series
+            .iter()
+            .filter(|s| s.metric.name == "envelope.network.retransmits")
+            .collect();
+        // One admitted peer (whichever the map yielded first) plus "other": never more.
+        assert_eq!(retransmits.len(), 2, "{retransmits:?}");
+        let total: f64 = retransmits
+            .iter()
+            .map(|s| match s.value {
+                Value::Counter(v) => v,
+                _ => 0.0,
+            })
+            .sum();
+        assert_eq!(total, 1.0 + 1.0 + 2.0 + 3.0);
+        assert!(retransmits.iter().any(|s| {
+            s.attributes
+                .contains(&("network.peer.address", OTHER.into()))
+        }));
+        // A second export keeps the same admitted peer.
+        let again = state.series(&kernel, &Names, &GpuSummary::default(), &[]);
+        let first: Vec<_> = again
+            .iter()
+            .filter(|s| s.metric.name == "envelope.network.retransmits")
+            .cloned()
+            .collect();
+        assert_eq!(
+            first.iter().map(|s| &s.attributes).collect::<Vec<_>>(),
+            retransmits
+                .iter()
+                .map(|s| &s.attributes)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    fn workload(name: &str, storage_ms: u64, bottleneck: Bottleneck) -> (WorkloadWindow, Verdict) {
+        (
+            WorkloadWindow {
+                name: name.into(),
+                window_ns: 1_000_000_000,
+                time: TimeBreakdown {
+                    storage_ns: storage_ms * 1_000_000,
+                    ..TimeBreakdown::default()
+                },
+                ..WorkloadWindow::default()
+            },
+            Verdict {
+                bottleneck,
+                share: 0.5,
+                confidence: 1.0,
+                workload: Some(name.into()),
+                pid: None,
+                summary: String::new(),
+                evidence: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn time_lost_accumulates_across_windows_and_the_verdict_is_one_hot() {
+        let mut state = MetricsState::new(limits(1), &[]);
+        state.add_window(
+            &[
+                workload("loader", 400, Bottleneck::Storage),
+                workload("extra", 100, Bottleneck::None),
+            ],
+            &GpuSummary::default(),
+        );
+        state.add_window(
+            &[workload("loader", 300, Bottleneck::Storage)],
+            &GpuSummary::default(),
+        );
+        let series = state.series(
+            &KernelSnapshot::default(),
+            &Names,
+            &GpuSummary::default(),
+            &[],
+        );
+        let lost: Vec<_> = find(
+            &series,
+            "envelope.workload.time_lost",
+            ("envelope.bottleneck", "storage"),
+        );
+        let by_workload: BTreeMap<String, f64> = lost
+            .iter()
+            .map(|s| {
+                let Value::Counter(v) = s.value else { panic!() };
+                (s.attributes[0].1.clone(), (v * 1000.0).round() / 1000.0)
+            })
+            .collect();
+        assert_eq!(
+            by_workload,
+            BTreeMap::from([("loader".into(), 0.7), (OTHER.into(), 0.1)])
+        );
+        let hot: Vec<_> = find(
+            &series,
+            "envelope.workload.bottleneck",
+            ("envelope.workload", "loader"),
+        )
+        .into_iter()
+        .filter(|s| s.value == Value::Gauge(1.0))
+        .collect();
+        assert_eq!(hot.len(), 1);
+        assert!(
+            hot[0]
+                .attributes
+                .contains(&("envelope.bottleneck", "storage".into()))
+        );
+    }
+
+    #[test]
+    fn budgets_export_state_threshold_observed_burn_rate_and_breaches() {
+        let mut state = MetricsState::new(limits(4), &[]);
+        let view = BudgetView {
+            name: "storage p95".into(),
+            workload: "loader".into(),
+            metric: "storage_p95_ms".into(),
+            threshold: 10.0,
+            observed: Some(84.0),
+            status: BreachStatus::Firing,
+            burn_rates: vec![("1h".into(), 20.0), ("5m".into(), 30.0)],
+            breaches: 2,
+        };
+        let series = state.series(
+            &KernelSnapshot::default(),
+            &Names,
+            &GpuSummary::default(),
+            &[view],
+        );
+        let value = |name: &str| {
+            series
+                .iter()
+                .filter(|s| s.metric.name == name)
+                .map(|s| s.value.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(value("envelope.budget.state"), vec![Value::Gauge(1.0)]);
+        assert_eq!(value("envelope.budget.threshold"), vec![Value::Gauge(10.0)]);
+        assert_eq!(value("envelope.budget.observed"), vec![Value::Gauge(84.0)]);
+        assert_eq!(
+            value("envelope.budget.burn_rate"),
+            vec![Value::Gauge(20.0), Value::Gauge(30.0)]
+        );
+        assert_eq!(value("envelope.budget.breaches"), vec![Value::Counter(2.0)]);
+    }
+
+    #[test]
+    fn every_metric_name_is_unique_and_dotted() {
+        let mut names: Vec<&str> = ALL_METRICS.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        let count = names.len();
+        names.dedup();
+        assert_eq!(names.len(), count);
+        assert!(names.iter().all(|n| n.contains('.') && !n.contains(' ')));
+    }
+}
