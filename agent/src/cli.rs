@@ -23,6 +23,9 @@ pub enum Command {
     /// Measure storage and network latency for a while and report what you see (needs root
     /// or CAP_BPF + CAP_PERFMON).
     Diagnose(DiagnoseArgs),
+    /// Run continuously (the systemd service): attribution and budgets every window, OTLP
+    /// export, breach events and actions. SIGHUP reloads the configuration.
+    Run(RunArgs),
     /// The archive of configurations that loaded successfully: list, or roll back.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -59,6 +62,23 @@ pub enum ConfigCommand {
         #[arg(long, value_name = "DIR", default_value = crate::config_archive::DEFAULT_STATE_DIR)]
         state_dir: std::path::PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML; see README.md "Configuration"). Without it: node-level
+    /// measurement and export with the defaults and OTEL_EXPORTER_OTLP_* variables.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Where budget state and the configuration archive live (overrides [agent] state_dir).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Evaluation window (overrides [agent] window), e.g. "10s".
+    #[arg(long, value_parser = parse_duration)]
+    pub window: Option<Duration>,
+    /// NVML library to use (overrides [agent] nvml_lib).
+    #[arg(long, value_name = "PATH")]
+    pub nvml_lib: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -2,30 +2,20 @@
 use std::{
     collections::HashSet,
     io::IsTerminal as _,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
-    thread::JoinHandle,
+    path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use agent_common::sched::tracked;
-
 use crate::{
-    aggregation::{
-        gpu::{GpuSummary, summarize_gpu},
-        window::summarize_window,
-    },
-    attribution::{self, Rules, Verdict, WorkloadWindow, decide, roll_up},
-    preflight,
-    report::{DiagnoseReport, JSON_SCHEMA_VERSION, WorkloadReport},
-    sources::{
-        gpu::{GpuSample, NvmlSource, load_nvml},
-        probes::KernelProbes,
-        system::{LiveSystem, user_processes},
-    },
+    aggregation::window::summarize_window,
+    attribution,
+    pipeline::{GpuSampler, judge, load_probes, refresh_tracking},
+    report::{DiagnoseReport, JSON_SCHEMA_VERSION},
+    sources::system::LiveSystem,
 };
 
 #[derive(Debug)]
@@ -42,84 +32,6 @@ pub struct DiagnoseOptions {
     /// Narrow the verdict to the workload of this name, or to the one holding this process.
     pub workload: Option<String>,
     pub pid: Option<u32>,
-}
-
-/// Keeps the kernel's tracked set equal to the live user processes (the agent left out),
-/// with the GPU flag on those that have a GPU context.
-fn refresh_tracking(
-    probes: &mut KernelProbes,
-    tracked_now: &mut HashSet<u32>,
-    gpu_pids: &HashSet<u32>,
-) {
-    let me = std::process::id();
-    let alive: HashSet<u32> = user_processes()
-        .into_iter()
-        .filter(|&pid| pid != me)
-        .collect();
-    for &pid in &alive {
-        let flags = tracked::TRACKED
-            | if gpu_pids.contains(&pid) {
-                tracked::GPU_USER
-            } else {
-                0
-            };
-        if let Err(error) = probes.track_process(pid, flags) {
-            tracing::debug!("cannot track process {pid}: {error:#}");
-        }
-    }
-    let gone: Vec<u32> = tracked_now.difference(&alive).copied().collect();
-    let _ = probes.untrack_processes(&gone);
-    *tracked_now = alive;
-}
-
-/// Reads the GPUs on a thread of its own (NVML calls block) until told to stop; one reading
-/// at the start and one at the end, and one per interval between.
-struct GpuSampler {
-    stop: mpsc::Sender<()>,
-    thread: JoinHandle<GpuSummary>,
-}
-
-impl GpuSampler {
-    fn start(
-        library: Option<PathBuf>,
-        interval: Duration,
-        gpu_pids: Arc<Mutex<HashSet<u32>>>,
-    ) -> Self {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let nvml = match load_nvml(library.as_deref()) {
-                Ok(nvml) => nvml,
-                Err(reason) => return GpuSummary::unavailable(reason.to_string()),
-            };
-            let mut source = match NvmlSource::new(&nvml) {
-                Ok(source) => source,
-                Err(reason) => return GpuSummary::unavailable(reason.to_string()),
-            };
-            let mut samples: Vec<GpuSample> = Vec::new();
-            loop {
-                let sample = source.sample(Instant::now());
-                if let Ok(mut pids) = gpu_pids.lock() {
-                    pids.extend(sample.processes.iter().map(|p| p.pid));
-                }
-                samples.push(sample);
-                match stopped.recv_timeout(interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    // Stopped (or the caller is gone): one last reading, then summarise.
-                    _ => break,
-                }
-            }
-            samples.push(source.sample(Instant::now()));
-            summarize_gpu(&samples, source.driver_version(), &LiveSystem)
-        });
-        Self { stop, thread }
-    }
-
-    fn finish(self) -> GpuSummary {
-        let _ = self.stop.send(());
-        self.thread
-            .join()
-            .unwrap_or_else(|_| GpuSummary::unavailable("the GPU reader crashed".to_string()))
-    }
 }
 
 /// Waits for `duration`, or less if the user interrupts (Ctrl-C, SIGTERM): what was measured
@@ -161,43 +73,8 @@ async fn wait_for_window(
     Ok(interrupted)
 }
 
-/// Verdicts per workload (those losing most first, `top` of them) and the node's roll-up.
-fn judge(workloads: Vec<WorkloadWindow>, top: usize) -> (Verdict, Vec<WorkloadReport>) {
-    let rules = Rules::default();
-    let mut judged: Vec<WorkloadReport> = workloads
-        .iter()
-        .map(|workload| WorkloadReport {
-            name: workload.name.clone(),
-            pids: workload.pids.clone(),
-            verdict: decide(workload, &rules),
-            time: workload.time.shares(),
-        })
-        .collect();
-    let node = roll_up(&judged.iter().map(|w| w.verdict.clone()).collect::<Vec<_>>());
-    judged.sort_by(|a, b| {
-        b.verdict
-            .share
-            .total_cmp(&a.verdict.share)
-            .then(b.time.on_cpu.total_cmp(&a.time.on_cpu))
-    });
-    judged.truncate(top);
-    (node, judged)
-}
-
 pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
-    let preflight = preflight::run()?;
-    for warning in &preflight.warnings {
-        tracing::warn!("{warning}");
-    }
-    let mut probes = KernelProbes::load(Path::new(&preflight.tracefs))?;
-    for probe in probes.statuses().iter().filter(|p| !p.attached) {
-        tracing::warn!(
-            "probe {} is off, so there will be no {}: {}",
-            probe.tracepoint,
-            probe.feeds,
-            probe.problem.as_deref().unwrap_or("unknown reason")
-        );
-    }
+    let (preflight, mut probes) = load_probes()?;
 
     let started_at = SystemTime::now();
     let gpu_pids = Arc::new(Mutex::new(HashSet::new()));
@@ -219,9 +96,7 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
     let elapsed = started.elapsed();
     let delta = after.since(&before);
     let window = summarize_window(&delta, elapsed, &LiveSystem, options.top);
-    let mut gpu = tokio::task::spawn_blocking(move || gpu.finish())
-        .await
-        .context("GPU reader")?;
+    let mut gpu = gpu.finish().await;
     let mut workloads = attribution::workload_windows(
         &delta,
         &window,

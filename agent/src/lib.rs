@@ -14,6 +14,7 @@ pub mod config_archive;
 pub mod daemon;
 pub mod diagnose;
 pub mod exporters;
+pub mod pipeline;
 pub mod preflight;
 pub mod report;
 pub mod sources;

@@ -13,8 +13,11 @@ use tracing_subscriber::EnvFilter;
 /// `diagnose` found a bottleneck (0 means it found none), for scripts that gate on it.
 const EXIT_BOTTLENECK_FOUND: u8 = 3;
 
-fn init_logging(verbose: u8) {
+/// Logs go to stderr, without colours unless it is a terminal and without timestamps (journald
+/// adds its own). The daemon logs at info by default, one-off commands at warn.
+fn init_logging(verbose: u8, daemon: bool) {
     let default = match verbose {
+        0 if daemon => "info",
         0 => "warn",
         1 => "info",
         _ => "debug",
@@ -31,7 +34,7 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Command::Run(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -68,6 +71,16 @@ fn main() -> ExitCode {
                 let restored =
                     envelope::config_archive::rollback(&state_dir, id.as_deref(), &config)?;
                 println!("restored {} from archive {restored}", config.display());
+                anyhow::Ok(ExitCode::SUCCESS)
+            }
+            Command::Run(args) => {
+                envelope::daemon::run(envelope::daemon::RunOptions {
+                    config_path: args.config,
+                    state_dir: args.state_dir,
+                    window: args.window,
+                    nvml_library: args.nvml_lib,
+                })
+                .await?;
                 anyhow::Ok(ExitCode::SUCCESS)
             }
             Command::Check { config } => {

@@ -1,6 +1,8 @@
 //! Helpers for the integration tests: loading the real probes, root checks, scratch files
 //! for direct I/O, and network namespaces joined by a veth pair. Everything a test creates is
 //! removed on drop, so a failing assertion leaves nothing behind.
+pub mod otlp_receiver;
+
 use std::{
     fs::File,
     path::{Path, PathBuf},

@@ -1,0 +1,425 @@
+//! `envelope run` end to end (root): the real probes, real disk traffic, the real daemon
+//! exporting to an in-process OTLP gRPC receiver.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    ScratchFile, envelope_binary,
+    otlp_receiver::{OtlpReceiver, attribute, point_count},
+    root_or_skip, unique_name,
+};
+use opentelemetry_proto::tonic::metrics::v1::{Metric, metric::Data, number_data_point};
+
+/// Direct reads in a loop, by processes named `dd`: storage traffic the probes must see.
+struct ReadLoad(Child);
+
+impl ReadLoad {
+    fn start(file: &Path) -> Self {
+        Self(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    &format!(
+                        "while :; do dd if={} of=/dev/null bs=64k iflag=direct 2>/dev/null; done",
+                        file.display()
+                    ),
+                ])
+                .spawn()
+                .expect("spawn the read load"),
+        )
+    }
+}
+
+impl Drop for ReadLoad {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-P", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon, with its stderr collected line by line; killed on drop.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(envelope_binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start envelope run");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("envelope: {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self { child, log }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signal the daemon");
+    }
+
+    fn log_lines_with(&self, text: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("daemon status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// SIGTERM and the exit code.
+    fn stop(mut self) -> i32 {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the daemon did not stop within 30 s of SIGTERM");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tmp"))
+            .join(unique_name("daemon-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A configuration with one storage budget on the `dd` workload at `max_ms`.
+fn storage_config(dir: &Path, endpoint: &str, max_ms: f64) -> String {
+    format!(
+        r#"
+[agent]
+window = "1s"
+state_dir = "{state}"
+
+[export]
+endpoint = "{endpoint}"
+timeout = "2s"
+
+[alerting]
+windows = [{{ long = "10s", short = "2s", factor = 1.0 }}]
+enter_after = 2
+leave_after = 2
+
+[[workload]]
+name = "reader"
+process = ["dd"]
+
+[[budget]]
+name = "reader storage p95"
+workload = "reader"
+metric = "storage_p95_ms"
+max = {max_ms}
+objective = 0.5
+actions = [{{ command = ["sh", "-c", "echo $ENVELOPE_STATUS >> {actions}"] }}]
+"#,
+        state = dir.join("state").display(),
+        actions = dir.join("actions.log").display(),
+    )
+}
+
+fn counter_total(metric: &Metric) -> f64 {
+    match &metric.data {
+        Some(Data::Sum(sum)) => sum
+            .data_points
+            .iter()
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsDouble(v)) => v,
+                Some(number_data_point::Value::AsInt(v)) => v as f64,
+                None => 0.0,
+            })
+            .sum(),
+        _ => panic!("{} is not a counter", metric.name),
+    }
+}
+
+fn breach_records(receiver: &OtlpReceiver, status: &str) -> usize {
+    receiver
+        .log_records()
+        .iter()
+        .filter(|r| {
+            r.event_name == "envelope.budget.breach"
+                && attribute(&r.attributes, "envelope.breach.status") == Some(status)
+        })
+        .count()
+}
+
+#[test]
+fn a_storage_breach_fires_once_acts_once_survives_a_bad_reload_and_resolves() {
+    if !root_or_skip("envelope run against real disk traffic") {
+        return;
+    }
+    let dir = Scratch::new();
+    let receiver = OtlpReceiver::start();
+    let config = dir.0.join("envelope.toml");
+    // A ceiling of 0.1 microsecond: every real read breaks it.
+    std::fs::write(
+        &config,
+        storage_config(&dir.0, &receiver.endpoint(), 0.0001),
+    )
+    .unwrap();
+    let file = ScratchFile::create(64 << 20);
+    let _load = ReadLoad::start(&file.path);
+    let mut daemon = Daemon::start(&config);
+
+    wait_for("the breach to fire", Duration::from_secs(40), || {
+        breach_records(&receiver, "firing") >= 1
+    });
+    // A few more bad windows: still one event, one action (hysteresis, no flapping).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(breach_records(&receiver, "firing"), 1);
+    assert_eq!(daemon.log_lines_with("firing for workload \"reader\""), 1);
+    let record = receiver
+        .log_records()
+        .into_iter()
+        .find(|r| r.event_name == "envelope.budget.breach")
+        .unwrap();
+    assert_eq!(
+        attribute(&record.attributes, "envelope.budget"),
+        Some("reader storage p95")
+    );
+    assert_eq!(
+        attribute(&record.attributes, "envelope.workload"),
+        Some("reader")
+    );
+    assert_eq!(
+        attribute(&record.attributes, "envelope.budget.threshold"),
+        Some("0.0001")
+    );
+    assert!(
+        attribute(&record.attributes, "envelope.breach.id")
+            .is_some_and(|id| id.starts_with("reader storage p95@"))
+    );
+    assert_eq!(record.severity_number, 13);
+    let actions = dir.0.join("actions.log");
+    assert_eq!(std::fs::read_to_string(&actions).unwrap(), "firing\n");
+
+    // The metrics: names, units, attributes, bounds that include the budget's threshold.
+    let latency = receiver
+        .latest("envelope.storage.latency")
+        .expect("storage latency exported");
+    assert_eq!(latency.unit, "s");
+    let Some(Data::Histogram(histogram)) = &latency.data else {
+        panic!("envelope.storage.latency is not a histogram")
+    };
+    let reads = histogram
+        .data_points
+        .iter()
+        .find(|p| {
+            attribute(&p.attributes, "disk.io.direction") == Some("read")
+                && attribute(&p.attributes, "envelope.storage.stage") == Some("total")
+        })
+        .expect("a read latency point");
+    assert!(
+        reads.explicit_bounds.contains(&1e-7),
+        "{:?}",
+        reads.explicit_bounds
+    );
+    assert_eq!(reads.bucket_counts.len(), reads.explicit_bounds.len() + 1);
+    assert_eq!(reads.bucket_counts.iter().sum::<u64>(), reads.count);
+    assert!(reads.count > 100, "only {} reads", reads.count);
+    assert!(attribute(&reads.attributes, "system.device").is_some());
+    assert_eq!(
+        receiver.latest("system.disk.operations").unwrap().unit,
+        "{operation}"
+    );
+    let lost = receiver.latest("envelope.workload.time_lost").unwrap();
+    assert_eq!(lost.unit, "s");
+    assert!(counter_total(&lost) > 0.0);
+    let resource = receiver.metric_requests()[0].resource_metrics[0]
+        .resource
+        .clone()
+        .unwrap();
+    assert_eq!(
+        attribute(&resource.attributes, "service.name"),
+        Some("envelope")
+    );
+    assert!(attribute(&resource.attributes, "host.name").is_some());
+    let state = receiver.latest("envelope.budget.state").unwrap();
+    assert_eq!(point_count(&state), 1);
+
+    // A broken configuration on SIGHUP is refused; the daemon keeps measuring and exporting.
+    std::fs::write(&config, "[[budget]\nname = ").unwrap();
+    let exports_before = receiver.metric_requests().len();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the refusal in the log", Duration::from_secs(10), || {
+        daemon.log_lines_with("refused the new configuration") == 1
+    });
+    wait_for("exports to go on", Duration::from_secs(10), || {
+        receiver.metric_requests().len() >= exports_before + 2
+    });
+    assert!(daemon.running());
+    assert_eq!(breach_records(&receiver, "resolved"), 0);
+
+    // A generous ceiling: the same traffic is now within the envelope, the breach resolves.
+    std::fs::write(
+        &config,
+        storage_config(&dir.0, &receiver.endpoint(), 100_000.0),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the breach to resolve", Duration::from_secs(30), || {
+        breach_records(&receiver, "resolved") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(breach_records(&receiver, "firing"), 1);
+    assert_eq!(breach_records(&receiver, "resolved"), 1);
+    wait_for("the resolve action", Duration::from_secs(10), || {
+        std::fs::read_to_string(&actions).unwrap() == "firing\nresolved\n"
+    });
+
+    // SIGTERM: exit 0 after a last export; the budget's history is on disk.
+    let exports_before = receiver.metric_requests().len();
+    assert_eq!(daemon.stop(), 0);
+    assert!(
+        receiver.metric_requests().len() > exports_before,
+        "no export on shutdown"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.0.join("state/budget-state.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["reader storage p95"]["breaches"], 1);
+
+    // A restart picks the state up: the breach counter starts at 1, not 0.
+    let restarted = OtlpReceiver::start();
+    std::fs::write(
+        &config,
+        storage_config(&dir.0, &restarted.endpoint(), 100_000.0),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config);
+    wait_for(
+        "the first export after a restart",
+        Duration::from_secs(20),
+        || restarted.latest("envelope.budget.breaches").is_some(),
+    );
+    assert_eq!(
+        counter_total(&restarted.latest("envelope.budget.breaches").unwrap()),
+        1.0
+    );
+    assert_eq!(daemon.stop(), 0);
+}
+
+#[test]
+fn a_collector_outage_is_survived_with_one_log_line_and_counters_continue() {
+    if !root_or_skip("envelope run through a collector outage") {
+        return;
+    }
+    let dir = Scratch::new();
+    let mut receiver = OtlpReceiver::start();
+    let config = dir.0.join("envelope.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nwindow = \"1s\"\nstate_dir = \"{}\"\n[export]\nendpoint = \"{}\"\ntimeout = \"1s\"\n",
+            dir.0.join("state").display(),
+            receiver.endpoint()
+        ),
+    )
+    .unwrap();
+    let file = ScratchFile::create(32 << 20);
+    let _load = ReadLoad::start(&file.path);
+    let mut daemon = Daemon::start(&config);
+    let disk_ops = |receiver: &OtlpReceiver| {
+        receiver
+            .latest("system.disk.operations")
+            .map_or(0.0, |m| counter_total(&m))
+    };
+    wait_for("two exports", Duration::from_secs(20), || {
+        receiver.metric_requests().len() >= 2 && disk_ops(&receiver) > 0.0
+    });
+    let before_outage = disk_ops(&receiver);
+    let rss_before = daemon.rss_kib();
+
+    receiver.stop();
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(daemon.running(), "the daemon died during the outage");
+    assert_eq!(daemon.log_lines_with("OTLP export failed"), 1);
+
+    let requests_before = receiver.metric_requests().len();
+    receiver.restart();
+    wait_for("exports after the outage", Duration::from_secs(20), || {
+        receiver.metric_requests().len() > requests_before
+    });
+    let after_outage = disk_ops(&receiver);
+    // Cumulative: what was read during the outage is in the first total after it.
+    assert!(
+        after_outage > before_outage,
+        "disk operations went from {before_outage} to {after_outage}"
+    );
+    wait_for("the recovery line", Duration::from_secs(5), || {
+        daemon.log_lines_with("OTLP export works again") == 1
+    });
+    assert_eq!(daemon.log_lines_with("OTLP export failed"), 1);
+    let rss_after = daemon.rss_kib();
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "memory grew from {rss_before} KiB to {rss_after} KiB over an outage"
+    );
+    assert_eq!(daemon.stop(), 0);
+}
