@@ -359,14 +359,14 @@ pub fn logs_request(settings: &OtlpSettings, events: &[LogEvent]) -> ExportLogsS
     }
 }
 
+struct GrpcClients {
+    metrics: MetricsServiceClient<tonic::transport::Channel>,
+    logs: LogsServiceClient<tonic::transport::Channel>,
+}
+
 enum Transport {
-    Grpc {
-        metrics: MetricsServiceClient<tonic::transport::Channel>,
-        logs: LogsServiceClient<tonic::transport::Channel>,
-    },
-    Http {
-        agent: ureq::Agent,
-    },
+    Grpc(Box<GrpcClients>),
+    Http { agent: ureq::Agent },
 }
 
 /// Sends requests; remembers whether the collector is reachable so an outage is logged once.
@@ -403,10 +403,10 @@ impl OtlpExporter {
     /// Builds the exporter; needs a running tokio runtime (gRPC channels spawn on it).
     pub fn new(settings: OtlpSettings) -> anyhow::Result<Self> {
         let transport = match settings.protocol {
-            Protocol::Grpc => Transport::Grpc {
+            Protocol::Grpc => Transport::Grpc(Box::new(GrpcClients {
                 metrics: MetricsServiceClient::new(grpc_channel(&settings, &settings.metrics_url)?),
                 logs: LogsServiceClient::new(grpc_channel(&settings, &settings.logs_url)?),
-            },
+            })),
             Protocol::HttpProtobuf => Transport::Http {
                 agent: ureq::AgentBuilder::new().timeout(settings.timeout).build(),
             },
@@ -466,8 +466,8 @@ impl OtlpExporter {
         request: &ExportMetricsServiceRequest,
     ) -> anyhow::Result<()> {
         match &mut self.transport {
-            Transport::Grpc { metrics, .. } => {
-                let mut client = metrics.clone();
+            Transport::Grpc(clients) => {
+                let mut client = clients.metrics.clone();
                 let request = self.grpc_request(request.clone());
                 client.export(request).await.map(|_| ()).map_err(|status| {
                     anyhow::anyhow!("{}: {}", self.settings.metrics_url, status.message())
@@ -482,8 +482,8 @@ impl OtlpExporter {
 
     async fn send_logs_once(&mut self, request: &ExportLogsServiceRequest) -> anyhow::Result<()> {
         match &mut self.transport {
-            Transport::Grpc { logs, .. } => {
-                let mut client = logs.clone();
+            Transport::Grpc(clients) => {
+                let mut client = clients.logs.clone();
                 let request = self.grpc_request(request.clone());
                 client.export(request).await.map(|_| ()).map_err(|status| {
                     anyhow::anyhow!("{}: {}", self.settings.logs_url, status.message())
