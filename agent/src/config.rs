@@ -746,6 +746,46 @@ container_id = ["3f4e5d6c"]
     }
 
     #[test]
+    fn agent_and_export_sections_are_validated_with_hints() {
+        let ok = parse_config(
+            "t.toml",
+            "[agent]\nwindow = \"2s\"\nmax_peers = 5\n[export]\nprotocol = \"http/protobuf\"\nendpoint = \"http://vm:8428\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.agent.window, std::time::Duration::from_secs(2));
+        assert_eq!(ok.agent.max_peers, 5);
+        assert_eq!(ok.agent.max_workloads, 50);
+        assert_eq!(ok.export.protocol.as_deref(), Some("http/protobuf"));
+        for (text, hint) in [
+            (
+                "[agent]\nwindow = \"soon\"\n",
+                "[agent]: window \"soon\" is not a duration",
+            ),
+            ("[agent]\nwindow = \"10ms\"\n", "too short"),
+            ("[agent]\nmax_peers = 0\n", "max_peers must be at least 1"),
+            (
+                "[export]\nprotocol = \"udp\"\n",
+                "use \"grpc\" or \"http/protobuf\"",
+            ),
+            (
+                "[export]\nendpoint = \"collector:4317\"\n",
+                "needs a scheme",
+            ),
+            (
+                "[export]\ntimeout = \"x\"\n",
+                "timeout \"x\" is not a duration",
+            ),
+            (
+                "[export]\nendpont = \"http://x\"\n",
+                "unknown field `endpont`",
+            ),
+        ] {
+            let error = parse_config("t.toml", text).unwrap_err().to_string();
+            assert!(error.contains(hint), "{error:?} should contain {hint:?}");
+        }
+    }
+
+    #[test]
     fn each_rule_kind_matches() {
         let rules = parse("envelope.toml", EXAMPLE).unwrap();
         assert_eq!(

@@ -871,6 +871,24 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_lists_every_metric_with_its_unit() {
+        let readme = include_str!("../../../README.md");
+        for metric in ALL_METRICS {
+            let row = format!("| `{}` |", metric.name);
+            let line = readme
+                .lines()
+                .find(|line| line.starts_with(&row))
+                .unwrap_or_else(|| panic!("README.md has no row for {}", metric.name));
+            assert!(
+                line.contains(&format!("| `{}` |", metric.unit)),
+                "README.md gives {} another unit than {}",
+                metric.name,
+                metric.unit
+            );
+        }
+    }
+
+    #[test]
     fn every_metric_name_is_unique_and_dotted() {
         let mut names: Vec<&str> = ALL_METRICS.iter().map(|m| m.name).collect();
         names.sort_unstable();
