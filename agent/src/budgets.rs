@@ -106,6 +106,11 @@ pub struct BudgetState {
     pub consecutive_quiet: u32,
     /// Breaches fired so far (a counter for metrics).
     pub breaches: u64,
+    /// Windows evaluated so far, good and bad (counters for fleet-side burn-rate rules).
+    #[serde(default)]
+    pub good_windows: u64,
+    #[serde(default)]
+    pub bad_windows: u64,
 }
 
 /// A state change, explained.
@@ -149,6 +154,11 @@ impl BudgetState {
     ) -> Option<BreachEvent> {
         let now = observation.at_s;
         self.history.push_back((now, observation.good));
+        if observation.good {
+            self.good_windows += 1;
+        } else {
+            self.bad_windows += 1;
+        }
         let keep_s = policy
             .burn_rate_windows
             .iter()

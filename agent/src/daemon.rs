@@ -318,6 +318,9 @@ impl Daemon {
                 status: state.status(),
                 burn_rates,
                 breaches: state.breaches,
+                objective: budget.objective,
+                good_windows: state.good_windows,
+                bad_windows: state.bad_windows,
             });
             if let Some(event) = transition {
                 let verdict = if result.workload == "*" {

@@ -4,6 +4,7 @@
 //!   against nightly's own LLVM), builds the probes and prints what the object holds.
 //! - `run -- ARGS`: builds everything and runs `envelope ARGS` (as root).
 //! - `test`: sets up the build and the test tools (Debian packages), then runs every test.
+mod test_servers;
 mod toolchain;
 
 use std::{
@@ -146,6 +147,9 @@ fn main() -> anyhow::Result<()> {
         Task::Test { cargo_args } => {
             toolchain::ensure_ebpf_toolchain()?;
             toolchain::ensure_test_tools(is_root())?;
+            if let Err(error) = test_servers::ensure_test_servers(&workspace_root()) {
+                eprintln!("xtask: {error:#}; the export end-to-end tests will skip and say why");
+            }
             if !is_root() {
                 eprintln!("note: not root, so the tests that load the probes will skip and say so");
             }

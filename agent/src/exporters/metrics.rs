@@ -86,7 +86,7 @@ metrics! {
     NETWORK_RETRANSMITS = "envelope.network.retransmits", "{segment}", "TCP segments retransmitted to a remote endpoint";
     NETWORK_CONNECT_FAILURES = "envelope.network.connect.failures", "{connection}", "TCP connects that never got established";
     WORKLOAD_TIME_LOST = "envelope.workload.time_lost", "s", "Time a workload's threads spent blocked on each bottleneck class (model = waiting on the GPU, cpu = runnable but not running)";
-    WORKLOAD_BOTTLENECK = "envelope.workload.bottleneck", "1", "1 for the bottleneck class of the workload's latest window, 0 for the others";
+    WORKLOAD_BOTTLENECK = "envelope.workload.bottleneck", "", "1 for the bottleneck class of the workload's latest window, 0 for the others";
     WORKLOAD_BOTTLENECK_SHARE = "envelope.workload.bottleneck.share", "1", "Share of the workload's active time lost to its bottleneck in the latest window";
     GPU_UTILIZATION = "hw.gpu.utilization", "1", "GPU (SM) utilization, 0..1";
     GPU_MEMORY_UTILIZATION = "hw.gpu.memory.utilization", "1", "GPU memory controller utilization, 0..1";
@@ -101,11 +101,13 @@ metrics! {
     GPU_PCIE_THROUGHPUT = "envelope.gpu.pcie.throughput", "By/s", "PCIe throughput per direction (transmit, receive)";
     GPU_PROCESS_MEMORY = "envelope.gpu.process.memory.usage", "By", "GPU memory held by a process";
     GPU_PROCESS_UTILIZATION = "envelope.gpu.process.utilization", "1", "SM utilization of a process, 0..1";
-    BUDGET_STATE = "envelope.budget.state", "1", "1 while the budget's breach is firing, 0 when it is within its envelope";
-    BUDGET_OBSERVED = "envelope.budget.observed", "1", "The budget's metric in the latest window, in the metric's own unit (see envelope.budget.metric)";
-    BUDGET_THRESHOLD = "envelope.budget.threshold", "1", "The budget's bound, in the metric's own unit";
+    BUDGET_STATE = "envelope.budget.state", "", "1 while the budget's breach is firing, 0 when it is within its envelope";
+    BUDGET_OBSERVED = "envelope.budget.observed", "", "The budget's metric in the latest window, in the metric's own unit (see envelope.budget.metric)";
+    BUDGET_THRESHOLD = "envelope.budget.threshold", "", "The budget's bound, in the metric's own unit";
     BUDGET_BURN_RATE = "envelope.budget.burn_rate", "1", "Error-budget burn rate over a window (envelope.burn_window), 1 = spending exactly the budget";
     BUDGET_BREACHES = "envelope.budget.breaches", "{breach}", "Breaches that fired";
+    BUDGET_OBJECTIVE = "envelope.budget.objective", "", "The budget's objective: the share of windows that must be good, e.g. 0.99";
+    BUDGET_WINDOWS = "envelope.budget.windows", "{window}", "Windows evaluated, by envelope.budget.outcome (good, bad): the input of burn-rate alert rules";
 }
 
 /// Admits the first `limit` values of a label for good; later ones become "other".
@@ -156,6 +158,9 @@ pub struct BudgetView {
     /// (window label e.g. "1h", burn rate).
     pub burn_rates: Vec<(String, f64)>,
     pub breaches: u64,
+    pub objective: f64,
+    pub good_windows: u64,
+    pub bad_windows: u64,
 }
 
 /// What lives between exports: userspace totals and the admitted label values.
@@ -587,6 +592,20 @@ fn budget_series(budgets: &[BudgetView], out: &mut Vec<Series>) {
             });
         }
         out.push(Series {
+            metric: &BUDGET_OBJECTIVE,
+            attributes: attributes.clone(),
+            value: Value::Gauge(budget.objective),
+        });
+        for (outcome, windows) in [("good", budget.good_windows), ("bad", budget.bad_windows)] {
+            let mut attributes = attributes.clone();
+            attributes.push(("envelope.budget.outcome", outcome.to_string()));
+            out.push(Series {
+                metric: &BUDGET_WINDOWS,
+                attributes,
+                value: Value::Counter(windows as f64),
+            });
+        }
+        out.push(Series {
             metric: &BUDGET_BREACHES,
             attributes,
             value: Value::Counter(budget.breaches as f64),
@@ -846,6 +865,9 @@ mod tests {
             status: BreachStatus::Firing,
             burn_rates: vec![("1h".into(), 20.0), ("5m".into(), 30.0)],
             breaches: 2,
+            objective: 0.99,
+            good_windows: 7,
+            bad_windows: 3,
         };
         let series = state.series(
             &KernelSnapshot::default(),
@@ -868,6 +890,11 @@ mod tests {
             vec![Value::Gauge(20.0), Value::Gauge(30.0)]
         );
         assert_eq!(value("envelope.budget.breaches"), vec![Value::Counter(2.0)]);
+        assert_eq!(value("envelope.budget.objective"), vec![Value::Gauge(0.99)]);
+        assert_eq!(
+            value("envelope.budget.windows"),
+            vec![Value::Counter(7.0), Value::Counter(3.0)]
+        );
     }
 
     #[test]
@@ -879,8 +906,13 @@ mod tests {
                 .lines()
                 .find(|line| line.starts_with(&row))
                 .unwrap_or_else(|| panic!("README.md has no row for {}", metric.name));
+            let unit = if metric.unit.is_empty() {
+                "| – |".to_string()
+            } else {
+                format!("| `{}` |", metric.unit)
+            };
             assert!(
-                line.contains(&format!("| `{}` |", metric.unit)),
+                line.contains(&unit),
                 "README.md gives {} another unit than {}",
                 metric.name,
                 metric.unit
