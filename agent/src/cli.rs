@@ -29,6 +29,23 @@ pub enum Command {
     /// The archive of configurations that loaded successfully: list, or roll back.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Install as a hardened systemd service: the binary to /usr/bin/envelope, the unit to
+    /// /lib/systemd/system/envelope.service, the default configuration to
+    /// /etc/envelope/envelope.toml (never over an existing one); then enable and start it.
+    Install {
+        /// Stage the files under DIR instead of / (no systemctl), e.g. to build an image.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: std::path::PathBuf,
+    },
+    /// Stop and remove what `install` added; the configuration and state stay unless --purge.
+    Uninstall {
+        /// Work on the staging tree DIR instead of / (no systemctl).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: std::path::PathBuf,
+        /// Also remove /etc/envelope and the state in /var/lib/envelope.
+        #[arg(long)]
+        purge: bool,
+    },
     /// Validate a configuration file: errors with line and column and a hint; exit 1 if bad.
     Check {
         /// The configuration to check.
@@ -195,6 +212,20 @@ mod tests {
         assert!(args.json);
         assert_eq!(args.top, 3);
         assert_eq!(args.gpu_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn install_and_uninstall_flags_parse() {
+        let cli = Cli::try_parse_from(["envelope", "install"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Install { root } if root == std::path::Path::new("/"))
+        );
+        let cli =
+            Cli::try_parse_from(["envelope", "uninstall", "--root", "/tmp/x", "--purge"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Uninstall { root, purge: true } if root == std::path::Path::new("/tmp/x")
+        ));
     }
 
     #[test]

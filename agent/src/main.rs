@@ -32,6 +32,21 @@ fn init_logging(verbose: u8, daemon: bool) {
         .init();
 }
 
+/// `executable` workload rules cannot see other users' processes without CAP_SYS_PTRACE,
+/// which the systemd unit leaves out: say so once rather than match nothing silently.
+fn warn_about_unreadable_executables(config: &std::path::Path) {
+    if nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let capabilities = envelope::preflight::own_capabilities();
+    if let Some(warning) = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|text| envelope::preflight::executable_rules_warning(&text, capabilities))
+    {
+        tracing::warn!("{warning}");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, matches!(cli.command, Command::Run(_)));
@@ -74,6 +89,9 @@ fn main() -> ExitCode {
                 anyhow::Ok(ExitCode::SUCCESS)
             }
             Command::Run(args) => {
+                if let Some(path) = &args.config {
+                    warn_about_unreadable_executables(path);
+                }
                 envelope::daemon::run(envelope::daemon::RunOptions {
                     config_path: args.config,
                     state_dir: args.state_dir,
@@ -81,6 +99,24 @@ fn main() -> ExitCode {
                     nvml_library: args.nvml_lib,
                 })
                 .await?;
+                anyhow::Ok(ExitCode::SUCCESS)
+            }
+            Command::Install { root } => {
+                let binary = std::env::current_exe()
+                    .map_err(|error| anyhow::anyhow!("cannot find the running binary: {error}"))?;
+                let report = envelope::install::install(&envelope::install::InstallOptions {
+                    root: root.clone(),
+                    binary,
+                })?;
+                print!("{}", envelope::install::render_install(&report, &root));
+                anyhow::Ok(ExitCode::SUCCESS)
+            }
+            Command::Uninstall { root, purge } => {
+                let report = envelope::install::uninstall(&envelope::install::UninstallOptions {
+                    root,
+                    purge,
+                })?;
+                print!("{}", envelope::install::render_uninstall(&report, purge));
                 anyhow::Ok(ExitCode::SUCCESS)
             }
             Command::Check { config } => {
@@ -96,6 +132,7 @@ fn main() -> ExitCode {
                 let config = match &args.config {
                     Some(path) => {
                         let loaded = envelope::config::load(path)?;
+                        warn_about_unreadable_executables(path);
                         // Loaded: keep it as a known good configuration to roll back to.
                         let archived =
                             std::fs::read(path)

@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::sources::tracefs::{self, TracefsStatus};
 
 /// Linux capability numbers (include/uapi/linux/capability.h).
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -26,11 +27,12 @@ pub struct PreflightReport {
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "envelope needs root, or the CAP_BPF and CAP_PERFMON capabilities, to load its kernel \
-         probes (this process has {have}). Run it with sudo, or grant them once: \
-         `sudo setcap cap_bpf,cap_perfmon,cap_sys_admin+ep $(command -v envelope)`"
+        "envelope needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH, \
+         to load its kernel probes; this process lacks {missing}. Run it with sudo, as the \
+         systemd service (`sudo envelope install`), or grant them once: \
+         `sudo setcap cap_bpf,cap_perfmon,cap_dac_read_search+ep $(command -v envelope)`"
     )]
-    NotPrivileged { have: String },
+    NotPrivileged { missing: String },
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
 }
@@ -61,21 +63,58 @@ pub fn can_load_probes(capabilities: u64) -> bool {
         || (has_capability(capabilities, CAP_BPF) && has_capability(capabilities, CAP_PERFMON))
 }
 
-fn describe_capabilities(capabilities: u64) -> String {
-    let named: Vec<&str> = [
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_PERFMON, "CAP_PERFMON"),
-    ]
-    .iter()
-    .filter(|(bit, _)| has_capability(capabilities, *bit))
-    .map(|(_, name)| *name)
-    .collect();
-    if named.is_empty() {
-        "none of CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON".to_string()
-    } else {
-        format!("only {}", named.join(", "))
+/// The probe-loading capabilities the set lacks, by name ("CAP_PERFMON"); empty when it can
+/// load probes. CAP_DAC_READ_SEARCH is checked by reading tracefs (see
+/// [`tracefs::find_or_mount`]), as a system may make tracefs readable without it.
+pub fn missing_probe_capabilities(capabilities: u64) -> Vec<&'static str> {
+    if can_load_probes(capabilities) {
+        return Vec::new();
     }
+    [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(bit, _)| !has_capability(capabilities, *bit))
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// The effective capabilities of this process (0 when /proc cannot say).
+pub fn own_capabilities() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| effective_capabilities(&status))
+        .unwrap_or(0)
+}
+
+/// A warning when `executable = [...]` workload rules cannot see other users' processes:
+/// /proc/PID/exe of a process of another user needs CAP_SYS_PTRACE, which the systemd unit
+/// does not grant by default. `config_text` is the configuration file's TOML.
+pub fn executable_rules_warning(config_text: &str, capabilities: u64) -> Option<String> {
+    if has_capability(capabilities, CAP_SYS_PTRACE) {
+        return None;
+    }
+    let config: toml::Value = toml::from_str(config_text).ok()?;
+    let workloads: Vec<&str> = config
+        .get("workload")?
+        .as_array()?
+        .iter()
+        .filter(|workload| {
+            workload
+                .get("executable")
+                .and_then(toml::Value::as_array)
+                .is_some_and(|globs| !globs.is_empty())
+        })
+        .filter_map(|workload| workload.get("name")?.as_str())
+        .collect();
+    if workloads.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the `executable` rules of workload(s) {} match only this user's processes: reading \
+         another user's /proc/PID/exe needs CAP_SYS_PTRACE. Add it if you rely on them \
+         (`systemctl edit envelope`: AmbientCapabilities=CAP_SYS_PTRACE and \
+         CapabilityBoundingSet=CAP_SYS_PTRACE), or match by process name or cgroup instead",
+        workloads.join(", ")
+    ))
 }
 
 /// Runs every check. Mounts tracefs when it is missing.
@@ -96,13 +135,10 @@ pub fn run() -> Result<PreflightReport, PreflightError> {
         _ => {}
     }
 
-    let capabilities = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| effective_capabilities(&status))
-        .unwrap_or(0);
-    if !can_load_probes(capabilities) {
+    let missing = missing_probe_capabilities(own_capabilities());
+    if !missing.is_empty() {
         return Err(PreflightError::NotPrivileged {
-            have: describe_capabilities(capabilities),
+            missing: missing.join(" and "),
         });
     }
 
@@ -118,7 +154,17 @@ pub fn run() -> Result<PreflightReport, PreflightError> {
 
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (newer ones use memory cgroups):
     // lift it there so map creation does not fail with EPERM.
-    if parse_kernel_version(&kernel_release).is_some_and(|version| version < (5, 11)) {
+    // The systemd unit sets LimitMEMLOCK=infinity, and its system call filter refuses setrlimit.
+    let mut memlock = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer to a local.
+    let memlock_unlimited = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut memlock) } == 0
+        && memlock.rlim_cur == libc::RLIM_INFINITY;
+    if !memlock_unlimited
+        && parse_kernel_version(&kernel_release).is_some_and(|version| version < (5, 11))
+    {
         let unlimited = libc::rlimit {
             rlim_cur: libc::RLIM_INFINITY,
             rlim_max: libc::RLIM_INFINITY,
@@ -170,7 +216,26 @@ mod tests {
         assert!(can_load_probes(bpf_and_perfmon));
         assert!(!can_load_probes(1 << CAP_BPF));
         assert!(!can_load_probes(0));
-        assert_eq!(describe_capabilities(1 << CAP_BPF), "only CAP_BPF");
+        assert_eq!(missing_probe_capabilities(1 << CAP_BPF), ["CAP_PERFMON"]);
+        assert_eq!(missing_probe_capabilities(1 << CAP_PERFMON), ["CAP_BPF"]);
+        assert_eq!(missing_probe_capabilities(0), ["CAP_BPF", "CAP_PERFMON"]);
+        assert!(missing_probe_capabilities(bpf_and_perfmon).is_empty());
+        assert!(missing_probe_capabilities(1 << CAP_SYS_ADMIN).is_empty());
         assert_eq!(effective_capabilities("CapEff:\t0000000000000000"), Some(0));
+    }
+
+    #[test]
+    fn executable_rules_without_ptrace_are_warned_about() {
+        let config = "[[workload]]\nname = \"trainer\"\nexecutable = [\"/opt/t/*\"]\n\
+                      [[workload]]\nname = \"web\"\nprocess = [\"nginx\"]\n";
+        let warning = executable_rules_warning(config, 1 << CAP_BPF).unwrap();
+        assert!(
+            warning.contains("trainer") && warning.contains("CAP_SYS_PTRACE"),
+            "{warning}"
+        );
+        assert!(!warning.contains("web"), "{warning}");
+        assert_eq!(executable_rules_warning(config, 1 << CAP_SYS_PTRACE), None);
+        let names_only = "[[workload]]\nname = \"web\"\nprocess = [\"nginx\"]\n";
+        assert_eq!(executable_rules_warning(names_only, 0), None);
     }
 }

@@ -19,6 +19,16 @@ pub enum TracefsError {
          (needs CAP_SYS_ADMIN), then start envelope again"
     )]
     MountFailed(nix::Error),
+    #[error(
+        "tracefs is mounted at {path} but this process cannot read it ({cause}): it is \
+         root-only, so besides CAP_BPF and CAP_PERFMON envelope needs CAP_DAC_READ_SEARCH to read \
+         the tracepoints' ids and formats. Run it as root, or add CAP_DAC_READ_SEARCH to its \
+         capabilities (the systemd unit grants it)"
+    )]
+    NotReadable {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 /// How tracefs was found.
@@ -39,12 +49,24 @@ impl TracefsStatus {
 /// Finds tracefs, mounting it at /sys/kernel/tracing when it is missing (a fresh machine
 /// often has it unmounted; aya needs it to resolve tracepoint ids).
 pub fn find_or_mount() -> Result<TracefsStatus, TracefsError> {
-    if let Some(root) = TRACEFS_CANDIDATES
-        .iter()
-        .map(Path::new)
-        .find(|root| root.join("events").is_dir())
-    {
-        return Ok(TracefsStatus::AlreadyMounted(root.to_path_buf()));
+    for root in TRACEFS_CANDIDATES.iter().map(Path::new) {
+        match fs::metadata(root.join("events")) {
+            Ok(metadata) if metadata.is_dir() => {
+                return Ok(TracefsStatus::AlreadyMounted(root.to_path_buf()));
+            }
+            // Mounted (an empty mount point is world-readable) but root-only: mounting it again
+            // would not help, and would fail with a misleading EPERM.
+            Err(cause)
+                if cause.kind() == std::io::ErrorKind::PermissionDenied
+                    && is_tracefs_mount(root) =>
+            {
+                return Err(TracefsError::NotReadable {
+                    path: root.to_path_buf(),
+                    cause,
+                });
+            }
+            _ => {}
+        }
     }
     let target = Path::new(TRACEFS_CANDIDATES[0]);
     nix::mount::mount(
@@ -58,6 +80,22 @@ pub fn find_or_mount() -> Result<TracefsStatus, TracefsError> {
     )
     .map_err(TracefsError::MountFailed)?;
     Ok(TracefsStatus::MountedByUs(target.to_path_buf()))
+}
+
+/// Whether /proc/self/mountinfo (world-readable) lists a tracefs mounted at `path`.
+fn is_tracefs_mount(path: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|mounts| mounted_tracefs(&mounts, path))
+}
+
+/// Whether a mountinfo text has a tracefs at `path`. Lines read
+/// `36 25 0:12 / /sys/kernel/tracing rw,nosuid - tracefs tracefs rw`.
+pub fn mounted_tracefs(mountinfo: &str, path: &Path) -> bool {
+    mountinfo.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let mount_point = fields.nth(4);
+        let filesystem = fields.skip_while(|field| *field != "-").nth(1);
+        mount_point.map(Path::new) == Some(path) && filesystem == Some("tracefs")
+    })
 }
 
 /// One field of a tracepoint record, from a line of its format file.
@@ -472,6 +510,15 @@ print fmt: \"%d,%d %s (%s) %llu + %u [%d]\", ...
                 needed: 8
             })
         );
+    }
+
+    #[test]
+    fn tracefs_mounts_are_found_in_mountinfo() {
+        let mountinfo = "22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw\n\
+                         36 22 0:12 / /sys/kernel/tracing rw,relatime shared:5 - tracefs tracefs rw\n";
+        assert!(mounted_tracefs(mountinfo, Path::new("/sys/kernel/tracing")));
+        assert!(!mounted_tracefs(mountinfo, Path::new("/sys")));
+        assert!(!mounted_tracefs("", Path::new("/sys/kernel/tracing")));
     }
 
     #[test]
