@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: loading the real probes, root checks, scratch files
 //! for direct I/O, and network namespaces joined by a veth pair. Everything a test creates is
 //! removed on drop, so a failing assertion leaves nothing behind.
+pub mod daemon;
 pub mod otlp_receiver;
 
 use std::{

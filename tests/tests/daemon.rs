@@ -1,153 +1,14 @@
 //! `envelope run` end to end (root): the real probes, real disk traffic, the real daemon
 //! exporting to an in-process OTLP gRPC receiver.
-use std::{
-    io::{BufRead as _, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
 use integration_tests::{
-    ScratchFile, envelope_binary,
+    ScratchFile,
+    daemon::{Daemon, ReadLoad, Scratch, wait_for},
     otlp_receiver::{OtlpReceiver, attribute, point_count},
-    root_or_skip, unique_name,
+    root_or_skip,
 };
 use opentelemetry_proto::tonic::metrics::v1::{Metric, metric::Data, number_data_point};
-
-/// Direct reads in a loop, by processes named `dd`: storage traffic the probes must see.
-struct ReadLoad(Child);
-
-impl ReadLoad {
-    fn start(file: &Path) -> Self {
-        Self(
-            Command::new("sh")
-                .args([
-                    "-c",
-                    &format!(
-                        "while :; do dd if={} of=/dev/null bs=64k iflag=direct 2>/dev/null; done",
-                        file.display()
-                    ),
-                ])
-                .spawn()
-                .expect("spawn the read load"),
-        )
-    }
-}
-
-impl Drop for ReadLoad {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-P", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The daemon, with its stderr collected line by line; killed on drop.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(config: &Path) -> Self {
-        let mut child = Command::new(envelope_binary())
-            .args(["run", "--config"])
-            .arg(config)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start envelope run");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("envelope: {line}");
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Self { child, log }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
-            .expect("signal the daemon");
-    }
-
-    fn log_lines_with(&self, text: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(text))
-            .count()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("daemon status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-
-    /// SIGTERM and the exit code.
-    fn stop(mut self) -> i32 {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code().unwrap_or(-1);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the daemon did not stop within 30 s of SIGTERM");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tmp"))
-            .join(unique_name("daemon-"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A configuration with one storage budget on the `dd` workload at `max_ms`.
 fn storage_config(dir: &Path, endpoint: &str, max_ms: f64) -> String {
@@ -225,7 +86,7 @@ fn a_storage_breach_fires_once_acts_once_survives_a_bad_reload_and_resolves() {
     .unwrap();
     let file = ScratchFile::create(64 << 20);
     let _load = ReadLoad::start(&file.path);
-    let mut daemon = Daemon::start(&config);
+    let mut daemon = Daemon::start(&config, &[]);
 
     wait_for("the breach to fire", Duration::from_secs(40), || {
         breach_records(&receiver, "firing") >= 1
@@ -352,7 +213,7 @@ fn a_storage_breach_fires_once_acts_once_survives_a_bad_reload_and_resolves() {
         storage_config(&dir.0, &restarted.endpoint(), 100_000.0),
     )
     .unwrap();
-    let daemon = Daemon::start(&config);
+    let daemon = Daemon::start(&config, &[]);
     wait_for(
         "the first export after a restart",
         Duration::from_secs(20),
@@ -384,7 +245,7 @@ fn a_collector_outage_is_survived_with_one_log_line_and_counters_continue() {
     .unwrap();
     let file = ScratchFile::create(32 << 20);
     let _load = ReadLoad::start(&file.path);
-    let mut daemon = Daemon::start(&config);
+    let mut daemon = Daemon::start(&config, &[]);
     let disk_ops = |receiver: &OtlpReceiver| {
         receiver
             .latest("system.disk.operations")

@@ -96,8 +96,8 @@ metrics! {
     GPU_ENERGY = "hw.energy", "J", "GPU energy consumed since the driver loaded";
     GPU_TEMPERATURE = "hw.temperature", "Cel", "GPU temperature";
     GPU_ERRORS = "hw.errors", "{error}", "GPU errors by error.type: ecc_corrected, ecc_uncorrected (driver totals), xid (seen by this agent)";
-    GPU_CLOCK = "envelope.gpu.clock", "MHz", "GPU clocks (envelope.gpu.clock.domain = sm or memory)";
-    GPU_THROTTLED = "envelope.gpu.throttled", "1", "1 while a clock-throttle reason is active (envelope.gpu.throttle.reason)";
+    GPU_CLOCK = "envelope.gpu.clock", "Hz", "GPU clocks (envelope.gpu.clock.domain = sm or memory)";
+    GPU_THROTTLED = "envelope.gpu.throttled", "", "1 while a clock-throttle reason is active (envelope.gpu.throttle.reason)";
     GPU_PCIE_THROUGHPUT = "envelope.gpu.pcie.throughput", "By/s", "PCIe throughput per direction (transmit, receive)";
     GPU_PROCESS_MEMORY = "envelope.gpu.process.memory.usage", "By", "GPU memory held by a process";
     GPU_PROCESS_UTILIZATION = "envelope.gpu.process.utilization", "1", "SM utilization of a process, 0..1";
@@ -472,12 +472,12 @@ impl MetricsState {
             gauge(
                 &GPU_CLOCK,
                 with("envelope.gpu.clock.domain", "sm"),
-                device.sm_clock_mhz.map(f64::from),
+                device.sm_clock_mhz.map(|mhz| f64::from(mhz) * 1e6),
             );
             gauge(
                 &GPU_CLOCK,
                 with("envelope.gpu.clock.domain", "memory"),
-                device.memory_clock_mhz.map(f64::from),
+                device.memory_clock_mhz.map(|mhz| f64::from(mhz) * 1e6),
             );
             gauge(
                 &GPU_PCIE_THROUGHPUT,
