@@ -247,11 +247,7 @@ impl Daemon {
         let elapsed = self.window_started.elapsed();
         self.window_started = Instant::now();
         let delta = now_snapshot.since(&self.previous);
-        let gpu = if last {
-            GpuSummary::unavailable("stopping".to_string())
-        } else {
-            self.gpu.take_window().await
-        };
+        let gpu = self.gpu.take_window().await;
         if let Some(reason) = &gpu.reason
             && !self.said_no_gpu
             && !last
@@ -346,10 +342,15 @@ impl Daemon {
             );
         }
         self.metrics.add_window(&judged, &gpu);
-        let gpu_pids = self.gpu_pids.lock().map(|p| p.clone()).unwrap_or_default();
-        refresh_tracking(&mut self.probes, &mut self.tracked, &gpu_pids);
         self.export(&now_snapshot, &gpu, &views, last).await;
         self.previous = now_snapshot;
+    }
+
+    /// Keeps the kernel's set of tracked processes current (every second, so a process that
+    /// starts mid-window is counted from then on).
+    fn refresh_tracking(&mut self) {
+        let gpu_pids = self.gpu_pids.lock().map(|p| p.clone()).unwrap_or_default();
+        refresh_tracking(&mut self.probes, &mut self.tracked, &gpu_pids);
     }
 
     /// Runs the budget's actions for a transition, rate limited, each on its own thread; the
@@ -567,9 +568,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + window, window);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tracking = tokio::time::interval(Duration::from_secs(1));
+    tracking.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = ticks.tick() => daemon.run_window(false).await,
+            _ = tracking.tick() => daemon.refresh_tracking(),
             _ = hangup.recv() => daemon.reload(),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
