@@ -39,6 +39,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the benchmark (root): probe cost, agent cost, workload slowdown and accuracy against
+    /// a reference tracer; writes BENCHMARKS.md and target/bench/results.json. Takes ~5 min.
+    Bench,
     /// Set up prerequisites and run every test (unit tests; root-only probe tests run when root).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -143,6 +146,27 @@ fn main() -> anyhow::Result<()> {
                 .status()
                 .with_context(|| format!("could not start {}", binary.display()))?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Bench => {
+            if !is_root() {
+                bail!("the benchmark loads probes and runs fio against direct I/O: run it as root");
+            }
+            toolchain::ensure_ebpf_toolchain()?;
+            toolchain::ensure_test_tools(true)?;
+            toolchain::ensure_bench_tools()?;
+            build_agent(true)?;
+            let binary = workspace_root().join("target/release/envelope");
+            eprintln!(
+                "xtask: benchmarking {} (about 5 minutes; keep the machine otherwise idle)",
+                binary.display()
+            );
+            run_checked(
+                Command::new(env!("CARGO"))
+                    .env("ENVELOPE_BENCH_BINARY", &binary)
+                    .args(["test", "-p", "integration-tests", "--test", "bench", "--"])
+                    .args(["--ignored", "--nocapture", "--test-threads=1"]),
+            )?;
+            eprintln!("xtask: results in BENCHMARKS.md and target/bench/results.json");
         }
         Task::Test { cargo_args } => {
             toolchain::ensure_ebpf_toolchain()?;

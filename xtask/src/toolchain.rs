@@ -202,6 +202,34 @@ pub fn ensure_test_tools(is_root: bool) -> anyhow::Result<()> {
     )
 }
 
+/// Tools the benchmark drives besides the test tools: iperf3, bpftool (BPF run-time stats)
+/// and bpftrace (the reference tracer).
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [
+        ("iperf3", "iperf3"),
+        ("bpftool", "bpftool"),
+        ("bpftrace", "bpftrace"),
+    ]
+    .iter()
+    .filter(|(tool, _)| which::which(tool).is_err())
+    .map(|(_, package)| *package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing what the benchmark uses: apt-get install -y {}",
+        missing.join(" ")
+    );
+    run_checked(Command::new("apt-get").args(["update", "-q"]))?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
 /// Prints the programs and maps an eBPF object holds, and its size.
 pub fn describe_object(path: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
