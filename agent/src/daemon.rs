@@ -586,3 +586,90 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attribution::Bottleneck;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("envelope-daemon-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn budget_state_round_trips_and_a_damaged_file_starts_afresh() {
+        let dir = scratch("state");
+        assert!(load_budget_states(&dir).is_empty());
+        let mut states = BTreeMap::new();
+        states.insert(
+            "p95".to_string(),
+            BudgetState {
+                history: [(10, false), (20, true)].into(),
+                firing_since_s: Some(10),
+                breaches: 3,
+                bad_windows: 1,
+                good_windows: 1,
+                ..BudgetState::default()
+            },
+        );
+        save_budget_states(&dir, &states).unwrap();
+        assert_eq!(load_budget_states(&dir), states);
+        std::fs::write(dir.join(BUDGET_STATE_FILE), b"{ not json").unwrap();
+        assert!(load_budget_states(&dir).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_breach_event_explains_itself() {
+        let event = BreachEvent {
+            budget: "loader p95".into(),
+            status: BreachStatus::Firing,
+            breach_id: "loader p95@1800".into(),
+            observed: 84.0,
+            threshold: 10.0,
+            burn_rates: vec![(3600, 20.0, 30.0)],
+        };
+        let result = BudgetResult {
+            name: "loader p95".into(),
+            workload: "loader".into(),
+            metric: "storage_p95_ms".into(),
+            bound: budgets::Bound::Ceiling,
+            threshold: 10.0,
+            observed: Some(84.0),
+            good: Some(false),
+        };
+        let verdict = Verdict {
+            bottleneck: Bottleneck::Storage,
+            confidence: 0.9,
+            workload: Some("loader".into()),
+            pid: Some(42),
+            summary: "storage - loader (pid 42) spent 70% blocked on nvme0n1".into(),
+            evidence: vec!["nvme0n1: P95 84 ms".into()],
+            share: 0.7,
+        };
+        let at = UNIX_EPOCH + Duration::from_secs(1800);
+        let (line, log) = explain(&event, &result, Some(&verdict), &["1h".into()], at);
+        assert_eq!(
+            line,
+            "budget \"loader p95\" firing for workload \"loader\": storage_p95_ms = 84 above its ceiling 10 ; burn rate 20 over 1h (short window 30); verdict: storage - loader (pid 42) spent 70% blocked on nvme0n1; nvme0n1: P95 84 ms; breach id loader p95@1800"
+        );
+        assert_eq!(log.severity_number, 13);
+        assert_eq!(log.time_unix_ns, 1_800_000_000_000);
+        let attribute = |key: &str| {
+            log.attributes
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(attribute("envelope.breach.status"), Some("firing"));
+        assert_eq!(attribute("envelope.burn_rate.1h"), Some("20"));
+        assert_eq!(attribute("envelope.bottleneck"), Some("storage"));
+        assert_eq!(
+            attribute("envelope.top_offender"),
+            Some("nvme0n1: P95 84 ms")
+        );
+    }
+}
