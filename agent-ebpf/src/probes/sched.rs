@@ -6,7 +6,10 @@ use agent_common::sched::{
     ProcessTime, RECENT_ACTIVITY_NS, ThreadState, activity, classify_switch_out, tracked,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, LruPerCpuHashMap},
     programs::TracePointContext,
@@ -23,6 +26,7 @@ static TRACKED_PROCESSES: HashMap<u32, u32> = HashMap::with_max_entries(32768, 0
 static THREAD_STATES: LruHashMap<u32, ThreadState> = LruHashMap::with_max_entries(65536, 0);
 
 /// Thread id -> the system call it entered last (the one it sleeps in, when it sleeps).
+/// Only the fallback path (`sched_switch_by_map` + `sys_enter`) fills it.
 #[map]
 static THREAD_SYSCALLS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
 
@@ -108,14 +112,47 @@ fn transition(state: *mut ThreadState, next: u32, now: u64) {
     }
 }
 
+/// Offset of `orig_ax` in x86-64's `struct pt_regs` (a user-visible ABI: ptrace's layout).
+const PT_REGS_ORIG_AX: usize = 15 * 8;
+
+/// The system call the current thread is in, from its saved registers: no per-syscall probe
+/// is needed. Needs BTF and `bpf_task_pt_regs` (Linux 5.15); the loader falls back to
+/// `sched_switch_by_map` where the verifier refuses this.
+#[inline(always)]
+fn syscall_from_registers() -> u64 {
+    // SAFETY: helper calls; the read goes through bpf_probe_read_kernel.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        if regs.is_null() {
+            return u64::MAX;
+        }
+        bpf_probe_read_kernel(regs.add(PT_REGS_ORIG_AX) as *const u64).unwrap_or(u64::MAX)
+    }
+}
+
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
-    let _ = try_sched_switch(&ctx);
+    let _ = try_sched_switch(&ctx, |_| syscall_from_registers());
+    0
+}
+
+/// The fallback for kernels without `bpf_task_pt_regs`: the system call `sys_enter` noted.
+#[tracepoint(category = "sched", name = "sched_switch")]
+pub fn sched_switch_by_map(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_switch(&ctx, |thread| {
+        // SAFETY: copied out at once.
+        unsafe { THREAD_SYSCALLS.get(&thread) }
+            .copied()
+            .unwrap_or(u64::MAX)
+    });
     0
 }
 
 #[inline(always)]
-fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_sched_switch(
+    ctx: &TracePointContext,
+    current_syscall: impl Fn(u32) -> u64,
+) -> Result<(), i64> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     // sched_switch runs in the context of the thread leaving the CPU.
@@ -125,10 +162,7 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
         let prev: i32 = unsafe { ctx.read_at(offset!(switch_prev_pid))? };
         let task_state: i64 = unsafe { ctx.read_at(offset!(switch_prev_state))? };
         let prev = prev as u32;
-        // SAFETY: copied out at once.
-        let syscall = unsafe { THREAD_SYSCALLS.get(&prev) }
-            .copied()
-            .unwrap_or(u64::MAX);
+        let syscall = current_syscall(prev);
         let next_activity = classify_switch_out(
             task_state as u64,
             syscall,
@@ -225,6 +259,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Fallback only (see `sched_switch_by_map`): fires on every system call of the node.
 #[tracepoint(category = "raw_syscalls", name = "sys_enter")]
 pub fn sys_enter(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -120,9 +120,34 @@ impl KernelProbes {
         let mut statuses = Vec::new();
         for (spec, usable) in availability {
             let tracepoint = spec.qualified_name();
+            let tracepoint_usable = usable.is_ok();
             let result = usable
                 .map_err(|problem: TracepointProblem| problem.to_string())
-                .and_then(|()| attach(&mut ebpf, spec.name, spec.category));
+                .and_then(|()| attach(&mut ebpf, spec.name, spec.category, spec.name));
+            // sched_switch reads the system call a thread sleeps in from its saved registers
+            // (bpf_task_pt_regs, Linux 5.15+). Where the verifier refuses that, the fallback
+            // notes every system call in raw_syscalls:sys_enter, which costs far more.
+            let result = match result {
+                Err(refused) if spec.name == "sched_switch" && tracepoint_usable => {
+                    tracing::info!(
+                        "sched_switch cannot read system calls from registers here ({refused}); \
+                         falling back to raw_syscalls:sys_enter"
+                    );
+                    let fallback =
+                        attach(&mut ebpf, "sched_switch_by_map", "sched", "sched_switch");
+                    if fallback.is_ok() {
+                        let syscalls = attach(&mut ebpf, "sys_enter", "raw_syscalls", "sys_enter");
+                        statuses.push(ProbeStatus {
+                            tracepoint: "raw_syscalls:sys_enter".to_string(),
+                            feeds: "which system call a thread sleeps in (network or GPU waits)",
+                            attached: syscalls.is_ok(),
+                            problem: syscalls.err(),
+                        });
+                    }
+                    fallback
+                }
+                other => other,
+            };
             statuses.push(ProbeStatus {
                 tracepoint,
                 feeds: spec.feeds,
@@ -266,7 +291,12 @@ fn monotonic_now_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-fn attach(ebpf: &mut Ebpf, program_name: &str, category: &str) -> Result<(), String> {
+fn attach(
+    ebpf: &mut Ebpf,
+    program_name: &str,
+    category: &str,
+    tracepoint: &str,
+) -> Result<(), String> {
     let program: &mut TracePoint = ebpf
         .program_mut(program_name)
         .ok_or_else(|| format!("the eBPF object has no program {program_name}"))?
@@ -276,7 +306,7 @@ fn attach(ebpf: &mut Ebpf, program_name: &str, category: &str) -> Result<(), Str
         .load()
         .map_err(|error| format!("the verifier refused it: {error:#}"))?;
     program
-        .attach(category, program_name)
+        .attach(category, tracepoint)
         .map(|_link| ())
         .map_err(|error| format!("attaching failed: {error:#}"))
 }

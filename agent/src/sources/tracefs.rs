@@ -319,12 +319,6 @@ pub const TRACEPOINTS: &[TracepointSpec] = &[
         feeds: "tracking of processes started by tracked ones",
         fields: &[field!("child_pid", 4, fork_child_pid)],
     },
-    TracepointSpec {
-        category: "raw_syscalls",
-        name: "sys_enter",
-        feeds: "which system call a thread sleeps in (network or GPU waits)",
-        fields: &[field!("id", 8, sys_enter_id)],
-    },
 ];
 
 /// Why a tracepoint cannot be used on this kernel.
