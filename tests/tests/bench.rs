@@ -114,7 +114,11 @@ fn bpf_stats() -> BTreeMap<(u64, String), (u64, u64)> {
         .filter_map(|p| {
             Some((
                 (p["id"].as_u64()?, p["name"].as_str()?.to_string()),
-                (p["run_time_ns"].as_u64()?, p["run_cnt"].as_u64()?),
+                // bpftool leaves both out for a program that has not run yet.
+                (
+                    p["run_time_ns"].as_u64().unwrap_or(0),
+                    p["run_cnt"].as_u64().unwrap_or(0),
+                ),
             ))
         })
         .collect()
