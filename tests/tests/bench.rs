@@ -741,7 +741,101 @@ fn render(r: &Value) -> String {
     }
     let _ = writeln!(
         w,
-        "\nTarget: P50/P95/P99 within 10% of the independent measurement."
+        "\nTarget: P50/P95/P99 within 10% of the independent measurement.\n"
     );
+    let _ = writeln!(w, "## Against the targets\n");
+    let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    let weighted = r["probe_cost"]["envelope_weighted_ns_per_event"]["storage_load"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
+        .max(
+            r["probe_cost"]["envelope_weighted_ns_per_event"]["network_load"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+    let cpu = r["agent"]["cpu_percent_of_one_core"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, v)| v.as_f64())
+        .fold(0.0, f64::max);
+    let rss = r["agent"]["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+    let slow = |who: &str, what: &str| s[who][what].as_f64().unwrap_or(f64::NAN);
+    let worst_envelope = slow("envelope", "fio").max(slow("envelope", "iperf3"));
+    let worst_reference = slow("reference", "fio").max(slow("reference", "iperf3"));
+    let accuracy_errors: Vec<f64> = [("storage", "fio_clat_ms"), ("rtt", "ss_srtt_ms")]
+        .iter()
+        .flat_map(|(kind, truth)| {
+            ["p50", "p95", "p99"].into_iter().filter_map(move |q| {
+                let truth = a[kind][truth][q].as_f64()?;
+                let measured = a[kind]["envelope_ms"][q].as_f64()?;
+                Some(((measured - truth) / truth * 100.0).abs())
+            })
+        })
+        .collect();
+    let worst_accuracy = accuracy_errors.iter().copied().fold(0.0, f64::max);
+    let _ = writeln!(
+        w,
+        "| target | measured | |\n|---|---|---|\n| probe cost <= 100 ns/event | {weighted:.0} ns (worst load, weighted) | {} |\n| agent <= 1% of a core | {cpu:.2}% (worst condition) | {} |\n| agent <= 40 MiB RSS | {rss:.1} MiB | {} |\n| slowdown <= 1% | {worst_envelope:.1}% (worst of fio, iperf3) | {} |\n| slowdown no worse than the reference | reference {worst_reference:.1}% | {} |\n| P50/P95/P99 within 10% | worst {worst_accuracy:.1}% ({} quantiles) | {} |\n",
+        verdict(weighted <= 100.0),
+        verdict(cpu <= 1.0),
+        verdict(rss <= 40.0),
+        verdict(worst_envelope <= 1.0),
+        verdict(worst_envelope <= worst_reference + 1.0),
+        accuracy_errors.len(),
+        verdict(!accuracy_errors.is_empty() && worst_accuracy <= 10.0),
+    );
+    md.push_str(FINDINGS);
     md
+}
+
+/// What the numbers mean, and what was done about the missed targets (kept with the code
+/// that measures them; update it when the numbers move).
+const FINDINGS: &str = "## Findings
+
+- Accuracy: envelope's log-linear histograms (16 buckets per power of two) land within a few
+  percent of fio's own completion percentiles and of the kernel's srtt; the bcc-style log2
+  reference on the same events is off by tens of percent at P95/P99 (and by up to 2x by
+  construction).
+- Agent: the userspace side does no per-event work (it reads maps once a window), so its CPU
+  stays a fraction of a percent of one core and its memory is the maps' mirror plus the
+  runtime.
+- Probe cost: every envelope program costs several hundred ns per event here, and so do the
+  reference's bpftrace programs on the same tracepoints (the reference line above): on this
+  2-vCPU Firecracker VM map operations and helper calls are far slower than the 35-96 ns
+  published for bare metal. Done so far: `raw_syscalls:sys_enter` (one probe per system call
+  on the whole node: 4.8 million events in an 8 s fio run at ~264 ns each) is gone;
+  `sched_switch` reads the system call from the sleeping thread's saved registers
+  (`bpf_task_pt_regs`), and sys_enter remains only as the fallback for kernels before 5.15.
+  LRU values are overwritten in place instead of re-inserted (an LRU insert allocates).
+  Still to do, largest first: `block_bio_queue` (an LRU insert per bio with tgid, cgroup and
+  comm; keying the in-flight map by request and taking the submitter at block_rq_insert, or
+  task-local storage, would save most of it), `block_rq_complete` (two 4 KiB per-CPU
+  histogram lookups plus counters and the per-process charge), `sched_switch` (up to five
+  hash lookups for tracked threads: task-local storage instead of tid-keyed hashes).
+- Slowdown: with these tracepoints enabled at all, envelope and the reference both cost fio
+  and iperf3 several percent on this VM; the 1% target is not met here. Envelope does more
+  than the reference: besides block and TCP latency it runs the scheduler probes
+  (sched_switch, sched_wakeup: every context switch of the node, filtered in the kernel) that
+  attribute each workload's time, which biolatency and tcprtt do not. Two clean runs of this
+  benchmark on 2026-11-27 gave envelope 8.7% and 16.3% (fio), 4.8% and 17.1% (iperf3); the
+  reference 8.1% and 11.0%, 6.2% and 14.5%. The runs alternate A/B/C three times; the spread
+  between runs of one observer is itself several percent (runs in results.json), and the
+  no-agent baseline moved from 59.6k to 64.4k IOPS between the two, so this VM cannot resolve
+  differences of a few percent. A bare-metal GPU node is where the 1% target should be judged.
+";
+
+/// Re-renders BENCHMARKS.md from the last run's target/bench/results.json (after editing the
+/// findings, without measuring again): `cargo test -p integration-tests --test bench render -- --ignored`.
+#[test]
+#[ignore = "renders BENCHMARKS.md from target/bench/results.json"]
+fn render_benchmarks_from_the_last_results() {
+    let results: Value = serde_json::from_slice(
+        &std::fs::read(workspace().join("target/bench/results.json"))
+            .expect("no target/bench/results.json: run `cargo xtask bench` first"),
+    )
+    .expect("results.json");
+    let rendered = render(&results);
+    assert!(rendered.contains("## Against the targets"));
+    std::fs::write(workspace().join("BENCHMARKS.md"), rendered).unwrap();
 }
