@@ -3,6 +3,7 @@
 use std::{
     io::Write as _,
     net::{SocketAddrV4, TcpStream},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -140,12 +141,26 @@ fn a_spinner_is_a_cpu_bottleneck() {
 
 #[test]
 fn bulk_sends_through_a_delayed_veth_are_a_network_bottleneck_on_that_peer() {
+    network_scenario(5203, &[]);
+}
+
+/// The same scenario through the fallback for kernels before 5.15, where sched_switch cannot
+/// read the system call from the thread's registers and raw_syscalls:sys_enter notes it.
+#[test]
+fn the_sys_enter_fallback_attributes_the_network_wait_too() {
+    network_scenario(5204, &[("ENVELOPE_SYSCALL_PROBE", Path::new("sys_enter"))]);
+}
+
+fn network_scenario(port: u16, environment: &[(&str, &Path)]) {
     if !veth_tools_or_skip("network scenario") {
         return;
     }
     let _exclusive = exclusive();
+    // Resolve (and if need be build) the binary first: the load below lasts 6 s, and a cargo
+    // build inside diagnose_json would eat into it when this test runs first.
+    integration_tests::envelope_binary();
     let pair = VethPair::create("4mbit", "400ms");
-    let server_address = SocketAddrV4::new(pair.server_address, 5203);
+    let server_address = SocketAddrV4::new(pair.server_address, port);
     let server = pair.spawn_sink_server(server_address, Some(65536));
     // This test process is the workload: one thread sends for the whole window.
     let client = VethPair::in_namespace(&pair.client_namespace, move || {
@@ -158,9 +173,21 @@ fn bulk_sends_through_a_delayed_veth_are_a_network_bottleneck_on_that_peer() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let me = std::process::id().to_string();
-    let (code, report) = diagnose_json(4, &["--pid", &me], &[]);
+    let (code, report) = diagnose_json(4, &["--pid", &me], environment);
     client.join().unwrap();
     server.join().unwrap();
+    let syscall_probe = report["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["tracepoint"] == "raw_syscalls:sys_enter");
+    // The fallback attaches sys_enter; the default path needs no probe on system calls.
+    assert_eq!(
+        syscall_probe.is_some_and(|p| p["attached"] == true),
+        !environment.is_empty(),
+        "{:#}",
+        report["probes"]
+    );
     let workloads = report["workloads"].as_array().unwrap();
     assert_eq!(
         workloads.len(),

@@ -117,13 +117,22 @@ impl KernelProbes {
                 }
             })?;
 
+        // ENVELOPE_SYSCALL_PROBE=sys_enter takes the pre-5.15 path on any kernel (to compare
+        // the two, or to work around a kernel whose saved registers are not what we expect).
+        let force_sys_enter =
+            std::env::var_os("ENVELOPE_SYSCALL_PROBE").is_some_and(|value| value == "sys_enter");
         let mut statuses = Vec::new();
         for (spec, usable) in availability {
             let tracepoint = spec.qualified_name();
             let tracepoint_usable = usable.is_ok();
             let result = usable
                 .map_err(|problem: TracepointProblem| problem.to_string())
-                .and_then(|()| attach(&mut ebpf, spec.name, spec.category, spec.name));
+                .and_then(|()| {
+                    if spec.name == "sched_switch" && force_sys_enter {
+                        return Err("ENVELOPE_SYSCALL_PROBE=sys_enter".to_string());
+                    }
+                    attach(&mut ebpf, spec.name, spec.category, spec.name)
+                });
             // sched_switch reads the system call a thread sleeps in from its saved registers
             // (bpf_task_pt_regs, Linux 5.15+). Where the verifier refuses that, the fallback
             // notes every system call in raw_syscalls:sys_enter, which costs far more.
