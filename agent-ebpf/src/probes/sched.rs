@@ -186,12 +186,6 @@ fn try_sched_switch(
                 let _ = THREAD_STATES.insert(&prev, &state, 0);
             }
         }
-        // The name after exec (a shell's child becomes "dd"), kept for after the exit.
-        if let (Some(time), Ok(comm)) = (TIME_BY_PROCESS.get_ptr_mut(&tgid), bpf_get_current_comm())
-        {
-            // SAFETY: this CPU's slot of a per-CPU value.
-            unsafe { (*time).comm = comm };
-        }
     }
     // SAFETY: as above.
     let next: i32 = unsafe { ctx.read_at(offset!(switch_next_pid))? };
@@ -235,11 +229,26 @@ fn try_sched_wakeup(ctx: &TracePointContext) -> Result<(), i64> {
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
-    let thread = bpf_get_current_pid_tgid() as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let thread = pid_tgid as u32;
     if let Some(state) = THREAD_STATES.get_ptr_mut(&thread) {
         // SAFETY: plain helper call. The thread's last interval ends here.
         transition(state, activity::OTHER_SLEEP, unsafe { bpf_ktime_get_ns() });
         let _ = THREAD_STATES.remove(&thread);
+        // The process's name after exec (a shell's child becomes "dd"), kept for after the
+        // exit: userspace names live processes from /proc. Written here, once per exiting
+        // thread, rather than at every context switch: the main thread's name wins, another
+        // thread's only while none is set.
+        let tgid = (pid_tgid >> 32) as u32;
+        if let (Some(time), Ok(comm)) = (TIME_BY_PROCESS.get_ptr_mut(&tgid), bpf_get_current_comm())
+        {
+            // SAFETY: this CPU's slot of a per-CPU value.
+            unsafe {
+                if thread == tgid || (*time).comm[0] == 0 {
+                    (*time).comm = comm;
+                }
+            }
+        }
     }
     let _ = THREAD_SYSCALLS.remove(&thread);
     0
