@@ -808,6 +808,8 @@ const FINDINGS: &str = "## Findings
   `sched_switch` reads the system call from the sleeping thread's saved registers
   (`bpf_task_pt_regs`), and sys_enter remains only as the fallback for kernels before 5.15.
   LRU values are overwritten in place instead of re-inserted (an LRU insert allocates).
+  `sched_switch` no longer copies the thread's name on every switch (it is kept at exit);
+  no difference is measurable through this VM's noise.
   Still to do, largest first: `block_bio_queue` (an LRU insert per bio with tgid, cgroup and
   comm; keying the in-flight map by request and taking the submitter at block_rq_insert, or
   task-local storage, would save most of it), `block_rq_complete` (two 4 KiB per-CPU
@@ -817,11 +819,13 @@ const FINDINGS: &str = "## Findings
   and iperf3 several percent on this VM; the 1% target is not met here. Envelope does more
   than the reference: besides block and TCP latency it runs the scheduler probes
   (sched_switch, sched_wakeup: every context switch of the node, filtered in the kernel) that
-  attribute each workload's time, which biolatency and tcprtt do not. Two clean runs of this
-  benchmark on 2026-11-27 gave envelope 8.7% and 16.3% (fio), 4.8% and 17.1% (iperf3); the
-  reference 8.1% and 11.0%, 6.2% and 14.5%. The runs alternate A/B/C three times; the spread
-  between runs of one observer is itself several percent (runs in results.json), and the
-  no-agent baseline moved from 59.6k to 64.4k IOPS between the two, so this VM cannot resolve
+  attribute each workload's time, which biolatency and tcprtt do not. Three clean runs of
+  this benchmark on 2026-11-27 gave envelope 8.7%, 16.3% and 8.2% (fio), 4.8%, 17.1% and
+  15.1% (iperf3); the reference 8.1%, 11.0% and -0.4%, 6.2%, 14.5% and 22.7%. The runs
+  alternate A/B/C three times; the spread between runs of one observer is itself several
+  percent (runs in results.json), and the no-agent baseline moved between 52k and 64k IOPS
+  from one benchmark run to the next (the reference's own cost per event moved from 499 to
+  583 ns), so this VM cannot resolve
   differences of a few percent. A bare-metal GPU node is where the 1% target should be judged.
 ";
 
