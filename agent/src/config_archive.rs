@@ -57,6 +57,21 @@ pub fn history(state_dir: &Path) -> anyhow::Result<Vec<ArchivedConfig>> {
     Ok(archived)
 }
 
+/// Archives the configuration file that just loaded, as a known good one to roll back to. A
+/// failure is logged, never fatal: the agent must run with a configuration it could read.
+pub fn archive_loaded(state_dir: &Path, config_path: &Path) {
+    let archived = std::fs::read(config_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| archive(state_dir, &bytes, SystemTime::now()));
+    if let Err(error) = archived {
+        tracing::warn!(
+            "could not archive {} under {}: {error:#}",
+            config_path.display(),
+            state_dir.display()
+        );
+    }
+}
+
 /// Archives `content` unless it is the newest archive already. Returns its id.
 pub fn archive(state_dir: &Path, content: &[u8], now: SystemTime) -> anyhow::Result<String> {
     let hash = short_hash(content);

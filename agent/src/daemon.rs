@@ -452,7 +452,7 @@ impl Daemon {
                         "SIGHUP: [agent] window/state_dir and [export] changes take effect at the next restart"
                     );
                 }
-                archive(&self.state_dir, &path);
+                config_archive::archive_loaded(&self.state_dir, &path);
                 let names: HashSet<&str> = config.budgets.iter().map(|b| b.name.as_str()).collect();
                 self.budget_states
                     .retain(|name, _| names.contains(name.as_str()));
@@ -475,19 +475,6 @@ impl Daemon {
     }
 }
 
-fn archive(state_dir: &Path, path: &Path) {
-    let archived = std::fs::read(path)
-        .map_err(anyhow::Error::from)
-        .and_then(|bytes| config_archive::archive(state_dir, &bytes, SystemTime::now()));
-    if let Err(error) = archived {
-        tracing::warn!(
-            "could not archive {} under {}: {error:#}",
-            path.display(),
-            state_dir.display()
-        );
-    }
-}
-
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut config = load_config(options.config_path.as_deref())?;
     if let Some(window) = options.window {
@@ -501,7 +488,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| config.agent.state_dir.clone());
     if let Some(path) = &options.config_path {
-        archive(&state_dir, path);
+        config_archive::archive_loaded(&state_dir, path);
     }
     let settings = OtlpSettings::resolve(&config.export, |key| std::env::var(key).ok())?;
     let exporter = if settings.enabled {

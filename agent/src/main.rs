@@ -134,23 +134,7 @@ fn main() -> ExitCode {
                         let loaded = envelope::config::load(path)?;
                         warn_about_unreadable_executables(path);
                         // Loaded: keep it as a known good configuration to roll back to.
-                        let archived =
-                            std::fs::read(path)
-                                .map_err(anyhow::Error::from)
-                                .and_then(|bytes| {
-                                    envelope::config_archive::archive(
-                                        &args.state_dir,
-                                        &bytes,
-                                        std::time::SystemTime::now(),
-                                    )
-                                });
-                        if let Err(error) = archived {
-                            tracing::warn!(
-                                "could not archive {} under {}: {error:#}",
-                                path.display(),
-                                args.state_dir.display()
-                            );
-                        }
+                        envelope::config_archive::archive_loaded(&args.state_dir, path);
                         loaded
                     }
                     None => envelope::config::LoadedConfig::default(),

@@ -167,6 +167,8 @@ pub struct BudgetView {
 #[derive(Debug)]
 pub struct MetricsState {
     latency_bounds_s: Vec<f64>,
+    /// The same bounds in ns, as the kernel's histograms count.
+    latency_bounds_ns: Vec<f64>,
     workloads: CardinalityLimit,
     peers: CardinalityLimit,
     devices: CardinalityLimit,
@@ -194,6 +196,7 @@ impl MetricsState {
         bounds.sort_by(f64::total_cmp);
         bounds.dedup_by(|a, b| (*a - *b).abs() <= 1e-12);
         Self {
+            latency_bounds_ns: bounds.iter().map(|b| b * 1e9).collect(),
             latency_bounds_s: bounds,
             workloads: CardinalityLimit::new(limits.workloads),
             peers: CardinalityLimit::new(limits.peers),
@@ -238,11 +241,12 @@ impl MetricsState {
     }
 
     fn histogram(&self, histogram: &Histogram) -> Value {
-        let bounds_ns: Vec<f64> = self.latency_bounds_s.iter().map(|b| b * 1e9).collect();
+        let counts = histogram.rebucket_ns(&self.latency_bounds_ns);
         Value::Histogram(ExportHistogram {
             bounds: self.latency_bounds_s.clone(),
-            counts: histogram.rebucket_ns(&bounds_ns),
-            count: histogram.rebucket_ns(&[]).iter().sum(),
+            // The buckets' total, not the kernel's separate counter: OTLP wants them equal.
+            count: counts.iter().sum(),
+            counts,
             sum: histogram.sum_ns() as f64 / 1e9,
         })
     }
