@@ -26,8 +26,6 @@ pub mod map_names {
     pub const THREAD_STATES: &str = "THREAD_STATES";
     pub const THREAD_SYSCALLS: &str = "THREAD_SYSCALLS";
     pub const TIME_BY_PROCESS: &str = "TIME_BY_PROCESS";
-    pub const LAST_IO_QUEUED: &str = "LAST_IO_QUEUED";
-    pub const LAST_SOCKET_ACTIVITY: &str = "LAST_SOCKET_ACTIVITY";
 }
 
 /// Name of the global variable that carries tracepoint field offsets into the programs.
@@ -53,4 +51,5 @@ mod pod {
     unsafe impl aya::Pod for TracepointOffsets {}
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for ProcessTime {}
+    unsafe impl aya::Pod for TrackedProcess {}
 }

@@ -32,8 +32,6 @@ pub struct PeerCounters {
     pub connects_established: u64,
     /// Active opens that went from SYN_SENT straight to CLOSE (refused, timed out, reset).
     pub connects_failed: u64,
-    /// RTT samples taken (ACKs processed), to show how much evidence an RTT figure has.
-    pub rtt_samples: u64,
 }
 
 /// Which process owns a socket, learned where the kernel runs in that process's context

@@ -22,6 +22,31 @@ pub mod tracked {
     pub const GPU_USER: u32 = 2;
 }
 
+/// A tracked process (key: tgid). Userspace writes `flags`; the probes stamp the times, in
+/// place, so the hot paths need one lookup for "is it tracked" and "what did it do lately".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackedProcess {
+    /// `tracked::*`.
+    pub flags: u32,
+    pub _padding: u32,
+    /// When it last queued block I/O (bpf_ktime_get_ns), 0 for never.
+    pub last_io_queued_ns: u64,
+    /// When it last sent or received on a TCP socket, 0 for never.
+    pub last_socket_activity_ns: u64,
+}
+
+impl TrackedProcess {
+    pub const fn new(flags: u32) -> Self {
+        Self {
+            flags,
+            _padding: 0,
+            last_io_queued_ns: 0,
+            last_socket_activity_ns: 0,
+        }
+    }
+}
+
 /// Per thread (key: thread id), in an LRU map so exited threads age out.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use super::shared::{get_or_insert, offset, record_latency};
+use super::shared::{compiled_offset, field, field_at, get_or_insert, offset, record_latency};
 
 /// Bounded by LRU: peers that stop talking age out. Userspace may resize at load time.
 #[map]
@@ -42,28 +42,26 @@ const ZERO_COUNTERS: PeerCounters = PeerCounters {
     retransmits: 0,
     connects_established: 0,
     connects_failed: 0,
-    rtt_samples: 0,
 };
 
-/// Reads an IPv4 or IPv6 address at the given offsets into a peer key's 16-byte form.
+/// Reads an IPv4 or IPv6 address into a peer key's 16-byte form. Each address is given as
+/// (live offset, compiled offset), see `field!`.
 #[inline(always)]
 fn read_address(
     ctx: &TracePointContext,
     family: u16,
-    v4_offset: usize,
-    v6_offset: usize,
+    v4: (usize, usize),
+    v6: (usize, usize),
 ) -> Result<[u8; 16], i64> {
     let mut address = [0u8; 16];
     if family == AF_INET {
-        // SAFETY: offset from the format file, read through bpf_probe_read_kernel.
-        let v4: [u8; 4] = unsafe { ctx.read_at(v4_offset)? };
+        let v4: [u8; 4] = field_at!(ctx, v4.0, v4.1)?;
         address[0] = v4[0];
         address[1] = v4[1];
         address[2] = v4[2];
         address[3] = v4[3];
     } else if family == AF_INET6 {
-        // SAFETY: as above.
-        address = unsafe { ctx.read_at(v6_offset)? };
+        address = field_at!(ctx, v6.0, v6.1)?;
     } else {
         return Err(0);
     }
@@ -77,8 +75,7 @@ fn owner_tgid(socket: u64) -> u32 {
 }
 
 #[inline(always)]
-fn remember_owner(socket: u64) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+fn remember_owner(socket: u64, tgid: u32) {
     // SAFETY: the value is copied out at once.
     if let Some(owner) = unsafe { SOCKET_OWNERS.get(&socket) } {
         if owner.tgid == tgid {
@@ -102,17 +99,16 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: offsets from the format file, reads through bpf_probe_read_kernel.
-    let srtt_us: u32 = unsafe { ctx.read_at(offset!(tcp_probe_srtt))? };
+    let srtt_us: u32 = field!(ctx, tcp_probe_srtt)?;
     if srtt_us == 0 {
         return Ok(()); // no RTT sample on this socket yet
     }
-    let family: u16 = unsafe { ctx.read_at(offset!(tcp_probe_family))? };
+    let family: u16 = field!(ctx, tcp_probe_family)?;
     // daddr is a sockaddr_in (address at +4) or sockaddr_in6 (address at +8).
-    let daddr = offset!(tcp_probe_daddr);
-    let address = read_address(ctx, family, daddr + 4, daddr + 8)?;
-    let port: u16 = unsafe { ctx.read_at(offset!(tcp_probe_dport))? };
-    let socket: u64 = unsafe { ctx.read_at(offset!(tcp_probe_skaddr))? };
+    let (live, compiled) = (offset!(tcp_probe_daddr), compiled_offset!(tcp_probe_daddr));
+    let address = read_address(ctx, family, (live + 4, compiled + 4), (live + 8, compiled + 8))?;
+    let port: u16 = field!(ctx, tcp_probe_dport)?;
+    let socket: u64 = field!(ctx, tcp_probe_skaddr)?;
     let key = PeerKey {
         address,
         family,
@@ -120,10 +116,7 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
         tgid: owner_tgid(socket),
     };
     record_latency!(PEER_RTT, &key, srtt_us as u64 * 1000);
-    if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, &ZERO_COUNTERS) {
-        // SAFETY: this CPU's slot of a per-CPU value.
-        unsafe { (*counters).rtt_samples += 1 };
-    }
+    // The histogram's count is the number of RTT samples: no counter lookup per ACK.
     Ok(())
 }
 
@@ -135,16 +128,15 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: see try_tcp_probe.
-    let family: u16 = unsafe { ctx.read_at(offset!(retransmit_family))? };
+    let family: u16 = field!(ctx, retransmit_family)?;
     let address = read_address(
         ctx,
         family,
-        offset!(retransmit_daddr),
-        offset!(retransmit_daddr_v6),
+        (offset!(retransmit_daddr), compiled_offset!(retransmit_daddr)),
+        (offset!(retransmit_daddr_v6), compiled_offset!(retransmit_daddr_v6)),
     )?;
-    let port: u16 = unsafe { ctx.read_at(offset!(retransmit_dport))? };
-    let socket: u64 = unsafe { ctx.read_at(offset!(retransmit_skaddr))? };
+    let port: u16 = field!(ctx, retransmit_dport)?;
+    let socket: u64 = field!(ctx, retransmit_skaddr)?;
     let key = PeerKey {
         address,
         family,
@@ -166,14 +158,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: see try_tcp_probe.
-    let protocol: u16 = unsafe { ctx.read_at(offset!(set_state_protocol))? };
+    let protocol: u16 = field!(ctx, set_state_protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let old_state: i32 = unsafe { ctx.read_at(offset!(set_state_oldstate))? };
-    let new_state: i32 = unsafe { ctx.read_at(offset!(set_state_newstate))? };
-    let socket: u64 = unsafe { ctx.read_at(offset!(set_state_skaddr))? };
+    let old_state: i32 = field!(ctx, set_state_oldstate)?;
+    let new_state: i32 = field!(ctx, set_state_newstate)?;
+    let socket: u64 = field!(ctx, set_state_skaddr)?;
 
     if new_state == tcp_state::SYN_SENT {
         // connect() runs in the caller's context: the owner and the start time are known here.
@@ -185,7 +176,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             _padding: 0,
         };
         let _ = CONNECTS_IN_FLIGHT.insert(&socket, &start, 0);
-        remember_owner(socket);
+        remember_owner(socket, tgid);
         return Ok(());
     }
 
@@ -195,14 +186,14 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             return Ok(());
         };
         let _ = CONNECTS_IN_FLIGHT.remove(&socket);
-        let family: u16 = unsafe { ctx.read_at(offset!(set_state_family))? };
+        let family: u16 = field!(ctx, set_state_family)?;
         let address = read_address(
             ctx,
             family,
-            offset!(set_state_daddr),
-            offset!(set_state_daddr_v6),
+            (offset!(set_state_daddr), compiled_offset!(set_state_daddr)),
+            (offset!(set_state_daddr_v6), compiled_offset!(set_state_daddr_v6)),
         )?;
-        let port: u16 = unsafe { ctx.read_at(offset!(set_state_dport))? };
+        let port: u16 = field!(ctx, set_state_dport)?;
         let key = PeerKey {
             address,
             family,
@@ -253,16 +244,13 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 /// get an owner.
 #[inline(always)]
 fn try_sock_length(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: see try_tcp_probe.
-    let protocol: u16 = unsafe { ctx.read_at(offset!(sock_length_protocol))? };
+    let protocol: u16 = field!(ctx, sock_length_protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let socket: u64 = unsafe { ctx.read_at(offset!(sock_length_sk))? };
-    remember_owner(socket);
-    // SAFETY: plain helper call.
-    super::sched::note_socket_activity((bpf_get_current_pid_tgid() >> 32) as u32, unsafe {
-        bpf_ktime_get_ns()
-    });
+    let socket: u64 = field!(ctx, sock_length_sk)?;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    remember_owner(socket, tgid);
+    super::sched::note_socket_activity(tgid);
     Ok(())
 }

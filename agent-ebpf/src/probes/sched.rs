@@ -3,7 +3,8 @@
 //! processes userspace tracks (one hash lookup per context switch otherwise), accumulated
 //! per process in per-CPU maps.
 use agent_common::sched::{
-    ProcessTime, RECENT_ACTIVITY_NS, ThreadState, activity, classify_switch_out, tracked,
+    ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity, classify_switch_out,
+    tracked,
 };
 use aya_ebpf::{
     helpers::{
@@ -15,11 +16,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use super::shared::{get_or_insert, offset};
+use super::shared::{field, get_or_insert};
 
-/// tgid -> `tracked::*` flags; written by userspace as processes come and go.
+/// tgid -> flags (userspace) and when it last queued I/O / used a socket (the probes).
 #[map]
-static TRACKED_PROCESSES: HashMap<u32, u32> = HashMap::with_max_entries(32768, 0);
+static TRACKED_PROCESSES: HashMap<u32, TrackedProcess> = HashMap::with_max_entries(32768, 0);
 
 /// Thread id -> what it is doing since when.
 #[map]
@@ -33,12 +34,6 @@ static THREAD_SYSCALLS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(6553
 #[map]
 static TIME_BY_PROCESS: LruPerCpuHashMap<u32, ProcessTime> =
     LruPerCpuHashMap::with_max_entries(8192, 0);
-
-/// tgid -> when it last queued block I/O / last used a TCP socket.
-#[map]
-static LAST_IO_QUEUED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(8192, 0);
-#[map]
-static LAST_SOCKET_ACTIVITY: LruHashMap<u32, u64> = LruHashMap::with_max_entries(8192, 0);
 
 const ZERO_TIME: ProcessTime = ProcessTime {
     ns: [0; activity::COUNT],
@@ -58,32 +53,34 @@ fn store(map: &LruHashMap<u32, u64>, key: u32, value: u64) {
     }
 }
 
+/// The tracked process's record, to read and stamp in place; None for untracked processes.
 #[inline(always)]
-fn tracked_flags(tgid: u32) -> Option<u32> {
-    // SAFETY: copied out at once.
-    unsafe { TRACKED_PROCESSES.get(&tgid) }.copied()
+fn tracked_process(tgid: u32) -> Option<*mut TrackedProcess> {
+    TRACKED_PROCESSES.get_ptr_mut(&tgid)
 }
 
 /// Called by the storage probe when `tgid` queues block I/O.
 #[inline(always)]
 pub fn note_io_queued(tgid: u32, now: u64) {
-    if tracked_flags(tgid).is_some() {
-        store(&LAST_IO_QUEUED, tgid, now);
+    if let Some(process) = tracked_process(tgid) {
+        // SAFETY: pointer from a successful lookup; a plain 8-byte store.
+        unsafe { (*process).last_io_queued_ns = now };
     }
 }
 
-/// Called by the network probe when `tgid` sends or receives on a TCP socket.
+/// Called by the network probe when `tgid` sends or receives on a TCP socket. The clock is
+/// read only for tracked processes.
 #[inline(always)]
-pub fn note_socket_activity(tgid: u32, now: u64) {
-    if tracked_flags(tgid).is_some() {
-        store(&LAST_SOCKET_ACTIVITY, tgid, now);
+pub fn note_socket_activity(tgid: u32) {
+    if let Some(process) = tracked_process(tgid) {
+        // SAFETY: plain helper call; pointer from a successful lookup, a plain 8-byte store.
+        unsafe { (*process).last_socket_activity_ns = bpf_ktime_get_ns() };
     }
 }
 
 #[inline(always)]
-fn recent(map: &LruHashMap<u32, u64>, tgid: u32, now: u64) -> bool {
-    // SAFETY: copied out at once.
-    unsafe { map.get(&tgid) }.is_some_and(|&at| now.wrapping_sub(at) < RECENT_ACTIVITY_NS)
+fn recent(at: u64, now: u64) -> bool {
+    at != 0 && now.wrapping_sub(at) < RECENT_ACTIVITY_NS
 }
 
 #[inline(always)]
@@ -153,22 +150,25 @@ fn try_sched_switch(
     ctx: &TracePointContext,
     current_syscall: impl Fn(u32) -> u64,
 ) -> Result<(), i64> {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // sched_switch runs in the context of the thread leaving the CPU.
+    // sched_switch runs in the context of the thread leaving the CPU. The clock is read only
+    // when a tracked thread is involved: most switches on a node are not.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(flags) = tracked_flags(tgid) {
-        // SAFETY: offsets from the format file, reads through bpf_probe_read_kernel.
-        let prev: i32 = unsafe { ctx.read_at(offset!(switch_prev_pid))? };
-        let task_state: i64 = unsafe { ctx.read_at(offset!(switch_prev_state))? };
+    let mut now = 0;
+    if let Some(process) = tracked_process(tgid) {
+        // SAFETY: plain helper call.
+        now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: pointer from a successful lookup; copied out at once.
+        let process = unsafe { *process };
+        let prev: i32 = field!(ctx, switch_prev_pid)?;
+        let task_state: i64 = field!(ctx, switch_prev_state)?;
         let prev = prev as u32;
         let syscall = current_syscall(prev);
         let next_activity = classify_switch_out(
             task_state as u64,
             syscall,
-            recent(&LAST_IO_QUEUED, tgid, now),
-            recent(&LAST_SOCKET_ACTIVITY, tgid, now),
-            flags & tracked::GPU_USER != 0,
+            recent(process.last_io_queued_ns, now),
+            recent(process.last_socket_activity_ns, now),
+            process.flags & tracked::GPU_USER != 0,
         );
         match THREAD_STATES.get_ptr_mut(&prev) {
             Some(state) if next_activity == activity::EXITED => {
@@ -187,10 +187,13 @@ fn try_sched_switch(
             }
         }
     }
-    // SAFETY: as above.
-    let next: i32 = unsafe { ctx.read_at(offset!(switch_next_pid))? };
+    let next: i32 = field!(ctx, switch_next_pid)?;
     if next != 0 {
         if let Some(state) = THREAD_STATES.get_ptr_mut(&(next as u32)) {
+            if now == 0 {
+                // SAFETY: plain helper call.
+                now = unsafe { bpf_ktime_get_ns() };
+            }
             transition(state, activity::ON_CPU, now);
         }
     }
@@ -212,8 +215,7 @@ pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
 /// A sleeping thread became runnable: its sleep ends, its wait for a CPU begins.
 #[inline(always)]
 fn try_sched_wakeup(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: see try_sched_switch.
-    let pid: i32 = unsafe { ctx.read_at(offset!(wakeup_pid))? };
+    let pid: i32 = field!(ctx, wakeup_pid)?;
     if let Some(state) = THREAD_STATES.get_ptr_mut(&(pid as u32)) {
         // SAFETY: pointer from a successful lookup.
         let asleep = unsafe { (*state).activity } >= activity::STORAGE;
@@ -259,10 +261,11 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "sched", name = "sched_process_fork")]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(flags) = tracked_flags(parent) {
-        // SAFETY: see try_sched_switch.
-        if let Ok(child) = unsafe { ctx.read_at::<i32>(offset!(fork_child_pid)) } {
-            let _ = TRACKED_PROCESSES.insert(&(child as u32), &flags, 0);
+    // SAFETY: copied out at once.
+    if let Some(flags) = unsafe { TRACKED_PROCESSES.get(&parent) }.map(|parent| parent.flags) {
+        let child: Result<i32, _> = field!(&ctx, fork_child_pid);
+        if let Ok(child) = child {
+            let _ = TRACKED_PROCESSES.insert(&(child as u32), &TrackedProcess::new(flags), 0);
         }
     }
     0
@@ -272,9 +275,9 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "raw_syscalls", name = "sys_enter")]
 pub fn sys_enter(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if tracked_flags((pid_tgid >> 32) as u32).is_some() {
-        // SAFETY: see try_sched_switch.
-        if let Ok(id) = unsafe { ctx.read_at::<i64>(offset!(sys_enter_id)) } {
+    if tracked_process((pid_tgid >> 32) as u32).is_some() {
+        let id: Result<i64, _> = field!(&ctx, sys_enter_id);
+        if let Ok(id) = id {
             store(&THREAD_SYSCALLS, pid_tgid as u32, id as u64);
         }
     }

@@ -3,7 +3,7 @@ use agent_common::{
     histogram::{HISTOGRAM_BUCKETS, LatencyHistogram, bucket_index},
     tracepoint::TracepointOffsets,
 };
-use aya_ebpf::{macros::map, maps::PerCpuArray};
+use aya_ebpf::{EbpfContext, macros::map, maps::PerCpuArray, programs::TracePointContext};
 
 /// Field offsets, overwritten by userspace at load time from the live format files.
 #[unsafe(no_mangle)]
@@ -24,6 +24,69 @@ pub(crate) use offset;
 pub fn read_offset(field: *const u16) -> usize {
     // SAFETY: `field` points into a static that lives as long as the program.
     unsafe { core::ptr::read_volatile(field) as usize }
+}
+
+/// Reads one tracepoint field: `let dev: u32 = field!(ctx, rq_issue_dev)?;`.
+///
+/// When the live offset is the one this object was compiled for, the field is a direct load
+/// from the context at an immediate offset, which the verifier accepts for tracepoint
+/// programs; otherwise (another kernel's layout) it goes through `bpf_probe_read_kernel` at the
+/// live offset. Both branches are verified, so one object serves every layout, and the common
+/// case avoids a helper call per field: on the benchmark VM a helper call costs as much as
+/// the rest of a small probe (BENCHMARKS.md).
+macro_rules! field {
+    ($ctx:expr, $field:ident) => {
+        $crate::probes::shared::field_at!(
+            $ctx,
+            $crate::probes::shared::offset!($field),
+            $crate::probes::shared::compiled_offset!($field)
+        )
+    };
+}
+pub(crate) use field;
+
+/// The offset of a field in the layout this object was compiled for.
+macro_rules! compiled_offset {
+    ($field:ident) => {
+        agent_common::tracepoint::TracepointOffsets::LINUX_6_18.$field as usize
+    };
+}
+pub(crate) use compiled_offset;
+
+/// [`field!`] for a field at a live offset with the offset it has in the compiled layout
+/// (for members inside a field, such as the address inside a sockaddr).
+macro_rules! field_at {
+    ($ctx:expr, $live:expr, $compiled:expr) => {
+        // SAFETY: offsets come from the tracepoint's own format file; the direct load is
+        // checked by the verifier, the other path fails cleanly through the helper.
+        unsafe { $crate::probes::shared::read_ctx($ctx, $live, $compiled) }
+    };
+}
+pub(crate) use field_at;
+
+/// See [`field!`]. Inlined into each probe, so `compiled` is a constant there.
+///
+/// # Safety
+/// `live` must be the offset of a field of type `T` in the tracepoint's record, and so
+/// must `compiled` in the layout the object was compiled for.
+#[inline(always)]
+pub unsafe fn read_ctx<T: Copy>(
+    ctx: &TracePointContext,
+    live: usize,
+    compiled: usize,
+) -> Result<T, i32> {
+    if live == compiled {
+        let field = unsafe { (ctx.as_ptr() as *const u8).add(compiled) } as *const T;
+        if compiled % core::mem::align_of::<T>() == 0 {
+            // SAFETY: inside the record (the verifier checks it), aligned for T.
+            Ok(unsafe { field.read() })
+        } else {
+            // SAFETY: as above; byte loads for a field the compiler cannot prove aligned.
+            Ok(unsafe { field.read_unaligned() })
+        }
+    } else {
+        unsafe { ctx.read_at(live) }
+    }
 }
 
 /// A zeroed histogram to insert from: 4 KiB does not fit on the 512-byte eBPF stack.
@@ -68,12 +131,21 @@ macro_rules! get_or_insert {
 pub(crate) use get_or_insert;
 
 /// Records `value_ns` into the histogram of `$key` in `$map`.
+/// The zeroed histogram is fetched only for a new key: every lookup counts on a hot path.
 macro_rules! record_latency {
     ($map:expr, $key:expr, $value_ns:expr) => {
-        if let Some(zero) = $crate::probes::shared::zero_histogram() {
-            if let Some(histogram) = $crate::probes::shared::get_or_insert!($map, $key, zero) {
-                $crate::probes::shared::add_sample(histogram, $value_ns);
-            }
+        let histogram = match $map.get_ptr_mut($key) {
+            Some(histogram) => Some(histogram),
+            None => match $crate::probes::shared::zero_histogram() {
+                Some(zero) => {
+                    let _ = $map.insert($key, zero, $crate::probes::shared::BPF_NOEXIST);
+                    $map.get_ptr_mut($key)
+                }
+                None => None,
+            },
+        };
+        if let Some(histogram) = histogram {
+            $crate::probes::shared::add_sample(histogram, $value_ns);
         }
     };
 }

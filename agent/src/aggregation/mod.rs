@@ -85,7 +85,6 @@ impl Counters for PeerCounters {
         self.retransmits += other.retransmits;
         self.connects_established += other.connects_established;
         self.connects_failed += other.connects_failed;
-        self.rtt_samples += other.rtt_samples;
     }
 
     fn checked_since(&self, earlier: &Self) -> Option<Self> {
@@ -95,7 +94,6 @@ impl Counters for PeerCounters {
                 .connects_established
                 .checked_sub(earlier.connects_established)?,
             connects_failed: self.connects_failed.checked_sub(earlier.connects_failed)?,
-            rtt_samples: self.rtt_samples.checked_sub(earlier.rtt_samples)?,
         })
     }
 }

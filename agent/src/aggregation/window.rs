@@ -633,7 +633,6 @@ mod tests {
                 retransmits: 0,
                 connects_established: 0,
                 connects_failed: 3,
-                rtt_samples: 0,
             },
         );
         delta.peer_counters.insert(
@@ -642,7 +641,6 @@ mod tests {
                 retransmits: 4,
                 connects_established: 2,
                 connects_failed: 0,
-                rtt_samples: 10,
             },
         );
         delta.peer_connect_latency.insert(

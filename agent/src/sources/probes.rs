@@ -7,7 +7,7 @@ use agent_common::{
     histogram::LatencyHistogram,
     map_names,
     network::{PeerCounters, PeerKey},
-    sched::{ProcessTime, ThreadState},
+    sched::{ProcessTime, ThreadState, TrackedProcess},
     storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
 };
 use anyhow::Context as _;
@@ -207,21 +207,25 @@ impl KernelProbes {
 
     /// Starts (or updates) accounting `tgid`'s time, with `agent_common::sched::tracked` flags.
     pub fn track_process(&mut self, tgid: u32, flags: u32) -> anyhow::Result<()> {
-        let mut map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+        let mut map: BpfHashMap<_, u32, TrackedProcess> = BpfHashMap::try_from(
             self.ebpf
                 .map_mut(map_names::TRACKED_PROCESSES)
                 .context("no TRACKED_PROCESSES map")?,
         )?;
-        if map.get(&tgid, 0).ok() != Some(flags) {
-            map.insert(tgid, flags, 0)
-                .with_context(|| format!("tracking process {tgid}"))?;
-        }
+        // The probes stamp the activity times in place: keep them when only the flags change.
+        let record = match map.get(&tgid, 0) {
+            Ok(known) if known.flags == flags => return Ok(()),
+            Ok(known) => TrackedProcess { flags, ..known },
+            Err(_) => TrackedProcess::new(flags),
+        };
+        map.insert(tgid, record, 0)
+            .with_context(|| format!("tracking process {tgid}"))?;
         Ok(())
     }
 
     /// Stops accounting processes that are gone.
     pub fn untrack_processes(&mut self, gone: &[u32]) -> anyhow::Result<()> {
-        let mut map: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+        let mut map: BpfHashMap<_, u32, TrackedProcess> = BpfHashMap::try_from(
             self.ebpf
                 .map_mut(map_names::TRACKED_PROCESSES)
                 .context("no TRACKED_PROCESSES map")?,
