@@ -78,8 +78,9 @@ pub unsafe fn read_ctx<T: Copy>(
     if live == compiled {
         let field = unsafe { (ctx.as_ptr() as *const u8).add(compiled) } as *const T;
         if compiled % core::mem::align_of::<T>() == 0 {
-            // SAFETY: inside the record (the verifier checks it), aligned for T.
-            Ok(unsafe { field.read() })
+            // SAFETY: inside the record (the verifier checks it), aligned for T. Volatile:
+            // exactly one load of the field's width, the access the verifier checks.
+            Ok(unsafe { field.read_volatile() })
         } else {
             // SAFETY: as above; byte loads for a field the compiler cannot prove aligned.
             Ok(unsafe { field.read_unaligned() })

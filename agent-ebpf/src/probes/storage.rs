@@ -3,25 +3,26 @@
 //! process that queued it.
 //!
 //! Requests are matched across tracepoints by (device, start sector): the classic block
-//! tracepoints carry no request pointer. The in-flight map is an LRU, so completions the
-//! probes miss (merged bios, requests started before attach) age out instead of leaking.
+//! tracepoints carry no request pointer. In flight they live in a fixed table of slots
+//! (`agent_common::storage::INFLIGHT_SLOTS`): no allocation per request, nothing to leak.
 use agent_common::{
     histogram::LatencyHistogram,
     storage::{
-        InflightRequest, InflightRequestKey, IoOperation, LatencyStage, ProcessIoKey,
-        ProcessIoStats, STALE_REQUEST_NS, StorageCounters, StorageDeviceKey, StorageLatencyKey,
+        INFLIGHT_SLOTS, InflightRequest, InflightRequestKey, InflightSlot, IoOperation,
+        LatencyStage, ProcessIoKey, ProcessIoStats, STALE_REQUEST_NS, StorageCounters,
+        StorageDeviceKey, StorageLatencyKey, candidate_slots, choose_slot, first_slot_will_do,
     },
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_comm,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, LruPerCpuHashMap, PerCpuHashMap},
+    maps::{Array, LruPerCpuHashMap, PerCpuHashMap},
     programs::TracePointContext,
 };
 
-use super::shared::{get_or_insert, offset, record_latency};
+use super::shared::{field, get_or_insert, record_latency};
 
 /// Not preallocated: a 4 KiB histogram per CPU exists only for (device, direction, stage)
 /// keys that saw I/O, instead of for every possible key on every CPU.
@@ -41,8 +42,53 @@ static PROCESS_IO: LruPerCpuHashMap<ProcessIoKey, ProcessIoStats> =
     LruPerCpuHashMap::with_max_entries(4096, 0);
 
 #[map]
-static INFLIGHT_REQUESTS: LruHashMap<InflightRequestKey, InflightRequest> =
-    LruHashMap::with_max_entries(16384, 0);
+static INFLIGHT_REQUESTS: Array<InflightSlot> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// The slot holding the request with `key`, if it is still there.
+#[inline(always)]
+fn find_request(key: &InflightRequestKey) -> Option<*mut InflightSlot> {
+    let [first, second] = candidate_slots(key);
+    for index in [first, second] {
+        if let Some(slot) = INFLIGHT_REQUESTS.get_ptr_mut(index) {
+            // SAFETY: pointer from a successful lookup of a preallocated array slot.
+            if unsafe { (*slot).holds(key) } {
+                return Some(slot);
+            }
+        }
+    }
+    None
+}
+
+/// Picks one of the two slots for a request with `key` (see `choose_slot`) and claims it
+/// with the key; the caller fills in the request there, in place.
+#[inline(always)]
+fn claim_slot(key: InflightRequestKey, now: u64) -> Option<*mut InflightSlot> {
+    let [first_index, second_index] = candidate_slots(&key);
+    let first = INFLIGHT_REQUESTS.get_ptr_mut(first_index)?;
+    // SAFETY: pointers from successful lookups of preallocated array slots. Another CPU may
+    // write the same slot at the same instant only if two live requests collide there; the
+    // worst outcome is one mistimed sample.
+    unsafe {
+        let mut slot = first;
+        if !first_slot_will_do(&key, &*first, now) {
+            let second = INFLIGHT_REQUESTS.get_ptr_mut(second_index)?;
+            if choose_slot(&key, &*first, &*second, now) == 1 {
+                slot = second;
+            }
+        }
+        (*slot).key = key;
+        Some(slot)
+    }
+}
+
+/// Puts a copy of `request` in a slot for `key`.
+#[inline(always)]
+fn place_request(key: InflightRequestKey, request: InflightRequest, now: u64) {
+    if let Some(slot) = claim_slot(key, now) {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { (*slot).request = request };
+    }
+}
 
 const ZERO_COUNTERS: StorageCounters = StorageCounters {
     completed_requests: 0,
@@ -66,29 +112,32 @@ pub fn block_bio_queue(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_block_bio_queue(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: offsets come from the tracepoint's own format file; reads go through
-    // bpf_probe_read_kernel and fail cleanly if wrong.
-    let dev: u32 = unsafe { ctx.read_at(offset!(bio_queue_dev))? };
-    let sector: u64 = unsafe { ctx.read_at(offset!(bio_queue_sector))? };
+    let dev: u32 = field!(ctx, bio_queue_dev)?;
+    let sector: u64 = field!(ctx, bio_queue_sector)?;
     let key = InflightRequestKey::new(dev, sector);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
     // block_bio_queue runs in the submitter's context (submit_bio), so the current task is
     // the process, or the kernel thread (writeback, journal), that asked for the I/O.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: plain helper call.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     super::sched::note_io_queued(tgid, now);
-    let request = InflightRequest {
-        queued_ns: now,
-        issued_ns: 0,
-        cgroup_id,
-        tgid,
-        _padding: 0,
-        comm,
+    let Some(slot) = claim_slot(key, now) else {
+        return Ok(());
     };
-    INFLIGHT_REQUESTS.insert(&key, &request, 0)?;
+    // Filled in place: no request built on the stack and copied (every instruction counts on
+    // a path taken for each bio).
+    // SAFETY: pointer from a successful lookup of an array slot; the helpers write 8 and 16
+    // bytes into it.
+    unsafe {
+        let request = &mut (*slot).request;
+        request.queued_ns = now;
+        request.issued_ns = 0;
+        request.cgroup_id = bpf_get_current_cgroup_id();
+        request.tgid = tgid;
+        if bpf_get_current_comm(request.comm.as_mut_ptr().cast(), 16) != 0 {
+            request.comm[0] = 0;
+        }
+    }
     Ok(())
 }
 
@@ -103,20 +152,18 @@ pub fn block_split(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_block_split(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: see try_block_bio_queue.
-    let dev: u32 = unsafe { ctx.read_at(offset!(split_dev))? };
-    let sector: u64 = unsafe { ctx.read_at(offset!(split_sector))? };
-    let new_sector: u64 = unsafe { ctx.read_at(offset!(split_new_sector))? };
+    let dev: u32 = field!(ctx, split_dev)?;
+    let sector: u64 = field!(ctx, split_sector)?;
+    let new_sector: u64 = field!(ctx, split_new_sector)?;
     let key = InflightRequestKey::new(dev, sector);
-    // SAFETY: copied out at once.
-    let Some(request) = INFLIGHT_REQUESTS
-        .get_ptr(&key)
-        .map(|request| unsafe { *request })
-    else {
+    let Some(slot) = find_request(&key) else {
         return Ok(());
     };
-    let remainder = InflightRequestKey::new(dev, new_sector);
-    INFLIGHT_REQUESTS.insert(&remainder, &request, 0)?;
+    // SAFETY: copied out at once.
+    let request = unsafe { (*slot).request };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    place_request(InflightRequestKey::new(dev, new_sector), request, now);
     Ok(())
 }
 
@@ -128,27 +175,22 @@ pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_block_rq_issue(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: see try_block_bio_queue.
-    let dev: u32 = unsafe { ctx.read_at(offset!(rq_issue_dev))? };
-    let sector: u64 = unsafe { ctx.read_at(offset!(rq_issue_sector))? };
+    let dev: u32 = field!(ctx, rq_issue_dev)?;
+    let sector: u64 = field!(ctx, rq_issue_sector)?;
     let key = InflightRequestKey::new(dev, sector);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    match INFLIGHT_REQUESTS.get_ptr_mut(&key) {
+    match find_request(&key) {
         // SAFETY: pointer from a successful lookup; a racing writer can only change timestamps.
-        Some(request) => unsafe { (*request).issued_ns = now },
+        Some(slot) => unsafe { (*slot).request.issued_ns = now },
         None => {
             // Issued without a queue event (e.g. a flush the block layer generated): the device
             // time is still measurable, the submitter is not known.
             let request = InflightRequest {
-                queued_ns: 0,
                 issued_ns: now,
-                cgroup_id: 0,
-                tgid: 0,
-                _padding: 0,
-                comm: [0; 16],
+                ..InflightRequest::default()
             };
-            INFLIGHT_REQUESTS.insert(&key, &request, 0)?;
+            place_request(key, request, now);
         }
     }
     Ok(())
@@ -162,25 +204,23 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: see try_block_bio_queue.
-    let dev: u32 = unsafe { ctx.read_at(offset!(rq_complete_dev))? };
-    let sector: u64 = unsafe { ctx.read_at(offset!(rq_complete_sector))? };
-    let nr_sector: u32 = unsafe { ctx.read_at(offset!(rq_complete_nr_sector))? };
-    let error: i32 = unsafe { ctx.read_at(offset!(rq_complete_error))? };
-    let rwbs: [u8; 8] = unsafe { ctx.read_at(offset!(rq_complete_rwbs))? };
+    let dev: u32 = field!(ctx, rq_complete_dev)?;
+    let sector: u64 = field!(ctx, rq_complete_sector)?;
+    let nr_sector: u32 = field!(ctx, rq_complete_nr_sector)?;
+    let error: i32 = field!(ctx, rq_complete_error)?;
+    let rwbs: [u8; 8] = field!(ctx, rq_complete_rwbs)?;
     let operation = IoOperation::from_rwbs(&rwbs) as u8;
     let bytes = (nr_sector as u64) << 9;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
 
     let key = InflightRequestKey::new(dev, sector);
-    // SAFETY: copy the entry out before removing it; a stale copy only skews one sample.
-    let request = INFLIGHT_REQUESTS
-        .get_ptr(&key)
-        .map(|request| unsafe { *request });
-    if request.is_some() {
-        let _ = INFLIGHT_REQUESTS.remove(&key);
-    }
+    // SAFETY: the request is copied out, then its slot freed.
+    let request = find_request(&key).map(|slot| unsafe {
+        let request = (*slot).request;
+        (*slot).key.dev = 0;
+        request
+    });
 
     let device_key = StorageDeviceKey {
         dev,
