@@ -13,8 +13,7 @@ pub mod tracepoint;
 
 /// Names of the eBPF maps, shared so a rename cannot silently break the userspace reader.
 pub mod map_names {
-    pub const STORAGE_LATENCY: &str = "STORAGE_LATENCY";
-    pub const STORAGE_COUNTERS: &str = "STORAGE_COUNTERS";
+    pub const STORAGE_DEVICES: &str = "STORAGE_DEVICES";
     pub const PROCESS_IO: &str = "PROCESS_IO";
     pub const INFLIGHT_REQUESTS: &str = "INFLIGHT_REQUESTS";
     pub const PEER_RTT: &str = "PEER_RTT";
@@ -40,6 +39,7 @@ mod pod {
     unsafe impl aya::Pod for StorageLatencyKey {}
     unsafe impl aya::Pod for StorageDeviceKey {}
     unsafe impl aya::Pod for StorageCounters {}
+    unsafe impl aya::Pod for StorageDeviceStats {}
     unsafe impl aya::Pod for ProcessIoKey {}
     unsafe impl aya::Pod for ProcessIoStats {}
     unsafe impl aya::Pod for InflightRequestKey {}

@@ -1,5 +1,7 @@
 //! Block I/O: keys and values of the storage maps.
 
+use crate::histogram::LatencyHistogram;
+
 /// Direction of a block request, decoded in the kernel from the tracepoint's `rwbs` string.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -84,7 +86,7 @@ impl LatencyStage {
     }
 }
 
-/// Key of `STORAGE_LATENCY`: one histogram per device, direction and stage.
+/// One histogram per device, direction and stage, as userspace splits `STORAGE_DEVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageLatencyKey {
@@ -106,7 +108,19 @@ impl StorageLatencyKey {
     }
 }
 
-/// Key of `STORAGE_COUNTERS`: per device and direction.
+/// Value of `STORAGE_DEVICES`, per CPU: everything a completion updates, in one value so a
+/// completion needs one map lookup.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StorageDeviceStats {
+    pub counters: StorageCounters,
+    /// `LatencyStage::QueuedToComplete`.
+    pub queued_to_complete: LatencyHistogram,
+    /// `LatencyStage::IssuedToComplete`.
+    pub issued_to_complete: LatencyHistogram,
+}
+
+/// Key of `STORAGE_DEVICES`: per device and direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageDeviceKey {
@@ -305,7 +319,11 @@ mod tests {
             used.insert(first);
         }
         // Sequential 4 KiB sectors spread over the table instead of clustering.
-        assert!(used.len() > (INFLIGHT_SLOTS as usize) * 3 / 4, "{} slots used", used.len());
+        assert!(
+            used.len() > (INFLIGHT_SLOTS as usize) * 3 / 4,
+            "{} slots used",
+            used.len()
+        );
         assert_ne!(
             candidate_slots(&InflightRequestKey::new(1, 8)),
             candidate_slots(&InflightRequestKey::new(2, 8))
@@ -373,7 +391,10 @@ mod tests {
         let at_1k = displaced(1_000, total);
         let at_8k = displaced(8_000, total);
         eprintln!("displaced: {at_1k} at 1,000 in flight, {at_8k} at 8,000, of {total}");
-        assert!(at_1k * 1_000 <= total, "{at_1k} of {total} at 1,000 in flight");
+        assert!(
+            at_1k * 1_000 <= total,
+            "{at_1k} of {total} at 1,000 in flight"
+        );
         assert!(at_8k * 10 <= total, "{at_8k} of {total} at 8,000 in flight");
     }
 

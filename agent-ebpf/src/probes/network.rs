@@ -106,7 +106,12 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
     let family: u16 = field!(ctx, tcp_probe_family)?;
     // daddr is a sockaddr_in (address at +4) or sockaddr_in6 (address at +8).
     let (live, compiled) = (offset!(tcp_probe_daddr), compiled_offset!(tcp_probe_daddr));
-    let address = read_address(ctx, family, (live + 4, compiled + 4), (live + 8, compiled + 8))?;
+    let address = read_address(
+        ctx,
+        family,
+        (live + 4, compiled + 4),
+        (live + 8, compiled + 8),
+    )?;
     let port: u16 = field!(ctx, tcp_probe_dport)?;
     let socket: u64 = field!(ctx, tcp_probe_skaddr)?;
     let key = PeerKey {
@@ -132,8 +137,14 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
     let address = read_address(
         ctx,
         family,
-        (offset!(retransmit_daddr), compiled_offset!(retransmit_daddr)),
-        (offset!(retransmit_daddr_v6), compiled_offset!(retransmit_daddr_v6)),
+        (
+            offset!(retransmit_daddr),
+            compiled_offset!(retransmit_daddr),
+        ),
+        (
+            offset!(retransmit_daddr_v6),
+            compiled_offset!(retransmit_daddr_v6),
+        ),
     )?;
     let port: u16 = field!(ctx, retransmit_dport)?;
     let socket: u64 = field!(ctx, retransmit_skaddr)?;
@@ -191,7 +202,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             ctx,
             family,
             (offset!(set_state_daddr), compiled_offset!(set_state_daddr)),
-            (offset!(set_state_daddr_v6), compiled_offset!(set_state_daddr_v6)),
+            (
+                offset!(set_state_daddr_v6),
+                compiled_offset!(set_state_daddr_v6),
+            ),
         )?;
         let port: u16 = field!(ctx, set_state_dport)?;
         let key = PeerKey {

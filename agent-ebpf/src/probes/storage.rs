@@ -5,37 +5,36 @@
 //! Requests are matched across tracepoints by (device, start sector): the classic block
 //! tracepoints carry no request pointer. In flight they live in a fixed table of slots
 //! (`agent_common::storage::INFLIGHT_SLOTS`): no allocation per request, nothing to leak.
-use agent_common::{
-    histogram::LatencyHistogram,
-    storage::{
-        INFLIGHT_SLOTS, InflightRequest, InflightRequestKey, InflightSlot, IoOperation,
-        LatencyStage, ProcessIoKey, ProcessIoStats, STALE_REQUEST_NS, StorageCounters,
-        StorageDeviceKey, StorageLatencyKey, candidate_slots, choose_slot, first_slot_will_do,
-    },
+use agent_common::storage::{
+    INFLIGHT_SLOTS, InflightRequest, InflightRequestKey, InflightSlot, IoOperation, ProcessIoKey,
+    ProcessIoStats, STALE_REQUEST_NS, StorageDeviceKey, StorageDeviceStats, candidate_slots,
+    choose_slot, first_slot_will_do,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_comm,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::bpf_get_current_comm,
     },
     macros::{map, tracepoint},
-    maps::{Array, LruPerCpuHashMap, PerCpuHashMap},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
 };
 
-use super::shared::{field, get_or_insert, record_latency};
+use super::shared::{BPF_NOEXIST, add_sample, field, get_or_insert};
 
 /// Not preallocated: a 4 KiB histogram per CPU exists only for (device, direction, stage)
 /// keys that saw I/O, instead of for every possible key on every CPU.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Userspace sizes this to the machine's block devices at load time.
+/// Userspace sizes this to the machine's block devices at load time. One value per device and
+/// direction holds both latency histograms and the counters: one lookup per completion.
 #[map]
-static STORAGE_LATENCY: PerCpuHashMap<StorageLatencyKey, LatencyHistogram> =
-    PerCpuHashMap::with_max_entries(256, BPF_F_NO_PREALLOC);
+static STORAGE_DEVICES: PerCpuHashMap<StorageDeviceKey, StorageDeviceStats> =
+    PerCpuHashMap::with_max_entries(128, BPF_F_NO_PREALLOC);
 
+/// A zeroed value to insert from: 8 KiB does not fit on the 512-byte eBPF stack.
 #[map]
-static STORAGE_COUNTERS: PerCpuHashMap<StorageDeviceKey, StorageCounters> =
-    PerCpuHashMap::with_max_entries(256, BPF_F_NO_PREALLOC);
+static ZERO_DEVICE_STATS: PerCpuArray<StorageDeviceStats> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static PROCESS_IO: LruPerCpuHashMap<ProcessIoKey, ProcessIoStats> =
@@ -89,13 +88,6 @@ fn place_request(key: InflightRequestKey, request: InflightRequest, now: u64) {
         unsafe { (*slot).request = request };
     }
 }
-
-const ZERO_COUNTERS: StorageCounters = StorageCounters {
-    completed_requests: 0,
-    completed_bytes: 0,
-    errors: 0,
-    untimed_completions: 0,
-};
 
 const ZERO_PROCESS_IO: ProcessIoStats = ProcessIoStats {
     completed_requests: 0,
@@ -227,38 +219,49 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
         operation,
         _padding: [0; 3],
     };
+    let stats = match STORAGE_DEVICES.get_ptr_mut(&device_key) {
+        Some(stats) => stats,
+        None => {
+            let zero = ZERO_DEVICE_STATS.get_ptr(0).ok_or(0)?;
+            // SAFETY: pointer from a successful lookup; the map copies the value.
+            let _ = STORAGE_DEVICES.insert(&device_key, unsafe { &*zero }, BPF_NOEXIST);
+            STORAGE_DEVICES.get_ptr_mut(&device_key).ok_or(0)?
+        }
+    };
     let mut timed = false;
     if let Some(request) = request {
         if request.issued_ns != 0 && now.wrapping_sub(request.issued_ns) < STALE_REQUEST_NS {
-            let latency_key =
-                StorageLatencyKey::new(dev, operation, LatencyStage::IssuedToComplete);
-            record_latency!(STORAGE_LATENCY, &latency_key, now - request.issued_ns);
+            // SAFETY: this CPU's slot of a per-CPU value.
+            add_sample(
+                unsafe { &raw mut (*stats).issued_to_complete },
+                now - request.issued_ns,
+            );
             timed = true;
         }
         let mut queued_latency_ns = 0;
         if request.queued_ns != 0 && now.wrapping_sub(request.queued_ns) < STALE_REQUEST_NS {
             queued_latency_ns = now - request.queued_ns;
-            let latency_key =
-                StorageLatencyKey::new(dev, operation, LatencyStage::QueuedToComplete);
-            record_latency!(STORAGE_LATENCY, &latency_key, queued_latency_ns);
+            // SAFETY: as above.
+            add_sample(
+                unsafe { &raw mut (*stats).queued_to_complete },
+                queued_latency_ns,
+            );
             timed = true;
         }
         if timed {
             charge_process(&request, dev, operation, bytes, queued_latency_ns);
         }
     }
-
-    if let Some(counters) = get_or_insert!(STORAGE_COUNTERS, &device_key, &ZERO_COUNTERS) {
-        // SAFETY: this CPU's slot of a per-CPU value.
-        unsafe {
-            (*counters).completed_requests += 1;
-            (*counters).completed_bytes += bytes;
-            if error != 0 {
-                (*counters).errors += 1;
-            }
-            if !timed {
-                (*counters).untimed_completions += 1;
-            }
+    // SAFETY: this CPU's slot of a per-CPU value.
+    unsafe {
+        let counters = &mut (*stats).counters;
+        counters.completed_requests += 1;
+        counters.completed_bytes += bytes;
+        if error != 0 {
+            counters.errors += 1;
+        }
+        if !timed {
+            counters.untimed_completions += 1;
         }
     }
     Ok(())

@@ -8,7 +8,10 @@ use agent_common::{
     map_names,
     network::{PeerCounters, PeerKey},
     sched::{ProcessTime, ThreadState, TrackedProcess},
-    storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
+    storage::{
+        LatencyStage, ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey,
+        StorageDeviceStats, StorageLatencyKey,
+    },
 };
 use anyhow::Context as _;
 use aya::{
@@ -96,14 +99,13 @@ impl KernelProbes {
             return Err(ProbeLoadError::NotBuiltIn);
         }
         let (offsets, availability) = tracefs::read_offsets(tracefs_root);
-        // One histogram per device, direction (5) and stage (2); at least room for 16 disks.
-        // These maps are not preallocated, so unused room costs nothing.
-        let storage_keys = (block_device_count().max(16) * 10).min(65_536);
+        // One value per device and direction (5); at least room for 16 disks. The map is not
+        // preallocated, so unused room costs nothing.
+        let storage_keys = (block_device_count().max(16) * 5).min(65_536);
         let peer_histograms = peer_histogram_entries(nr_cpus());
         let mut ebpf = EbpfLoader::new()
             .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
-            .map_max_entries(map_names::STORAGE_LATENCY, storage_keys)
-            .map_max_entries(map_names::STORAGE_COUNTERS, storage_keys)
+            .map_max_entries(map_names::STORAGE_DEVICES, storage_keys)
             .map_max_entries(map_names::PEER_RTT, peer_histograms)
             .map_max_entries(map_names::PEER_CONNECT_LATENCY, peer_histograms)
             .load(PROBES_OBJECT)
@@ -190,11 +192,10 @@ impl KernelProbes {
 
     /// Reads every map once. Cost: one map walk per map, no per-event work.
     pub fn snapshot(&self) -> anyhow::Result<KernelSnapshot> {
+        let (storage_latency, storage_counters) = self.read_storage_devices()?;
         Ok(KernelSnapshot {
-            storage_latency: self
-                .read_histograms::<StorageLatencyKey>(map_names::STORAGE_LATENCY)?,
-            storage_counters: self
-                .read_counters::<StorageDeviceKey, StorageCounters>(map_names::STORAGE_COUNTERS)?,
+            storage_latency,
+            storage_counters,
             process_io: self
                 .read_counters::<ProcessIoKey, ProcessIoStats>(map_names::PROCESS_IO)?,
             peer_rtt: self.read_histograms::<PeerKey>(map_names::PEER_RTT)?,
@@ -263,6 +264,47 @@ impl KernelProbes {
             format!("the eBPF object has no map {name}; rebuild it with `cargo xtask build-ebpf`")
         })?;
         PerCpuHashMap::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    /// Splits `STORAGE_DEVICES` (one value per device and direction in the kernel, so a
+    /// completion is one lookup) into a histogram per stage and the counters.
+    #[allow(clippy::type_complexity)]
+    fn read_storage_devices(
+        &self,
+    ) -> anyhow::Result<(
+        HashMap<StorageLatencyKey, Histogram>,
+        HashMap<StorageDeviceKey, StorageCounters>,
+    )> {
+        let map =
+            self.per_cpu_map::<StorageDeviceKey, StorageDeviceStats>(map_names::STORAGE_DEVICES)?;
+        let mut latency = HashMap::new();
+        let mut counters = HashMap::new();
+        for (key, per_cpu) in map.iter().flatten() {
+            let stages = [
+                (
+                    LatencyStage::QueuedToComplete,
+                    Histogram::from_per_cpu(per_cpu.iter().map(|cpu| &cpu.queued_to_complete)),
+                ),
+                (
+                    LatencyStage::IssuedToComplete,
+                    Histogram::from_per_cpu(per_cpu.iter().map(|cpu| &cpu.issued_to_complete)),
+                ),
+            ];
+            for (stage, histogram) in stages {
+                if histogram.count() > 0 {
+                    latency.insert(
+                        StorageLatencyKey::new(key.dev, key.operation, stage),
+                        histogram,
+                    );
+                }
+            }
+            let per_cpu_counters: Vec<StorageCounters> =
+                per_cpu.iter().map(|cpu| cpu.counters).collect();
+            if let Some(total) = merge_per_cpu(&per_cpu_counters) {
+                counters.insert(key, total);
+            }
+        }
+        Ok((latency, counters))
     }
 
     fn read_histograms<K: Pod + Eq + Hash>(
