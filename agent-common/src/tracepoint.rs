@@ -61,6 +61,10 @@ pub struct TracepointOffsets {
     pub sys_enter_id: u16,
     // sched:sched_process_fork
     pub fork_child_pid: u16,
+    /// Not an offset: non-zero makes the probes read every field through
+    /// `bpf_probe_read_kernel` even where the layout is the compiled one (the path other
+    /// kernels' layouts take), so that path can be tested on this kernel.
+    pub force_helper_reads: u16,
 }
 
 impl TracepointOffsets {
@@ -106,5 +110,6 @@ impl TracepointOffsets {
         wakeup_pid: 24,
         sys_enter_id: 8,
         fork_child_pid: 20,
+        force_helper_reads: 0,
     };
 }

@@ -31,8 +31,9 @@ pub fn read_offset(field: *const u16) -> usize {
 /// When the live offset is the one this object was compiled for, the field is a direct load
 /// from the context at an immediate offset, which the verifier accepts for tracepoint
 /// programs; otherwise (another kernel's layout) it goes through `bpf_probe_read_kernel` at the
-/// live offset. Both branches are verified, so one object serves every layout, and the common
-/// case avoids a helper call per field: on the benchmark VM a helper call costs as much as
+/// live offset (also where userspace sets `force_helper_reads`, to test that path). Both
+/// branches are verified, so one object serves every layout, and the common case avoids a
+/// helper call per field: on the benchmark VM a helper call costs as much as
 /// the rest of a small probe (BENCHMARKS.md).
 macro_rules! field {
     ($ctx:expr, $field:ident) => {
@@ -75,7 +76,9 @@ pub unsafe fn read_ctx<T: Copy>(
     live: usize,
     compiled: usize,
 ) -> Result<T, i32> {
-    if live == compiled {
+    if live == compiled
+        && read_offset(core::ptr::addr_of!(TRACEPOINT_OFFSETS.force_helper_reads)) == 0
+    {
         let field = unsafe { (ctx.as_ptr() as *const u8).add(compiled) } as *const T;
         if compiled % core::mem::align_of::<T>() == 0 {
             // SAFETY: inside the record (the verifier checks it), aligned for T. Volatile:

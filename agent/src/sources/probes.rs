@@ -98,7 +98,12 @@ impl KernelProbes {
         if PROBES_OBJECT.is_empty() {
             return Err(ProbeLoadError::NotBuiltIn);
         }
-        let (offsets, availability) = tracefs::read_offsets(tracefs_root);
+        let (mut offsets, availability) = tracefs::read_offsets(tracefs_root);
+        // ENVELOPE_TRACEPOINT_READS=helper reads every field through bpf_probe_read_kernel, as
+        // on kernels whose tracepoint layouts differ from the one the probes were compiled for.
+        if std::env::var_os("ENVELOPE_TRACEPOINT_READS").is_some_and(|value| value == "helper") {
+            offsets.force_helper_reads = 1;
+        }
         // One value per device and direction (5); at least room for 16 disks. The map is not
         // preallocated, so unused room costs nothing.
         let storage_keys = (block_device_count().max(16) * 5).min(65_536);
