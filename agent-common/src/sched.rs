@@ -102,6 +102,15 @@ pub mod syscall {
     pub const EPOLL_PWAIT2: u64 = 441;
 }
 
+/// Whether `classify_switch_out` looks at the system call for this task state: only for an
+/// interruptible sleep. The probe reads the system call (three helper calls) only then.
+#[inline(always)]
+pub const fn needs_syscall(task_state: u64) -> bool {
+    task_state != 0
+        && task_state & (PREEMPTED | EXIT_DEAD | EXIT_ZOMBIE | TASK_UNINTERRUPTIBLE) == 0
+        && task_state & TASK_INTERRUPTIBLE != 0
+}
+
 /// Why a thread that just left the CPU is not running, from the kernel's own evidence:
 /// its task state, the system call it is in, whether its process queued block I/O or used a
 /// socket recently, and whether it has a GPU context. Pure, so it is unit-tested here and
@@ -153,6 +162,37 @@ pub const fn classify_switch_out(
 #[cfg(test)]
 mod tests {
     use super::{activity::*, syscall::*, *};
+
+    #[test]
+    fn the_system_call_matters_only_when_it_is_needed() {
+        let states = [
+            0,
+            TASK_INTERRUPTIBLE,
+            TASK_UNINTERRUPTIBLE,
+            TASK_INTERRUPTIBLE | PREEMPTED,
+            EXIT_ZOMBIE,
+            EXIT_DEAD,
+            0x0004, // stopped
+        ];
+        let syscalls = [u64::MAX, READ, RECVFROM, IOCTL, EPOLL_WAIT, IO_GETEVENTS, CONNECT];
+        for state in states {
+            for flags in 0..8u8 {
+                let (io, socket, gpu) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
+                let verdicts: Vec<u32> = syscalls
+                    .iter()
+                    .map(|&id| classify_switch_out(state, id, io, socket, gpu))
+                    .collect();
+                if !needs_syscall(state) {
+                    assert!(
+                        verdicts.iter().all(|&v| v == verdicts[0]),
+                        "state {state:#x}: {verdicts:?}"
+                    );
+                }
+            }
+        }
+        assert!(needs_syscall(TASK_INTERRUPTIBLE));
+        assert!(!needs_syscall(TASK_UNINTERRUPTIBLE));
+    }
 
     #[test]
     fn preempted_threads_wait_for_a_cpu() {

@@ -4,7 +4,7 @@
 //! per process in per-CPU maps.
 use agent_common::sched::{
     ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity, classify_switch_out,
-    tracked,
+    needs_syscall, tracked,
 };
 use aya_ebpf::{
     helpers::{
@@ -162,7 +162,11 @@ fn try_sched_switch(
         let prev: i32 = field!(ctx, switch_prev_pid)?;
         let task_state: i64 = field!(ctx, switch_prev_state)?;
         let prev = prev as u32;
-        let syscall = current_syscall(prev);
+        let syscall = if needs_syscall(task_state as u64) {
+            current_syscall(prev)
+        } else {
+            u64::MAX
+        };
         let next_activity = classify_switch_out(
             task_state as u64,
             syscall,
