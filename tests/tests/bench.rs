@@ -20,7 +20,7 @@ use integration_tests::{
 };
 use serde_json::{Value, json};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const FIO_SECONDS: u64 = 8;
 const IPERF_SECONDS: u64 = 5;
 
@@ -122,6 +122,19 @@ fn bpf_stats() -> BTreeMap<(u64, String), (u64, u64)> {
             ))
         })
         .collect()
+}
+
+/// Total run time of `programs` between two readings.
+fn probe_time_ns(
+    before: &BTreeMap<(u64, String), (u64, u64)>,
+    after: &BTreeMap<(u64, String), (u64, u64)>,
+    programs: &std::collections::HashSet<u64>,
+) -> u64 {
+    after
+        .iter()
+        .filter(|((id, _), _)| programs.contains(id))
+        .map(|(key, (time, _))| time - before.get(key).map_or(0, |(time0, _)| *time0))
+        .sum()
 }
 
 /// Nanoseconds per event per program between two readings (programs that ran only).
@@ -386,6 +399,9 @@ fn log2_quantile(buckets: &[(f64, f64, u64)], quantile: f64) -> Option<f64> {
 }
 
 fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
@@ -428,6 +444,8 @@ fn benchmark() {
     let mut storage_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
     let mut network_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
     let mut reference_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
+    let mut probe_cpu: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut floor_storage_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
     let mut floor_network_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
     let mut agent_cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -454,6 +472,7 @@ fn benchmark() {
                 .zip(cpu0)
                 .map(|(b, a)| (b - a) / wall0.elapsed().as_secs_f64() * 100.0);
             let stats1 = bpf_stats();
+            let storage_wall = wall0.elapsed();
             iops.entry(observer.name())
                 .or_default()
                 .push(fio_iops(&report));
@@ -465,7 +484,25 @@ fn benchmark() {
                 .zip(cpu1)
                 .map(|(b, a)| (b - a) / wall1.elapsed().as_secs_f64() * 100.0);
             let stats2 = bpf_stats();
+            let network_wall = wall1.elapsed();
             throughput.entry(observer.name()).or_default().push(bits);
+            // CPU the observer's programs took, as a share of the machine, while each load ran:
+            // what they take from the workload, measured without the throughput's noise.
+            if observer != Observer::None {
+                let share = |before, after, wall: Duration| {
+                    probe_time_ns(before, after, &running.programs) as f64
+                        / (wall.as_nanos() as f64 * cpus as f64)
+                        * 100.0
+                };
+                probe_cpu
+                    .entry((observer.name(), "fio"))
+                    .or_default()
+                    .push(share(&stats0, &stats1, storage_wall));
+                probe_cpu
+                    .entry((observer.name(), "iperf3"))
+                    .or_default()
+                    .push(share(&stats1, &stats2, network_wall));
+            }
             match observer {
                 Observer::Envelope => {
                     for (name, cost) in cost_per_event(&stats0, &stats1, &running.programs) {
@@ -654,8 +691,29 @@ fn benchmark() {
             "net": round1((time - floor_time) / events),
         })
     };
+    // Slowdown per round against the no-agent run of the same round (they ran a minute
+    // apart), then the median over rounds, with the range to show the noise.
+    let per_round = |table: &BTreeMap<&str, Vec<f64>>, observer: Observer| -> Vec<f64> {
+        table[observer.name()]
+            .iter()
+            .zip(&table[Observer::None.name()])
+            .map(|(with, without)| (1.0 - with / without) * 100.0)
+            .collect()
+    };
     let slowdown = |table: &BTreeMap<&str, Vec<f64>>, observer: Observer| {
-        (1.0 - med(&table[observer.name()]) / med(&table[Observer::None.name()])) * 100.0
+        let rounds = per_round(table, observer);
+        json!({
+            "median": med(&rounds),
+            "min": rounds.iter().copied().fold(f64::INFINITY, f64::min),
+            "max": rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            "rounds": rounds,
+        })
+    };
+    let probe_cpu_json = |observer: Observer| {
+        json!({
+            "fio": med(probe_cpu.get(&(observer.name(), "fio")).map_or(&[][..], Vec::as_slice)),
+            "iperf3": med(probe_cpu.get(&(observer.name(), "iperf3")).map_or(&[][..], Vec::as_slice)),
+        })
     };
     let results = json!({
         "machine": {
@@ -688,6 +746,11 @@ fn benchmark() {
                 "envelope": {"fio": slowdown(&iops, Observer::Envelope), "iperf3": slowdown(&throughput, Observer::Envelope)},
                 "reference": {"fio": slowdown(&iops, Observer::Reference), "iperf3": slowdown(&throughput, Observer::Reference)},
                 "floor": {"fio": slowdown(&iops, Observer::Floor), "iperf3": slowdown(&throughput, Observer::Floor)},
+            },
+            "probe_cpu_percent_of_machine": {
+                "envelope": probe_cpu_json(Observer::Envelope),
+                "reference": probe_cpu_json(Observer::Reference),
+                "floor": probe_cpu_json(Observer::Floor),
             },
         },
         "accuracy": {"storage": storage_accuracy, "rtt": rtt_accuracy},
@@ -723,7 +786,7 @@ fn render(r: &Value) -> String {
     let _ = writeln!(w, "# Benchmarks\n");
     let _ = writeln!(
         w,
-        "Written by `cargo xtask bench` (root; raw figures in `target/bench/results.json`). Machine: kernel {}, {} CPUs, shared and noisy, so workload runs alternate no agent / envelope / reference {} times and medians are reported. The reference is bpftrace running bcc's biolatency and tcprtt on the same tracepoints with log2 histograms: bcc itself cannot run here (no kernel headers, kprobes do not attach).\n",
+        "Written by `cargo xtask bench` (root; raw figures in `target/bench/results.json`). Machine: kernel {}, {} CPUs, shared and noisy, so workload runs alternate no agent / envelope / reference / empty programs {} times and medians are reported. The reference is bpftrace running bcc's biolatency and tcprtt on the same tracepoints with log2 histograms: bcc itself cannot run here (no kernel headers, kprobes do not attach).\n",
         r["machine"]["kernel"].as_str().unwrap_or("?"),
         r["machine"]["cpus"],
         r["rounds"]
@@ -820,15 +883,35 @@ fn render(r: &Value) -> String {
         );
     }
     let s = &r["workload"]["slowdown_percent"];
+    let range = |who: &str, what: &str| {
+        format!(
+            "{}% ({} to {})",
+            number(&s[who][what]["median"]),
+            number(&s[who][what]["min"]),
+            number(&s[who][what]["max"])
+        )
+    };
     let _ = writeln!(
         w,
-        "\nSlowdown vs no agent: envelope {}% (fio), {}% (iperf3); reference {}% (fio), {}% (iperf3); empty programs on envelope's tracepoints {}% (fio), {}% (iperf3). Target: at or below 1% and no worse than the reference. Negative = faster than without (noise).\n",
-        number(&s["envelope"]["fio"]),
-        number(&s["envelope"]["iperf3"]),
-        number(&s["reference"]["fio"]),
-        number(&s["reference"]["iperf3"]),
-        number(&s["floor"]["fio"]),
-        number(&s["floor"]["iperf3"])
+        "\nSlowdown vs no agent, per round against that round's no-agent run, median (range over rounds). Negative = faster than without (noise). Target: at or below 1% and no worse than the reference.\n\n| observer | fio | iperf3 |\n|---|---|---|\n| envelope run | {} | {} |\n| bpftrace (bcc-style log2) | {} | {} |\n| empty programs (floor) | {} | {} |\n",
+        range("envelope", "fio"),
+        range("envelope", "iperf3"),
+        range("reference", "fio"),
+        range("reference", "iperf3"),
+        range("floor", "fio"),
+        range("floor", "iperf3"),
+    );
+    let cpu_share = &r["workload"]["probe_cpu_percent_of_machine"];
+    let _ = writeln!(
+        w,
+        "CPU time the observer's programs ran (BPF statistics) while the load ran, as a share of the machine ({} CPUs), median over rounds: the part of the slowdown the probes cause, without the throughput's noise.\n\n| observer | during fio | during iperf3 |\n|---|---|---|\n| envelope run | {}% | {}% |\n| bpftrace (bcc-style log2) | {}% | {}% |\n| empty programs (floor) | {}% | {}% |\n",
+        r["machine"]["cpus"],
+        number(&cpu_share["envelope"]["fio"]),
+        number(&cpu_share["envelope"]["iperf3"]),
+        number(&cpu_share["reference"]["fio"]),
+        number(&cpu_share["reference"]["iperf3"]),
+        number(&cpu_share["floor"]["fio"]),
+        number(&cpu_share["floor"]["iperf3"]),
     );
     let _ = writeln!(w, "## Accuracy\n");
     let a = &r["accuracy"];
@@ -886,7 +969,7 @@ fn render(r: &Value) -> String {
         .filter_map(|(_, v)| v.as_f64())
         .fold(0.0, f64::max);
     let rss = r["agent"]["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
-    let slow = |who: &str, what: &str| s[who][what].as_f64().unwrap_or(f64::NAN);
+    let slow = |who: &str, what: &str| s[who][what]["median"].as_f64().unwrap_or(f64::NAN);
     let worst_envelope = slow("envelope", "fio").max(slow("envelope", "iperf3"));
     let worst_reference = slow("reference", "fio").max(slow("reference", "iperf3"));
     let accuracy_errors: Vec<f64> = [("storage", "fio_clat_ms"), ("rtt", "ss_srtt_ms")]
