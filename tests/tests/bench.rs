@@ -80,28 +80,82 @@ fn fio_clat_ms(report: &Value) -> (f64, f64, f64) {
 }
 
 /// iperf3 over loopback; bits per second received.
-fn iperf3(seconds: u64) -> f64 {
+/// iperf3 throughput in bit/s over loopback, or across `veth` (server in its server namespace,
+/// client in its client namespace).
+fn iperf3(seconds: u64, veth: Option<&VethPair>) -> f64 {
     let port = 5301;
-    let mut server = Command::new("iperf3")
-        .args(["-s", "-1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
+    let in_namespace = |namespace: Option<&String>, args: &[&str]| {
+        let mut command = match namespace {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace, "iperf3"]);
+                command
+            }
+            None => Command::new("iperf3"),
+        };
+        command.args(args);
+        command
+    };
+    let mut server = in_namespace(
+        veth.map(|pair| &pair.server_namespace),
+        &["-s", "-1", "-p", &port.to_string()],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("iperf3 server");
     std::thread::sleep(Duration::from_millis(300));
-    let report = run_json(Command::new("iperf3").args([
-        "-c",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-t",
-        &seconds.to_string(),
-        "-J",
-    ]));
+    let server_address = veth.map_or("127.0.0.1".to_string(), |pair| {
+        pair.server_address.to_string()
+    });
+    let report = run_json(&mut in_namespace(
+        veth.map(|pair| &pair.client_namespace),
+        &[
+            "-c",
+            &server_address,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ],
+    ));
     let _ = server.wait();
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .expect("iperf3 throughput")
+}
+
+/// The loads each observer runs in every round, in this order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Load {
+    /// fio 4 KiB random reads, queue depth 32 (IOPS).
+    Storage,
+    /// iperf3 over loopback (bit/s).
+    Loopback,
+    /// iperf3 across a veth pair between two namespaces (bit/s).
+    Veth,
+}
+
+const LOADS: [Load; 3] = [Load::Storage, Load::Loopback, Load::Veth];
+
+impl Load {
+    /// Key in results.json.
+    fn key(self) -> &'static str {
+        match self {
+            Load::Storage => "storage_load",
+            Load::Loopback => "network_load",
+            Load::Veth => "veth_load",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Load::Storage => "fio 4k QD32",
+            Load::Loopback => "iperf3 loopback",
+            Load::Veth => "iperf3 veth",
+        }
+    }
 }
 
 /// Per BPF program (name as the kernel truncates it): (run time ns, run count).
@@ -177,6 +231,16 @@ impl Observer {
             Observer::Envelope => "envelope run",
             Observer::Reference => "bpftrace (bcc-style log2)",
             Observer::Floor => "empty programs (floor)",
+        }
+    }
+
+    /// Key in results.json.
+    fn key(self) -> &'static str {
+        match self {
+            Observer::None => "none",
+            Observer::Envelope => "envelope",
+            Observer::Reference => "reference",
+            Observer::Floor => "floor",
         }
     }
 }
@@ -492,15 +556,17 @@ fn benchmark() {
         Observer::Reference,
         Observer::Floor,
     ];
-    let mut iops: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut throughput: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut storage_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
-    let mut network_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
-    let mut reference_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
+    // A veth pair whose shaping is far above what this machine can push: iperf3 across two
+    // namespaces, so the packets take the veth path instead of loopback's.
+    let veth = VethPair::create("40gbit", "50ms");
+    type Costs = BTreeMap<String, Vec<(f64, u64)>>;
+    // Per load: workload results per observer, envelope's and the floor's cost per program.
+    let mut workload_runs: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut envelope_cost: BTreeMap<&str, Costs> = BTreeMap::new();
+    let mut floor_cost: BTreeMap<&str, Costs> = BTreeMap::new();
+    let mut reference_cost: Costs = BTreeMap::new();
     let mut probe_cpu: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut floor_storage_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
-    let mut floor_network_cost: BTreeMap<String, Vec<(f64, u64)>> = BTreeMap::new();
     let mut agent_cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut agent_rss: Vec<f64> = Vec::new();
     for round in 0..ROUNDS {
@@ -516,83 +582,59 @@ fn benchmark() {
                     .or_default()
                     .push((running.cpu_seconds().unwrap() - cpu0) / 10.0 * 100.0);
             }
-            let stats0 = bpf_stats();
-            let cpu0 = running.cpu_seconds();
-            let wall0 = Instant::now();
-            let report = fio(&file.path, "4k", 32, FIO_SECONDS);
-            let storage_cpu = running
-                .cpu_seconds()
-                .zip(cpu0)
-                .map(|(b, a)| (b - a) / wall0.elapsed().as_secs_f64() * 100.0);
-            let stats1 = bpf_stats();
-            let storage_wall = wall0.elapsed();
-            iops.entry(observer.name())
-                .or_default()
-                .push(fio_iops(&report));
-            let cpu1 = running.cpu_seconds();
-            let wall1 = Instant::now();
-            let bits = iperf3(IPERF_SECONDS);
-            let network_cpu = running
-                .cpu_seconds()
-                .zip(cpu1)
-                .map(|(b, a)| (b - a) / wall1.elapsed().as_secs_f64() * 100.0);
-            let stats2 = bpf_stats();
-            let network_wall = wall1.elapsed();
-            throughput.entry(observer.name()).or_default().push(bits);
-            // CPU the observer's programs took, as a share of the machine, while each load ran:
-            // what they take from the workload, measured without the throughput's noise.
-            if observer != Observer::None {
-                let share = |before, after, wall: Duration| {
-                    probe_time_ns(before, after, &running.programs) as f64
-                        / (wall.as_nanos() as f64 * cpus as f64)
-                        * 100.0
+            for load in LOADS {
+                let stats_before = bpf_stats();
+                let cpu_before = running.cpu_seconds();
+                let started = Instant::now();
+                let value = match load {
+                    Load::Storage => fio_iops(&fio(&file.path, "4k", 32, FIO_SECONDS)),
+                    Load::Loopback => iperf3(IPERF_SECONDS, None),
+                    Load::Veth => iperf3(IPERF_SECONDS, Some(&veth)),
                 };
-                probe_cpu
-                    .entry((observer.name(), "fio"))
+                let wall = started.elapsed();
+                let stats_after = bpf_stats();
+                workload_runs
+                    .entry(load.key())
                     .or_default()
-                    .push(share(&stats0, &stats1, storage_wall));
-                probe_cpu
-                    .entry((observer.name(), "iperf3"))
+                    .entry(observer.name())
                     .or_default()
-                    .push(share(&stats1, &stats2, network_wall));
+                    .push(value);
+                if observer == Observer::None {
+                    continue;
+                }
+                // CPU the observer's programs took, as a share of the machine, while the load
+                // ran: what they take from the workload, without the throughput's noise.
+                probe_cpu.entry((observer.name(), load.key())).or_default().push(
+                    probe_time_ns(&stats_before, &stats_after, &running.programs) as f64
+                        / (wall.as_nanos() as f64 * cpus as f64)
+                        * 100.0,
+                );
+                let costs = cost_per_event(&stats_before, &stats_after, &running.programs);
+                let table = match observer {
+                    Observer::Envelope => {
+                        agent_cpu.entry(load.label()).or_default().extend(
+                            running
+                                .cpu_seconds()
+                                .zip(cpu_before)
+                                .map(|(b, a)| (b - a) / wall.as_secs_f64() * 100.0),
+                        );
+                        envelope_cost.entry(load.key()).or_default()
+                    }
+                    Observer::Floor => floor_cost.entry(load.key()).or_default(),
+                    _ => &mut reference_cost,
+                };
+                for (name, cost) in costs {
+                    table.entry(name).or_default().push(cost);
+                }
             }
-            match observer {
-                Observer::Envelope => {
-                    for (name, cost) in cost_per_event(&stats0, &stats1, &running.programs) {
-                        storage_cost.entry(name).or_default().push(cost);
-                    }
-                    for (name, cost) in cost_per_event(&stats1, &stats2, &running.programs) {
-                        network_cost.entry(name).or_default().push(cost);
-                    }
-                    agent_cpu
-                        .entry("storage load")
-                        .or_default()
-                        .extend(storage_cpu);
-                    agent_cpu
-                        .entry("network load")
-                        .or_default()
-                        .extend(network_cpu);
-                    agent_rss.extend(running.peak_rss_mib());
-                }
-                Observer::Reference => {
-                    for (name, cost) in cost_per_event(&stats0, &stats2, &running.programs) {
-                        reference_cost.entry(name).or_default().push(cost);
-                    }
-                }
-                Observer::Floor => {
-                    for (name, cost) in cost_per_event(&stats0, &stats1, &running.programs) {
-                        floor_storage_cost.entry(name).or_default().push(cost);
-                    }
-                    for (name, cost) in cost_per_event(&stats1, &stats2, &running.programs) {
-                        floor_network_cost.entry(name).or_default().push(cost);
-                    }
-                }
-                Observer::None => {}
+            if observer == Observer::Envelope {
+                agent_rss.extend(running.peak_rss_mib());
             }
             let _ = running.started;
             running.stop();
         }
     }
+    drop(veth);
 
     // What the building blocks of a probe cost on this machine: one bpftrace program on
     // block_rq_issue at a time, under the same fio load.
@@ -700,15 +742,16 @@ fn benchmark() {
             events,
         )
     };
-    let floor_all: BTreeMap<String, Vec<(f64, u64)>> = floor_storage_cost
-        .iter()
-        .chain(floor_network_cost.iter())
-        .fold(BTreeMap::new(), |mut all, (name, runs)| {
-            all.entry(name.clone())
-                .or_insert_with(Vec::new)
-                .extend(runs);
-            all
-        });
+    let floor_all: Costs =
+        floor_cost
+            .values()
+            .flatten()
+            .fold(BTreeMap::new(), |mut all, (name, runs)| {
+                all.entry(name.clone())
+                    .or_insert_with(Vec::new)
+                    .extend(runs);
+                all
+            });
     // bpftrace's programs carry the kernel's 15-character names, envelope's their full ones.
     let floor_of = |floor: &BTreeMap<String, Vec<(f64, u64)>>, name: &str| {
         let short: String = name.chars().take(15).collect();
@@ -772,49 +815,58 @@ fn benchmark() {
             "rounds": rounds,
         })
     };
-    let probe_cpu_json = |observer: Observer| {
-        json!({
-            "fio": med(probe_cpu.get(&(observer.name(), "fio")).map_or(&[][..], Vec::as_slice)),
-            "iperf3": med(probe_cpu.get(&(observer.name(), "iperf3")).map_or(&[][..], Vec::as_slice)),
-        })
+    let empty = Costs::new();
+    let per_load = |value: &dyn Fn(Load) -> Value| -> Value {
+        LOADS
+            .iter()
+            .map(|&load| (load.key().to_string(), value(load)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let envelope_of = |load: Load| envelope_cost.get(load.key()).unwrap_or(&empty);
+    let floor_of_load = |load: Load| floor_cost.get(load.key()).unwrap_or(&empty);
+    let observers_json = |value: &dyn Fn(Observer) -> Value| -> Value {
+        [Observer::Envelope, Observer::Reference, Observer::Floor]
+            .iter()
+            .map(|&observer| (observer.key().to_string(), value(observer)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
     };
     let results = json!({
         "machine": {
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "cpus": cpus,
         },
         "rounds": ROUNDS,
+        "loads": per_load(&|load| json!(load.label())),
         "probe_cost": {
-            "storage_load": costs(&storage_cost, &floor_storage_cost),
-            "network_load": costs(&network_cost, &floor_network_cost),
-            "envelope_weighted_ns_per_event": {
-                "storage_load": weighted(&storage_cost, &floor_storage_cost),
-                "network_load": weighted(&network_cost, &floor_network_cost),
-            },
+            "envelope": per_load(&|load| costs(envelope_of(load), floor_of_load(load))),
+            "envelope_weighted_ns_per_event": per_load(&|load| weighted(envelope_of(load), floor_of_load(load))),
             "reference_bpftrace": costs(&reference_cost, &floor_all),
             "reference_weighted_ns_per_event": weighted(&reference_cost, &floor_all),
-            "floor_bpftrace": {
-                "storage_load": costs(&floor_storage_cost, &BTreeMap::new()),
-                "network_load": costs(&floor_network_cost, &BTreeMap::new()),
-            },
+            "floor_bpftrace": per_load(&|load| costs(floor_of_load(load), &empty)),
         },
         "agent": {
             "cpu_percent_of_one_core": agent_cpu.iter().map(|(k, v)| (k.to_string(), json!(med(v)))).collect::<serde_json::Map<_, _>>(),
             "peak_rss_mib": agent_rss.iter().copied().fold(0.0, f64::max),
         },
         "workload": {
-            "fio_4k_qd32_iops": iops.iter().map(|(k, v)| (k.to_string(), json!({"median": med(v), "runs": v}))).collect::<serde_json::Map<_, _>>(),
-            "iperf3_loopback_gbit_s": throughput.iter().map(|(k, v)| (k.to_string(), json!({"median": med(v) / 1e9, "runs": v.iter().map(|b| b / 1e9).collect::<Vec<_>>()}))).collect::<serde_json::Map<_, _>>(),
-            "slowdown_percent": {
-                "envelope": {"fio": slowdown(&iops, Observer::Envelope), "iperf3": slowdown(&throughput, Observer::Envelope)},
-                "reference": {"fio": slowdown(&iops, Observer::Reference), "iperf3": slowdown(&throughput, Observer::Reference)},
-                "floor": {"fio": slowdown(&iops, Observer::Floor), "iperf3": slowdown(&throughput, Observer::Floor)},
-            },
-            "probe_cpu_percent_of_machine": {
-                "envelope": probe_cpu_json(Observer::Envelope),
-                "reference": probe_cpu_json(Observer::Reference),
-                "floor": probe_cpu_json(Observer::Floor),
-            },
+            // fio in IOPS, iperf3 in Gbit/s.
+            "results": per_load(&|load| {
+                let scale = if load == Load::Storage { 1.0 } else { 1e9 };
+                workload_runs[load.key()]
+                    .iter()
+                    .map(|(observer, runs)| {
+                        let runs: Vec<f64> = runs.iter().map(|v| v / scale).collect();
+                        (observer.to_string(), json!({"median": med(&runs), "runs": runs}))
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            }),
+            "slowdown_percent": observers_json(&|observer| per_load(&|load| slowdown(&workload_runs[load.key()], observer))),
+            "probe_cpu_percent_of_machine": observers_json(&|observer| per_load(&|load| {
+                json!(med(probe_cpu.get(&(observer.name(), load.key())).map_or(&[][..], Vec::as_slice)))
+            })),
         },
         "primitives_on_block_rq_issue": primitives,
         "accuracy": {"storage": storage_accuracy, "rtt": rtt_accuracy},
@@ -830,8 +882,8 @@ fn benchmark() {
     println!("{}", serde_json::to_string_pretty(&results).unwrap());
     // The run itself is the result; sanity only: envelope saw the load it was benchmarked on.
     assert!(
-        !storage_cost.is_empty() && !network_cost.is_empty(),
-        "no envelope program ran"
+        LOADS.iter().all(|load| !envelope_of(*load).is_empty()),
+        "no envelope program ran under some load"
     );
     let _ = error_percent;
 }
@@ -850,7 +902,7 @@ fn render(r: &Value) -> String {
     let _ = writeln!(w, "# Benchmarks\n");
     let _ = writeln!(
         w,
-        "Written by `cargo xtask bench` (root; raw figures in `target/bench/results.json`). Machine: kernel {}, {} CPUs, shared and noisy, so workload runs alternate no agent / envelope / reference / empty programs {} times and medians are reported. The reference is bpftrace running bcc's biolatency and tcprtt on the same tracepoints with log2 histograms: bcc itself cannot run here (no kernel headers, kprobes do not attach).\n",
+        "Written by `cargo xtask bench` (root; raw figures in `target/bench/results.json`). Machine: kernel {}, {} CPUs, shared and noisy, so each round runs every load under no agent / envelope / reference / empty programs in turn, {} rounds, and medians are reported. The reference is bpftrace running bcc's biolatency and tcprtt on the same tracepoints with log2 histograms: bcc itself cannot run here (no kernel headers, kprobes do not attach).\n",
         r["machine"]["kernel"].as_str().unwrap_or("?"),
         r["machine"]["cpus"],
         r["rounds"]
@@ -862,53 +914,42 @@ fn render(r: &Value) -> String {
     );
     let _ = writeln!(
         w,
-        "| program | storage load: gross | floor | net | events | network load: gross | floor | net | events |\n|---|---|---|---|---|---|---|---|---|"
+        "| load | program | gross | floor | net | events |\n|---|---|---|---|---|---|"
     );
-    let storage = r["probe_cost"]["storage_load"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    let network = r["probe_cost"]["network_load"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    let mut names: Vec<&String> = storage.keys().chain(network.keys()).collect();
-    names.sort();
-    names.dedup();
-    let cell = |t: &serde_json::Map<String, Value>, name: &str, f: &str| {
-        t.get(name)
-            .map(|v| &v[f])
+    let cell = |v: &Value, f: &str| {
+        Some(&v[f])
             .filter(|v| !v.is_null())
             .map_or("–".to_string(), Value::to_string)
     };
-    for name in names {
-        let _ = writeln!(
-            w,
-            "| `{name}` | {} | {} | {} | {} | {} | {} | {} | {} |",
-            cell(&storage, name, "ns_per_event"),
-            cell(&storage, name, "floor_ns"),
-            cell(&storage, name, "net_ns"),
-            cell(&storage, name, "events"),
-            cell(&network, name, "ns_per_event"),
-            cell(&network, name, "floor_ns"),
-            cell(&network, name, "net_ns"),
-            cell(&network, name, "events")
-        );
+    for load in LOADS {
+        for (name, cost) in r["probe_cost"]["envelope"][load.key()]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            let _ = writeln!(
+                w,
+                "| {} | `{name}` | {} | {} | {} | {} |",
+                load.label(),
+                cell(cost, "ns_per_event"),
+                cell(cost, "floor_ns"),
+                cell(cost, "net_ns"),
+                cell(cost, "events"),
+            );
+        }
     }
     let e = &r["probe_cost"]["envelope_weighted_ns_per_event"];
     let reference = &r["probe_cost"]["reference_weighted_ns_per_event"];
+    let weighted_line = |v: &Value| format!("{} / {} / {} ns", v["gross"], v["floor"], v["net"]);
     let _ = writeln!(
         w,
-        "\nWeighted by events, gross / floor / net: envelope {} / {} / {} ns (storage load), {} / {} / {} ns (network load); reference (bpftrace, same tracepoints, both loads) {} / {} / {} ns. Target: at or below 100 ns.\n",
-        e["storage_load"]["gross"],
-        e["storage_load"]["floor"],
-        e["storage_load"]["net"],
-        e["network_load"]["gross"],
-        e["network_load"]["floor"],
-        e["network_load"]["net"],
-        reference["gross"],
-        reference["floor"],
-        reference["net"],
+        "\nWeighted by events, gross / floor / net: envelope {}; reference (bpftrace: block_io_start, block_rq_complete and tcp_probe, all loads) {}. Target: at or below 100 ns.\n",
+        LOADS
+            .iter()
+            .map(|load| format!("{} ({})", weighted_line(&e[load.key()]), load.label()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        weighted_line(reference),
     );
     if let Some(primitives) = r["primitives_on_block_rq_issue"].as_array() {
         let empty = primitives
@@ -948,9 +989,18 @@ fn render(r: &Value) -> String {
         number(&r["agent"]["peak_rss_mib"])
     );
     let _ = writeln!(w, "## Workload slowdown\n");
+    let workload = &r["workload"];
     let _ = writeln!(
         w,
-        "| observer | fio 4k QD32 IOPS (median) | iperf3 loopback Gbit/s (median) |\n|---|---|---|"
+        "| observer | {} |\n|---|---|---|---|",
+        LOADS
+            .iter()
+            .map(|load| {
+                let unit = if *load == Load::Storage { "IOPS" } else { "Gbit/s" };
+                format!("{} {unit} (median)", load.label())
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
     for observer in [
         Observer::None,
@@ -960,42 +1010,49 @@ fn render(r: &Value) -> String {
     ] {
         let _ = writeln!(
             w,
-            "| {} | {} | {} |",
+            "| {} | {} |",
             observer.name(),
-            number(&r["workload"]["fio_4k_qd32_iops"][observer.name()]["median"]),
-            number(&r["workload"]["iperf3_loopback_gbit_s"][observer.name()]["median"])
+            LOADS
+                .iter()
+                .map(|load| number(&workload["results"][load.key()][observer.name()]["median"]))
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
     }
-    let s = &r["workload"]["slowdown_percent"];
-    let range = |who: &str, what: &str| {
+    let s = &workload["slowdown_percent"];
+    let range = |who: &str, load: Load| {
+        let v = &s[who][load.key()];
         format!(
             "{}% ({} to {})",
-            number(&s[who][what]["median"]),
-            number(&s[who][what]["min"]),
-            number(&s[who][what]["max"])
+            number(&v["median"]),
+            number(&v["min"]),
+            number(&v["max"])
         )
     };
+    let row = |value: &dyn Fn(Load) -> String| {
+        LOADS.iter().map(|load| value(*load)).collect::<Vec<_>>().join(" | ")
+    };
+    let header = LOADS
+        .iter()
+        .map(|load| load.label())
+        .collect::<Vec<_>>()
+        .join(" | ");
     let _ = writeln!(
         w,
-        "\nSlowdown vs no agent, per round against that round's no-agent run, median (range over rounds). Negative = faster than without (noise). Target: at or below 1% and no worse than the reference.\n\n| observer | fio | iperf3 |\n|---|---|---|\n| envelope run | {} | {} |\n| bpftrace (bcc-style log2) | {} | {} |\n| empty programs (floor) | {} | {} |\n",
-        range("envelope", "fio"),
-        range("envelope", "iperf3"),
-        range("reference", "fio"),
-        range("reference", "iperf3"),
-        range("floor", "fio"),
-        range("floor", "iperf3"),
+        "\nSlowdown vs no agent, per round against that round's no-agent run, median (range over rounds). Negative = faster than without (noise). Target: at or below 1% and no worse than the reference.\n\n| observer | {header} |\n|---|---|---|---|\n| envelope run | {} |\n| bpftrace (bcc-style log2) | {} |\n| empty programs (floor) | {} |\n",
+        row(&|load| range("envelope", load)),
+        row(&|load| range("reference", load)),
+        row(&|load| range("floor", load)),
     );
-    let cpu_share = &r["workload"]["probe_cpu_percent_of_machine"];
+    let cpu_share = &workload["probe_cpu_percent_of_machine"];
+    let share = |who: &str| row(&|load| format!("{}%", number(&cpu_share[who][load.key()])));
     let _ = writeln!(
         w,
-        "CPU time the observer's programs ran (BPF statistics) while the load ran, as a share of the machine ({} CPUs), median over rounds: the part of the slowdown the probes cause, without the throughput's noise.\n\n| observer | during fio | during iperf3 |\n|---|---|---|\n| envelope run | {}% | {}% |\n| bpftrace (bcc-style log2) | {}% | {}% |\n| empty programs (floor) | {}% | {}% |\n",
+        "CPU time the observer's programs ran (BPF statistics) while the load ran, as a share of the machine ({} CPUs), median over rounds: the part of the slowdown the probes cause, without the throughput's noise.\n\n| observer | {header} |\n|---|---|---|---|\n| envelope run | {} |\n| bpftrace (bcc-style log2) | {} |\n| empty programs (floor) | {} |\n",
         r["machine"]["cpus"],
-        number(&cpu_share["envelope"]["fio"]),
-        number(&cpu_share["envelope"]["iperf3"]),
-        number(&cpu_share["reference"]["fio"]),
-        number(&cpu_share["reference"]["iperf3"]),
-        number(&cpu_share["floor"]["fio"]),
-        number(&cpu_share["floor"]["iperf3"]),
+        share("envelope"),
+        share("reference"),
+        share("floor"),
     );
     let _ = writeln!(w, "## Accuracy\n");
     let a = &r["accuracy"];
@@ -1040,10 +1097,10 @@ fn render(r: &Value) -> String {
     let _ = writeln!(w, "## Against the targets\n");
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
     let worst_load = |what: &str| {
-        e["storage_load"][what]
-            .as_f64()
-            .unwrap_or(f64::NAN)
-            .max(e["network_load"][what].as_f64().unwrap_or(f64::NAN))
+        LOADS
+            .iter()
+            .map(|load| e[load.key()][what].as_f64().unwrap_or(f64::NAN))
+            .fold(f64::NEG_INFINITY, f64::max)
     };
     let (weighted, weighted_gross) = (worst_load("net"), worst_load("gross"));
     let cpu = r["agent"]["cpu_percent_of_one_core"]
@@ -1053,9 +1110,14 @@ fn render(r: &Value) -> String {
         .filter_map(|(_, v)| v.as_f64())
         .fold(0.0, f64::max);
     let rss = r["agent"]["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
-    let slow = |who: &str, what: &str| s[who][what]["median"].as_f64().unwrap_or(f64::NAN);
-    let worst_envelope = slow("envelope", "fio").max(slow("envelope", "iperf3"));
-    let worst_reference = slow("reference", "fio").max(slow("reference", "iperf3"));
+    let worst_slowdown = |who: &str| {
+        LOADS
+            .iter()
+            .map(|load| s[who][load.key()]["median"].as_f64().unwrap_or(f64::NAN))
+            .fold(f64::NEG_INFINITY, f64::max)
+    };
+    let worst_envelope = worst_slowdown("envelope");
+    let worst_reference = worst_slowdown("reference");
     let accuracy_errors: Vec<f64> = [("storage", "fio_clat_ms"), ("rtt", "ss_srtt_ms")]
         .iter()
         .flat_map(|(kind, truth)| {
@@ -1069,7 +1131,7 @@ fn render(r: &Value) -> String {
     let worst_accuracy = accuracy_errors.iter().copied().fold(0.0, f64::max);
     let _ = writeln!(
         w,
-        "| target | measured | |\n|---|---|---|\n| probe cost <= 100 ns/event | {weighted:.0} ns net of the empty-program floor ({weighted_gross:.0} ns gross; worst load, weighted) | {} |\n| agent <= 1% of a core | {cpu:.2}% (worst condition) | {} |\n| agent <= 40 MiB RSS | {rss:.1} MiB | {} |\n| slowdown <= 1% | {worst_envelope:.1}% (worst of fio, iperf3) | {} |\n| slowdown no worse than the reference | reference {worst_reference:.1}% | {} |\n| P50/P95/P99 within 10% | worst {worst_accuracy:.1}% ({} quantiles) | {} |\n",
+        "| target | measured | |\n|---|---|---|\n| probe cost <= 100 ns/event | {weighted:.0} ns net of the empty-program floor ({weighted_gross:.0} ns gross; worst load, weighted) | {} |\n| agent <= 1% of a core | {cpu:.2}% (worst condition) | {} |\n| agent <= 40 MiB RSS | {rss:.1} MiB | {} |\n| slowdown <= 1% | {worst_envelope:.1}% (worst load, median over rounds) | {} |\n| slowdown no worse than the reference | reference {worst_reference:.1}% | {} |\n| P50/P95/P99 within 10% | worst {worst_accuracy:.1}% ({} quantiles) | {} |\n",
         verdict(weighted <= 100.0),
         verdict(cpu <= 1.0),
         verdict(rss <= 40.0),
