@@ -1148,6 +1148,9 @@ fn render(r: &Value) -> String {
 /// that measures them; update it when the numbers move).
 const FINDINGS: &str = "## Findings
 
+Figures below are from the runs of 2026-11-27 (three full runs after the changes listed); the
+tables above are the latest run.
+
 - Accuracy: envelope's log-linear histograms (16 buckets per power of two) land within a few
   percent of fio's own completion percentiles and of the kernel's srtt; the bcc-style log2
   reference on the same events is off by tens of percent at P95/P99 (and by up to 2x by
@@ -1156,47 +1159,47 @@ const FINDINGS: &str = "## Findings
   stays a fraction of a percent of one core and its memory is the maps' mirror plus the
   runtime.
 - Why the 100 ns target is missed here: on this VM every building block of a probe costs
-  85-90 ns (reading the clock, one hash lookup: the table above), an in-place hash update
-  ~250 ns and an insert plus delete ~560 ns, several times the published bare-metal figures
-  (bcc/ebpf_exporter: +35 to +96 ns for a whole tracepoint program with map work). The guest
-  kernel reports `spec_rstack_overflow: Vulnerable: Safe RET, no microcode` and runs nested
-  (`nested_pvm=1` on its command line); return thunks and nested paging would make every call,
-  return and cold memory access slow, which fits, but that cause is our inference, not
-  measured. A probe that reads the clock and
-  looks one thing up therefore costs ~175 ns net here whatever it is written in. The cheapest
-  envelope program, `block_rq_issue` (clock plus one array slot), is at ~85 ns net; the
-  weighted average is ~310 ns net, against ~470 ns net for the reference's three bpftrace
-  programs, which do less per event.
-- What was done about it (2026-11-27; gross weighted cost before: 755 ns storage load, 674 ns
-  network load; after: ~390 ns on both): `raw_syscalls:sys_enter` (one probe per system call
-  of the node) replaced by reading the system call from the sleeping thread's saved registers,
-  and only for interruptible sleeps; tracepoint fields read straight from the record instead
-  of one `bpf_probe_read_kernel` call per field (the helper path remains for other kernels'
-  layouts, and `ENVELOPE_TRACEPOINT_READS=helper` tests it); block requests in flight kept in
-  a fixed table of slots instead of an LRU hash with an insert and a delete per request (the
-  largest single saving); both latency histograms and the counters of a device in one per-CPU
-  value (one lookup per completion instead of three); the tracked-process record carries the
-  last I/O and socket times (one lookup instead of up to three); no counter lookup per ACK
-  (the RTT histogram counts the samples); the zeroed histogram fetched only for new keys; the
-  clock read only for tracked threads.
-- Left, largest first: `block_bio_queue` (~500 ns net: clock, pid, tracked lookup, cgroup id and
-  command name of the submitter, the slot); `sched_switch` for tracked threads (~440-730 ns
-  net: the thread's state twice, the per-process time twice). Accumulating time per thread
-  instead of per process would save two lookups per switch, but a thread's exit would then
-  move its whole lifetime between maps, and a window read racing that move would count it
-  twice: not done. Raw tracepoints (`BPF_PROG_TYPE_RAW_TRACEPOINT`) for `tcp_probe` and
-  `block_rq_complete` would also skip the record the kernel fills before a classic
-  tracepoint program runs, a cost outside `run_time_ns` (the empty programs' own CPU share
-  above is a lower bound of it).
-- Slowdown: the throughput comparison cannot resolve 1% on this VM. One round in five
-  typically collapses for every observer alike (a neighbour's load: fio fell to 16-36k IOPS in
-  the last round of the latest run, with or without probes), and the per-round slowdowns range
-  over tens of percent; the empty programs came out \"faster than no agent\" on fio.
-  The CPU share is the robust figure: while fio ran at ~56k IOPS, envelope's programs used
-  3.0% of this 2-CPU machine (the reference 2.9%, empty programs 0.8%); during iperf3 2.5%
-  (the reference 1.1%: it runs one program there, envelope also attributes time and owners).
-  The cost is per event, so the same event rate on a 32-CPU GPU node would take ~0.2% of it
-  (arithmetic, not measured). A bare-metal GPU node is where the 1% target should be judged.
+  85-95 ns (reading the clock, one hash lookup: the table above), an in-place hash update
+  ~230-250 ns and an insert plus delete ~480-560 ns, several times the published bare-metal
+  figures (bcc/ebpf_exporter: +35 to +96 ns for a whole tracepoint program with map work).
+  The guest kernel reports `spec_rstack_overflow: Vulnerable: Safe RET, no microcode` and
+  runs nested (`nested_pvm=1` on its command line); return thunks and nested paging would make
+  every call, return and cold memory access slow, which fits, but that cause is our
+  inference, not measured. A probe that reads the clock and looks one thing up therefore
+  costs ~180 ns net here whatever it is written in. The cheapest envelope program,
+  `block_rq_issue` (clock plus one array slot), is at ~85 ns net; the weighted averages are
+  ~305-355 ns net under fio and iperf3 over loopback and ~205 ns over the veth pair, against
+  ~380-470 ns net for the reference's three bpftrace programs, which do less per event.
+- What was done about it (gross weighted cost before: 755 ns under fio, 674 ns under iperf3;
+  after: ~390-440 ns, ~280 ns on the veth load): `raw_syscalls:sys_enter` (one probe per
+  system call of the node) replaced by reading the system call from the sleeping thread's
+  saved registers, and only for interruptible sleeps; tracepoint fields read straight from
+  the record instead of one `bpf_probe_read_kernel` call per field (the helper path remains
+  for other kernels' layouts, and `ENVELOPE_TRACEPOINT_READS=helper` tests it); block
+  requests in flight kept in a fixed table of slots instead of an LRU hash with an insert and
+  a delete per request (the largest single saving); both latency histograms and the counters
+  of a device in one per-CPU value (one lookup per completion instead of three); the
+  tracked-process record carries the last I/O and socket times (one lookup instead of up to
+  three); no counter lookup per ACK (the RTT histogram counts the samples); the zeroed
+  histogram fetched only for new keys; the clock read only for tracked threads.
+- Left, largest first: `block_bio_queue` (~500-560 ns net: clock, pid, tracked lookup, cgroup
+  id and command name of the submitter, the slot); `sched_switch` for tracked threads
+  (~440-880 ns net: the thread's state twice, the per-process time twice). Accumulating time
+  per thread instead of per process would save two lookups per switch, but a thread's exit
+  would then move its whole lifetime between maps, and a window read racing that move would
+  count it twice: not done. Raw tracepoints (`BPF_PROG_TYPE_RAW_TRACEPOINT`) for `tcp_probe`
+  and `block_rq_complete` would also skip the record the kernel fills before a classic
+  tracepoint program runs, a cost outside `run_time_ns`.
+- Slowdown: the throughput comparison cannot resolve 1% on this VM. Rounds collapse for every
+  observer alike when a neighbour is busy (fio between 16k and 63k IOPS in one run, with or
+  without probes), per-round slowdowns range over tens of percent in both directions, and the
+  empty programs came out \"faster than no agent\" in some runs. The CPU share is the robust
+  figure: envelope's programs used ~3% of this 2-CPU machine while fio ran at ~50-56k IOPS
+  (the reference ~2.6-2.9%, empty programs ~0.8%), ~2.5% during iperf3 over loopback (the
+  reference ~1.1%: it runs one program there, envelope also attributes time and owners) and
+  ~3.5% over the veth pair (the reference ~2.9%). The cost is per event, so the same event
+  rates on a 32-CPU GPU node would take ~0.2% of it (arithmetic, not measured). A bare-metal
+  GPU node is where the 1% target should be judged.
 ";
 
 /// Re-renders BENCHMARKS.md from the last run's target/bench/results.json (after editing the
