@@ -148,8 +148,9 @@ pub const fn classify_switch_out(
     match syscall_id {
         // Asynchronous I/O completions are waited for interruptibly.
         IO_GETEVENTS | IO_URING_ENTER if recent_io => activity::STORAGE,
-        CONNECT | ACCEPT | ACCEPT4 | SENDTO | RECVFROM | SENDMSG | RECVMSG | RECVMMSG
-        | SENDMMSG => activity::NETWORK,
+        // A thread in accept() waits for the next client: idle, not held back by the network.
+        ACCEPT | ACCEPT4 => activity::OTHER_SLEEP,
+        CONNECT | SENDTO | RECVFROM | SENDMSG | RECVMSG | RECVMMSG | SENDMMSG => activity::NETWORK,
         // The NVIDIA driver blocks in ioctl (and poll) on its device files.
         IOCTL if gpu_user => activity::GPU,
         READ | WRITE if recent_socket => activity::NETWORK,
@@ -174,7 +175,15 @@ mod tests {
             EXIT_DEAD,
             0x0004, // stopped
         ];
-        let syscalls = [u64::MAX, READ, RECVFROM, IOCTL, EPOLL_WAIT, IO_GETEVENTS, CONNECT];
+        let syscalls = [
+            u64::MAX,
+            READ,
+            RECVFROM,
+            IOCTL,
+            EPOLL_WAIT,
+            IO_GETEVENTS,
+            CONNECT,
+        ];
         for state in states {
             for flags in 0..8u8 {
                 let (io, socket, gpu) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
@@ -252,6 +261,15 @@ mod tests {
         assert_eq!(
             classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, false, false),
             OTHER_SLEEP
+        );
+        // A server waiting for its next client is idle, however busy its sockets were.
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, ACCEPT4, false, true, false),
+            OTHER_SLEEP
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, CONNECT, false, false, false),
+            NETWORK
         );
     }
 

@@ -1,8 +1,8 @@
 //! Scenarios with a known answer (root only): each load must get the right verdict for the
 //! right workload, and the evidence must name the right device, peer or GPU.
 use std::{
-    io::Write as _,
-    net::{SocketAddrV4, TcpStream},
+    io::{Read as _, Write as _},
+    net::{SocketAddrV4, TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -282,5 +282,48 @@ fn an_idle_process_has_no_bottleneck() {
         "{:#}",
         report["verdict"]
     );
+    assert_eq!(code, 0, "no bottleneck");
+}
+
+/// A server that served a client and now waits in accept() for the next one is idle, not
+/// held back by the network: its wait is other sleep, and its workload has no bottleneck.
+#[test]
+fn a_server_waiting_for_its_next_client_is_idle() {
+    if !root_or_skip("idle server scenario") {
+        return;
+    }
+    let _exclusive = exclusive();
+    // Resolve (and if need be build) the binary first, so the window starts on time.
+    integration_tests::envelope_binary();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    // Inside diagnose's 5 s window: one client served at ~2 s, then ~3 s in accept().
+    let server = std::thread::spawn(move || {
+        let (mut connection, _) = listener.accept().expect("first client");
+        let mut request = [0u8; 5];
+        connection.read_exact(&mut request).expect("request");
+        connection.write_all(b"reply").expect("reply");
+        let _ = listener.accept(); // the wait under test; the last connect below ends it
+    });
+    let client = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(2000));
+        let mut stream = TcpStream::connect(address).expect("connect");
+        stream.write_all(b"hello").expect("send");
+        let mut reply = [0u8; 5];
+        stream.read_exact(&mut reply).expect("reply");
+    });
+    let me = std::process::id().to_string();
+    let (code, report) = diagnose_json(5, &["--pid", &me], &[]);
+    client.join().unwrap();
+    let _ = TcpStream::connect(address);
+    server.join().unwrap();
+    let this = &report["workloads"][0];
+    assert!(
+        this["time"]["network"]
+            .as_f64()
+            .is_some_and(|share| share < 0.05),
+        "accept() is not a network wait: {this:#}"
+    );
+    assert_eq!(this["bottleneck"], "none", "{this:#}");
     assert_eq!(code, 0, "no bottleneck");
 }

@@ -604,11 +604,14 @@ fn benchmark() {
                 }
                 // CPU the observer's programs took, as a share of the machine, while the load
                 // ran: what they take from the workload, without the throughput's noise.
-                probe_cpu.entry((observer.name(), load.key())).or_default().push(
-                    probe_time_ns(&stats_before, &stats_after, &running.programs) as f64
-                        / (wall.as_nanos() as f64 * cpus as f64)
-                        * 100.0,
-                );
+                probe_cpu
+                    .entry((observer.name(), load.key()))
+                    .or_default()
+                    .push(
+                        probe_time_ns(&stats_before, &stats_after, &running.programs) as f64
+                            / (wall.as_nanos() as f64 * cpus as f64)
+                            * 100.0,
+                    );
                 let costs = cost_per_event(&stats_before, &stats_after, &running.programs);
                 let table = match observer {
                     Observer::Envelope => {
@@ -755,7 +758,10 @@ fn benchmark() {
     // bpftrace's programs carry the kernel's 15-character names, envelope's their full ones.
     let floor_of = |floor: &BTreeMap<String, Vec<(f64, u64)>>, name: &str| {
         let short: String = name.chars().take(15).collect();
-        floor.get(&short).or_else(|| floor.get(name)).map(|runs| per_event(runs).0)
+        floor
+            .get(&short)
+            .or_else(|| floor.get(name))
+            .map(|runs| per_event(runs).0)
     };
     let round1 = |value: f64| (value * 10.0).round() / 10.0;
     let costs = |table: &BTreeMap<String, Vec<(f64, u64)>>,
@@ -996,7 +1002,11 @@ fn render(r: &Value) -> String {
         LOADS
             .iter()
             .map(|load| {
-                let unit = if *load == Load::Storage { "IOPS" } else { "Gbit/s" };
+                let unit = if *load == Load::Storage {
+                    "IOPS"
+                } else {
+                    "Gbit/s"
+                };
                 format!("{} {unit} (median)", load.label())
             })
             .collect::<Vec<_>>()
@@ -1030,7 +1040,11 @@ fn render(r: &Value) -> String {
         )
     };
     let row = |value: &dyn Fn(Load) -> String| {
-        LOADS.iter().map(|load| value(*load)).collect::<Vec<_>>().join(" | ")
+        LOADS
+            .iter()
+            .map(|load| value(*load))
+            .collect::<Vec<_>>()
+            .join(" | ")
     };
     let header = LOADS
         .iter()
