@@ -300,33 +300,16 @@ const PRIMITIVES: &[(&str, &str)] = &[
 
 /// ns per event of a bpftrace script's block_rq_issue program under 4 s of fio.
 fn primitive_cost(script: &str, file: &Path) -> (f64, u64) {
-    let loaded_before: std::collections::HashSet<u64> =
-        bpf_stats().keys().map(|(id, _)| *id).collect();
-    let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let child = Command::new("bpftrace")
-        .args(["-e", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start bpftrace");
-    let mut child = Running::collect(child, &output, "Attaching");
-    let programs = bpf_stats()
-        .keys()
-        .map(|(id, _)| *id)
-        .filter(|id| !loaded_before.contains(id))
-        .collect();
+    let running = Running::bpftrace(script);
     let before = bpf_stats();
     fio(file, "4k", 32, 4);
     let after = bpf_stats();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = child.wait();
-    cost_per_event(&before, &after, &programs)
+    let cost = cost_per_event(&before, &after, &running.programs)
         .into_iter()
         .find(|(name, _)| name.starts_with("block_rq_issue"))
-        .map_or((f64::NAN, 0), |(_, cost)| cost)
+        .map_or((f64::NAN, 0), |(_, cost)| cost);
+    running.stop();
+    cost
 }
 
 /// A running observer process, stopped (and its output kept) on `stop`.
@@ -341,12 +324,9 @@ struct Running {
 
 impl Running {
     fn start(observer: Observer, scratch: &Path) -> Self {
-        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let loaded_before: std::collections::HashSet<u64> =
-            bpf_stats().keys().map(|(id, _)| *id).collect();
-        let child = match observer {
-            Observer::None => None,
-            Observer::Envelope => {
+        match observer {
+            Observer::None => Self::watch(|_| None),
+            Observer::Envelope => Self::watch(|output| {
                 let config = scratch.join("bench.toml");
                 std::fs::write(
                     &config,
@@ -363,33 +343,40 @@ impl Running {
                     .stderr(Stdio::piped())
                     .spawn()
                     .expect("start envelope run");
-                Some(Self::collect(child, &output, "running"))
-            }
-            Observer::Floor => {
-                let script = FLOOR_TRACEPOINTS
+                Some(Self::collect(child, output, "running"))
+            }),
+            Observer::Floor => Self::bpftrace(
+                &(FLOOR_TRACEPOINTS
                     .iter()
                     .map(|tracepoint| format!("tracepoint:{tracepoint}"))
                     .collect::<Vec<_>>()
                     .join(",")
-                    + " { }";
-                let child = Command::new("bpftrace")
-                    .args(["-e", &script])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start bpftrace");
-                Some(Self::collect(child, &output, "Attaching"))
-            }
-            Observer::Reference => {
-                let child = Command::new("bpftrace")
-                    .args(["-e", REFERENCE_SCRIPT])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start bpftrace");
-                Some(Self::collect(child, &output, "Attaching"))
-            }
-        };
+                    + " { }"),
+            ),
+            Observer::Reference => Self::bpftrace(REFERENCE_SCRIPT),
+        }
+    }
+
+    fn bpftrace(script: &str) -> Self {
+        Self::watch(|output| {
+            let child = Command::new("bpftrace")
+                .args(["-e", script])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start bpftrace");
+            Some(Self::collect(child, output, "Attaching"))
+        })
+    }
+
+    /// Starts an observer with `spawn` and notes the BPF programs it loaded.
+    fn watch(
+        spawn: impl FnOnce(&std::sync::Arc<std::sync::Mutex<String>>) -> Option<Child>,
+    ) -> Self {
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let loaded_before: std::collections::HashSet<u64> =
+            bpf_stats().keys().map(|(id, _)| *id).collect();
+        let child = spawn(&output);
         let programs = bpf_stats()
             .keys()
             .map(|(id, _)| *id)

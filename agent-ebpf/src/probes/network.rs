@@ -154,7 +154,7 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
         port,
         tgid: owner_tgid(socket),
     };
-    if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, &ZERO_COUNTERS) {
+    if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, Some(&ZERO_COUNTERS)) {
         // SAFETY: this CPU's slot of a per-CPU value.
         unsafe { (*counters).retransmits += 1 };
     }
@@ -224,7 +224,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 now.wrapping_sub(start.started_ns)
             );
         }
-        if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, &ZERO_COUNTERS) {
+        if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, Some(&ZERO_COUNTERS)) {
             // SAFETY: this CPU's slot of a per-CPU value.
             unsafe {
                 if established {

@@ -85,7 +85,7 @@ fn recent(at: u64, now: u64) -> bool {
 
 #[inline(always)]
 fn account(tgid: u32, what: u32, ns: u64) {
-    if let Some(time) = get_or_insert!(TIME_BY_PROCESS, &tgid, &ZERO_TIME) {
+    if let Some(time) = get_or_insert!(TIME_BY_PROCESS, &tgid, Some(&ZERO_TIME)) {
         let index = what as usize;
         if index < activity::COUNT {
             // SAFETY: this CPU's slot of a per-CPU value; index checked.

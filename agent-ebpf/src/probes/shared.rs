@@ -120,35 +120,33 @@ pub fn add_sample(histogram: *mut LatencyHistogram, value_ns: u64) {
     }
 }
 
-/// Finds the value for `$key` in a per-CPU hash map, inserting `$zero` first when missing.
+/// Finds the value for `$key` in a per-CPU hash map, inserting a copy of `$zero` (an
+/// `Option<&V>`) first when missing. `$zero` is evaluated only for a new key: for values too
+/// large for the stack it is itself a lookup, and every lookup counts on a hot path.
 macro_rules! get_or_insert {
     ($map:expr, $key:expr, $zero:expr) => {
         match $map.get_ptr_mut($key) {
             Some(value) => Some(value),
-            None => {
-                let _ = $map.insert($key, $zero, $crate::probes::shared::BPF_NOEXIST);
-                $map.get_ptr_mut($key)
-            }
-        }
-    };
-}
-pub(crate) use get_or_insert;
-
-/// Records `value_ns` into the histogram of `$key` in `$map`.
-/// The zeroed histogram is fetched only for a new key: every lookup counts on a hot path.
-macro_rules! record_latency {
-    ($map:expr, $key:expr, $value_ns:expr) => {
-        let histogram = match $map.get_ptr_mut($key) {
-            Some(histogram) => Some(histogram),
-            None => match $crate::probes::shared::zero_histogram() {
+            None => match $zero {
                 Some(zero) => {
                     let _ = $map.insert($key, zero, $crate::probes::shared::BPF_NOEXIST);
                     $map.get_ptr_mut($key)
                 }
                 None => None,
             },
-        };
-        if let Some(histogram) = histogram {
+        }
+    };
+}
+pub(crate) use get_or_insert;
+
+/// Records `value_ns` into the histogram of `$key` in `$map`.
+macro_rules! record_latency {
+    ($map:expr, $key:expr, $value_ns:expr) => {
+        if let Some(histogram) = $crate::probes::shared::get_or_insert!(
+            $map,
+            $key,
+            $crate::probes::shared::zero_histogram()
+        ) {
             $crate::probes::shared::add_sample(histogram, $value_ns);
         }
     };

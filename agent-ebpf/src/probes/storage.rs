@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use super::shared::{BPF_NOEXIST, add_sample, field, get_or_insert};
+use super::shared::{add_sample, field, get_or_insert};
 
 /// Not preallocated: a 4 KiB histogram per CPU exists only for (device, direction, stage)
 /// keys that saw I/O, instead of for every possible key on every CPU.
@@ -219,15 +219,7 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
         operation,
         _padding: [0; 3],
     };
-    let stats = match STORAGE_DEVICES.get_ptr_mut(&device_key) {
-        Some(stats) => stats,
-        None => {
-            let zero = ZERO_DEVICE_STATS.get_ptr(0).ok_or(0)?;
-            // SAFETY: pointer from a successful lookup; the map copies the value.
-            let _ = STORAGE_DEVICES.insert(&device_key, unsafe { &*zero }, BPF_NOEXIST);
-            STORAGE_DEVICES.get_ptr_mut(&device_key).ok_or(0)?
-        }
-    };
+    let stats = get_or_insert!(STORAGE_DEVICES, &device_key, ZERO_DEVICE_STATS.get(0)).ok_or(0)?;
     let mut timed = false;
     if let Some(request) = request {
         if request.issued_ns != 0 && now.wrapping_sub(request.issued_ns) < STALE_REQUEST_NS {
@@ -276,7 +268,7 @@ fn charge_process(request: &InflightRequest, dev: u32, operation: u8, bytes: u64
         operation,
         _padding: [0; 7],
     };
-    if let Some(stats) = get_or_insert!(PROCESS_IO, &key, &ZERO_PROCESS_IO) {
+    if let Some(stats) = get_or_insert!(PROCESS_IO, &key, Some(&ZERO_PROCESS_IO)) {
         // SAFETY: this CPU's slot of a per-CPU value.
         unsafe {
             (*stats).completed_requests += 1;
