@@ -5,6 +5,11 @@
 //! histogram bucketing) also lives here so that kernel and userspace can never disagree on it.
 #![cfg_attr(not(test), no_std)]
 
+#[cfg(all(feature = "user", not(test)))]
+extern crate alloc;
+#[cfg(test)]
+extern crate std as alloc;
+
 pub mod histogram;
 pub mod network;
 pub mod sched;
@@ -25,6 +30,24 @@ pub mod map_names {
     pub const THREAD_STATES: &str = "THREAD_STATES";
     pub const THREAD_SYSCALLS: &str = "THREAD_SYSCALLS";
     pub const TIME_BY_PROCESS: &str = "TIME_BY_PROCESS";
+}
+
+/// Turns a NUL-padded kernel command name (`comm`) into a string (userspace only).
+#[cfg(any(feature = "user", test))]
+pub fn comm_to_string(comm: &[u8; 16]) -> alloc::string::String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    alloc::string::String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn comm_stops_at_nul() {
+        let mut comm = [0u8; 16];
+        comm[..3].copy_from_slice(b"fio");
+        assert_eq!(super::comm_to_string(&comm), "fio");
+        assert_eq!(super::comm_to_string(&[b'a'; 16]), "a".repeat(16));
+    }
 }
 
 /// Name of the global variable that carries tracepoint field offsets into the programs.

@@ -24,6 +24,29 @@ pub struct PeerKey {
     pub tgid: u32,
 }
 
+impl PeerKey {
+    /// The peer's IP address; IPv4-mapped IPv6 addresses are shown as IPv4.
+    pub fn ip(&self) -> Option<core::net::IpAddr> {
+        peer_address(self.family, &self.address)
+    }
+}
+
+/// An address as the probes store it (family, 16 bytes) as an IP address; IPv4-mapped IPv6
+/// addresses are shown as IPv4.
+pub fn peer_address(family: u16, address: &[u8; 16]) -> Option<core::net::IpAddr> {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            address[0], address[1], address[2], address[3],
+        ))),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(*address);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
+}
+
 /// Event counts per peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

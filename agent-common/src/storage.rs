@@ -2,6 +2,11 @@
 
 use crate::histogram::LatencyHistogram;
 
+/// (major, minor) of the kernel's dev_t as block tracepoints encode it (`MINORBITS` = 20).
+pub const fn split_dev(dev: u32) -> (u32, u32) {
+    (dev >> 20, dev & 0xF_FFFF)
+}
+
 /// Direction of a block request, decoded in the kernel from the tracepoint's `rwbs` string.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

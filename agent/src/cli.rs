@@ -62,7 +62,7 @@ pub enum Command {
 pub enum ConfigCommand {
     /// List archived configurations, oldest first.
     History {
-        #[arg(long, value_name = "DIR", default_value = crate::config_archive::DEFAULT_STATE_DIR)]
+        #[arg(long, value_name = "DIR", default_value = crate::config::archive::DEFAULT_STATE_DIR)]
         state_dir: std::path::PathBuf,
     },
     /// Restore an archived configuration byte for byte (default: the last known good one).
@@ -76,7 +76,7 @@ pub enum ConfigCommand {
             default_value = "/etc/envelope/envelope.toml"
         )]
         config: std::path::PathBuf,
-        #[arg(long, value_name = "DIR", default_value = crate::config_archive::DEFAULT_STATE_DIR)]
+        #[arg(long, value_name = "DIR", default_value = crate::config::archive::DEFAULT_STATE_DIR)]
         state_dir: std::path::PathBuf,
     },
 }
@@ -90,8 +90,8 @@ pub struct RunArgs {
     /// Where budget state and the configuration archive live (overrides [agent] state_dir).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<std::path::PathBuf>,
-    /// Evaluation window (overrides [agent] window), e.g. "10s".
-    #[arg(long, value_parser = parse_duration)]
+    /// Evaluation window (overrides [agent] window), 500ms to 1h, e.g. "10s".
+    #[arg(long, value_parser = parse_window)]
     pub window: Option<Duration>,
     /// NVML library to use (overrides [agent] nvml_lib).
     #[arg(long, value_name = "PATH")]
@@ -116,18 +116,24 @@ pub struct DiagnoseArgs {
     /// Configuration file naming workloads (TOML; see README.md "Configuration").
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
-    /// Where configurations that load successfully are archived.
-    #[arg(long, value_name = "DIR", default_value = crate::config_archive::DEFAULT_STATE_DIR)]
-    pub state_dir: std::path::PathBuf,
+    /// Where configurations that load successfully are archived (overrides [agent]
+    /// state_dir; default /var/lib/envelope).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     /// Judge only the workload of this name (see the workloads list of a plain run).
     #[arg(long, value_name = "NAME")]
     pub workload: Option<String>,
     /// Judge only the workload this process belongs to.
     #[arg(long, value_name = "PID")]
     pub pid: Option<u32>,
-    /// How often GPUs are read during the window.
-    #[arg(long, default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
-    pub gpu_interval: Duration,
+    /// How often GPUs are read during the window (overrides [agent] gpu_interval; default 2s).
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
+    pub gpu_interval: Option<Duration>,
+}
+
+/// `--window`: a duration within the bounds `[agent] window` has.
+pub fn parse_window(text: &str) -> Result<Duration, String> {
+    crate::config::check_window(parse_duration(text)?)
 }
 
 /// Parses a positive duration: humantime syntax ("10s", "1m30s") or plain seconds ("2.5").
@@ -211,7 +217,7 @@ mod tests {
         assert_eq!(args.duration, Duration::from_secs(2));
         assert!(args.json);
         assert_eq!(args.top, 3);
-        assert_eq!(args.gpu_interval, Duration::from_millis(250));
+        assert_eq!(args.gpu_interval, Some(Duration::from_millis(250)));
     }
 
     #[test]

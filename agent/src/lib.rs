@@ -1,22 +1,32 @@
 //! envelope: an eBPF GPU and host profiling agent.
 //!
-//! Data flows one way, one module per stage:
-//! `sources` (eBPF maps, /proc, /sys) -> `aggregation` (windows, histograms) -> `report`
-//! (terminal, JSON). `preflight` runs before anything is loaded; `diagnose` wires the stages
-//! together for the one-off command; `install` puts the binary, the systemd unit and the
-//! default configuration in place.
-pub mod actions;
-pub mod aggregation;
-pub mod attribution;
-pub mod budgets;
-pub mod cli;
+//! Data flows one way; the folders are the stages, and a module imports only from the ones
+//! listed before it (`cargo test` checks there is no import cycle):
+//!
+//! - `files`: atomic file writes, used wherever the agent writes a file.
+//! - `model`: the shared types and vocabulary (snapshots, samples, bottleneck classes,
+//!   budget metrics). No I/O, no imports from the rest of the crate.
+//! - `kernel`: preflight, tracefs, loading the probes and reading their maps.
+//! - `host`: /proc and /sys names, NVML.
+//! - `config`: the configuration file, checked into typed settings; its archive.
+//! - `analysis`: pure functions from a window's data to summaries, workloads and verdicts.
+//! - `budgets`: evaluating budgets on a window, breach state, actions.
+//! - `export` (OTLP) and `report` (terminal, JSON): presentation.
+//! - `app`: wiring. `step` is the window step `diagnose` and `run` share; `diagnose`,
+//!   `daemon` and `install` are the commands.
+pub mod files;
+pub mod model;
+
+pub mod host;
+pub mod kernel;
+
 pub mod config;
-pub mod config_archive;
-pub mod daemon;
-pub mod diagnose;
-pub mod exporters;
-pub mod install;
-pub mod pipeline;
-pub mod preflight;
+
+pub mod analysis;
+pub mod budgets;
+
+pub mod export;
 pub mod report;
-pub mod sources;
+
+pub mod app;
+pub mod cli;

@@ -4,8 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use envelope::{
+    app::{
+        daemon,
+        diagnose::{self, DiagnoseOptions},
+    },
     cli::{Cli, Command, ConfigCommand},
-    diagnose::{self, DiagnoseOptions},
+    config::AgentSettings,
+    model::vocabulary::Bottleneck,
     report,
 };
 use tracing_subscriber::EnvFilter;
@@ -32,16 +37,25 @@ fn init_logging(verbose: u8, daemon: bool) {
         .init();
 }
 
+/// "1 workload", "2 workloads".
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
 /// `executable` workload rules cannot see other users' processes without CAP_SYS_PTRACE,
 /// which the systemd unit leaves out: say so once rather than match nothing silently.
 fn warn_about_unreadable_executables(config: &std::path::Path) {
     if nix::unistd::geteuid().is_root() {
         return;
     }
-    let capabilities = envelope::preflight::own_capabilities();
+    let capabilities = envelope::kernel::preflight::own_capabilities();
     if let Some(warning) = std::fs::read_to_string(config)
         .ok()
-        .and_then(|text| envelope::preflight::executable_rules_warning(&text, capabilities))
+        .and_then(|text| envelope::kernel::preflight::executable_rules_warning(&text, capabilities))
     {
         tracing::warn!("{warning}");
     }
@@ -64,7 +78,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Config(ConfigCommand::History { state_dir }) => {
-                let archived = envelope::config_archive::history(&state_dir)?;
+                let archived = envelope::config::archive::history(&state_dir)?;
                 if archived.is_empty() {
                     println!("no archived configuration under {}", state_dir.display());
                 }
@@ -84,7 +98,7 @@ fn main() -> ExitCode {
                 state_dir,
             }) => {
                 let restored =
-                    envelope::config_archive::rollback(&state_dir, id.as_deref(), &config)?;
+                    envelope::config::archive::rollback(&state_dir, id.as_deref(), &config)?;
                 println!("restored {} from archive {restored}", config.display());
                 anyhow::Ok(ExitCode::SUCCESS)
             }
@@ -92,7 +106,7 @@ fn main() -> ExitCode {
                 if let Some(path) = &args.config {
                     warn_about_unreadable_executables(path);
                 }
-                envelope::daemon::run(envelope::daemon::RunOptions {
+                envelope::app::daemon::run(envelope::app::daemon::RunOptions {
                     config_path: args.config,
                     state_dir: args.state_dir,
                     window: args.window,
@@ -104,27 +118,44 @@ fn main() -> ExitCode {
             Command::Install { root } => {
                 let binary = std::env::current_exe()
                     .map_err(|error| anyhow::anyhow!("cannot find the running binary: {error}"))?;
-                let report = envelope::install::install(&envelope::install::InstallOptions {
-                    root: root.clone(),
-                    binary,
-                })?;
-                print!("{}", envelope::install::render_install(&report, &root));
+                let report =
+                    envelope::app::install::install(&envelope::app::install::InstallOptions {
+                        root: root.clone(),
+                        binary,
+                    })?;
+                print!("{}", envelope::app::install::render_install(&report, &root));
                 anyhow::Ok(ExitCode::SUCCESS)
             }
             Command::Uninstall { root, purge } => {
-                let report = envelope::install::uninstall(&envelope::install::UninstallOptions {
-                    root,
-                    purge,
-                })?;
-                print!("{}", envelope::install::render_uninstall(&report, purge));
+                let report =
+                    envelope::app::install::uninstall(&envelope::app::install::UninstallOptions {
+                        root,
+                        purge,
+                    })?;
+                print!(
+                    "{}",
+                    envelope::app::install::render_uninstall(&report, purge)
+                );
                 anyhow::Ok(ExitCode::SUCCESS)
             }
             Command::Check { config } => {
-                let loaded = envelope::config::load(&config)?;
+                let prepared = daemon::check(&config)?;
+                let actions: usize = prepared
+                    .config
+                    .budgets
+                    .iter()
+                    .map(|b| b.actions.len())
+                    .sum();
                 println!(
-                    "{}: ok ({} budgets; workloads and budgets valid)",
+                    "{}: ok ({}, {}, {}; export {})",
                     config.display(),
-                    loaded.budgets.len()
+                    plural(prepared.config.budgets.len(), "budget"),
+                    plural(prepared.config.workloads.len(), "workload"),
+                    plural(actions, "action"),
+                    prepared
+                        .exporter
+                        .as_ref()
+                        .map_or("off".to_string(), |e| e.settings().metrics_url.clone())
                 );
                 anyhow::Ok(ExitCode::SUCCESS)
             }
@@ -133,20 +164,28 @@ fn main() -> ExitCode {
                     Some(path) => {
                         let loaded = envelope::config::load(path)?;
                         warn_about_unreadable_executables(path);
-                        // Loaded: keep it as a known good configuration to roll back to.
-                        envelope::config_archive::archive_loaded(&args.state_dir, path);
                         loaded
                     }
                     None => envelope::config::LoadedConfig::default(),
                 };
+                // The command line over the file over the defaults, as for `run`.
+                let agent: &AgentSettings = &config.agent;
+                let state_dir = args
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| agent.state_dir.clone());
+                if let Some(path) = &args.config {
+                    // Loaded: keep it as a known good configuration to roll back to.
+                    envelope::config::archive::archive_loaded(&state_dir, path);
+                }
                 let options = DiagnoseOptions {
-                    config,
                     duration: args.duration,
                     top: usize::from(args.top),
-                    nvml_library: args.nvml_lib,
-                    gpu_interval: args.gpu_interval,
+                    nvml_library: args.nvml_lib.clone().or_else(|| agent.nvml_lib.clone()),
+                    gpu_interval: args.gpu_interval.unwrap_or(agent.gpu_interval),
                     workload: args.workload,
                     pid: args.pid,
+                    config,
                 };
                 let report = diagnose::run(&options).await?;
                 let text = if args.json {
@@ -155,7 +194,7 @@ fn main() -> ExitCode {
                     report::terminal::render(&report)
                 };
                 println!("{text}");
-                let found = report.verdict.bottleneck != envelope::attribution::Bottleneck::None;
+                let found = report.verdict.bottleneck != Bottleneck::None;
                 anyhow::Ok(if found {
                     ExitCode::from(EXIT_BOTTLENECK_FOUND)
                 } else {

@@ -73,7 +73,7 @@ fn config_history_and_rollback_restore_byte_for_byte() {
     ))
     .unwrap();
     let start = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-    envelope::config_archive::archive(&state, &good, start).unwrap();
+    envelope::config::archive::archive(&state, &good, start).unwrap();
     let (code, stdout, _) =
         envelope(&["config", "history", "--state-dir", state.to_str().unwrap()]);
     assert_eq!(code, 0);
@@ -136,7 +136,7 @@ fn diagnose_archives_the_configuration_it_loaded() {
         dir.to_str().unwrap(),
     ]);
     assert!(code == 0 || code == 3, "{stderr}");
-    let archived = envelope::config_archive::history(&dir).unwrap();
+    let archived = envelope::config::archive::history(&dir).unwrap();
     assert_eq!(archived.len(), 1);
     assert_eq!(
         std::fs::read(&archived[0].path).unwrap(),

@@ -8,8 +8,8 @@ use std::{
 };
 
 use envelope::{
-    aggregation::gpu::summarize_gpu,
-    sources::{
+    analysis::gpu::summarize_gpu,
+    host::{
         gpu::{GpuUnavailable, NvmlSource, load_nvml},
         system::LiveSystem,
     },

@@ -8,7 +8,7 @@ use std::{
     process::{Command, Output},
 };
 
-use envelope::install::{self, BINARY_PATH, CONFIG_PATH, STATE_DIR, UNIT_PATH};
+use envelope::app::install::{self, BINARY_PATH, CONFIG_PATH, STATE_DIR, UNIT_PATH};
 
 /// `systemd-analyze security --offline=yes` of systemd/envelope.service must stay at or below
 /// this (README "Install on a GPU node" says what keeps it from going lower).

@@ -13,12 +13,10 @@ use std::{
 };
 
 use envelope::{
-    aggregation::{
-        KernelSnapshot,
-        window::{WindowSummary, summarize_window},
-    },
-    preflight,
-    sources::{probes::KernelProbes, system::LiveSystem},
+    analysis::window::{WindowSummary, summarize_window},
+    host::system::LiveSystem,
+    kernel::{preflight, probes::KernelProbes},
+    model::KernelSnapshot,
 };
 
 /// True when the test may load probes; otherwise prints why it skips.

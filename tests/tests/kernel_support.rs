@@ -2,10 +2,7 @@
 use std::path::Path;
 
 use agent_common::tracepoint::TracepointOffsets;
-use envelope::{
-    preflight,
-    sources::{probes::KernelProbes, tracefs},
-};
+use envelope::kernel::{preflight, probes::KernelProbes, tracefs};
 use integration_tests::{root_or_skip, unique_name};
 
 /// The built-in offsets are the fallback for a tracepoint whose format cannot be read; they

@@ -166,7 +166,7 @@ fn can_run(test: &str) -> bool {
     if !(root_or_skip(test) && tool_or_skip(test, "setpriv")) {
         return false;
     }
-    envelope::preflight::run().expect("preflight as root (mounts tracefs)");
+    envelope::kernel::preflight::run().expect("preflight as root (mounts tracefs)");
     true
 }
 
@@ -190,7 +190,7 @@ fn the_units_capabilities_are_enough_for_every_probe_and_data_flows() {
     let status =
         run_with_capabilities(&capabilities, Path::new("/bin/cat"), &["/proc/self/status"]);
     let status = String::from_utf8_lossy(&status.stdout);
-    let effective = envelope::preflight::effective_capabilities(&status).expect("CapEff");
+    let effective = envelope::kernel::preflight::effective_capabilities(&status).expect("CapEff");
     let expected = capabilities
         .iter()
         .fold(0u64, |bits, name| bits | (1 << capability_bit(name)));

@@ -6,7 +6,7 @@ use std::{
 };
 
 use agent_common::storage::IoOperation;
-use envelope::aggregation::window::{StorageOperationSummary, WindowSummary};
+use envelope::analysis::window::{StorageOperationSummary, WindowSummary};
 use integration_tests::{
     AlignedBuffer, ScratchFile, load_probes, root_or_skip, tool_or_skip, window_since,
 };
@@ -51,7 +51,7 @@ fn mean(durations: &[Duration]) -> f64 {
 
 /// The test's own I/O as the probes charged it: (ops, bytes, mean queued->complete ms).
 fn charged_to_me(
-    delta: &envelope::aggregation::KernelSnapshot,
+    delta: &envelope::model::KernelSnapshot,
     operation: IoOperation,
 ) -> (u64, u64, f64) {
     let me = std::process::id();

@@ -5,9 +5,12 @@ pub mod terminal;
 use serde::Serialize;
 
 use crate::{
-    aggregation::{gpu::GpuSummary, window::WindowSummary},
-    attribution::{TimeShares, Verdict},
-    sources::probes::ProbeStatus,
+    analysis::{
+        attribution::{TimeShares, Verdict},
+        gpu::GpuSummary,
+        window::WindowSummary,
+    },
+    kernel::probes::ProbeStatus,
 };
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).

@@ -4,7 +4,7 @@ use std::{fs, path::Path};
 
 use serde::Serialize;
 
-use crate::sources::tracefs::{self, TracefsStatus};
+use crate::kernel::tracefs::{self, TracefsStatus};
 
 /// Linux capability numbers (include/uapi/linux/capability.h).
 const CAP_SYS_PTRACE: u32 = 19;

@@ -2,18 +2,22 @@
 //! report and (later) attribution and exporters consume. Units are in the field names.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     time::Duration,
 };
 
 use agent_common::{
-    network::{AF_INET, AF_INET6, PeerCounters, PeerKey},
-    storage::{IoOperation, LatencyStage, StorageCounters},
+    comm_to_string,
+    network::{PeerCounters, PeerKey, peer_address},
+    storage::{IoOperation, LatencyStage, StorageCounters, split_dev},
 };
 use serde::Serialize;
 
-use super::{Counters, Histogram, KernelSnapshot};
-use crate::sources::system::{ProcessKind, SystemNames, comm_to_string};
+use crate::model::{
+    Histogram, KernelSnapshot,
+    process::{ProcessKind, SystemNames},
+    snapshot::Counters,
+};
 
 /// Quantiles of one latency distribution, in milliseconds; None when nothing was measured.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -133,11 +137,6 @@ pub struct NetworkSummary {
 pub struct WindowSummary {
     pub storage: StorageSummary,
     pub network: NetworkSummary,
-}
-
-/// The kernel's dev_t as block tracepoints encode it.
-pub fn split_dev(dev: u32) -> (u32, u32) {
-    (dev >> 20, dev & 0xF_FFFF)
 }
 
 /// Summarises a window. `top` bounds the process and peer lists.
@@ -325,20 +324,6 @@ fn summarize_processes(
         .collect()
 }
 
-/// The peer's IP address; IPv4-mapped IPv6 addresses are shown as IPv4.
-pub fn peer_address(family: u16, address: &[u8; 16]) -> Option<IpAddr> {
-    match family {
-        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
-            address[0], address[1], address[2], address[3],
-        ))),
-        AF_INET6 => {
-            let v6 = Ipv6Addr::from(*address);
-            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
-        }
-        _ => None,
-    }
-}
-
 fn summarize_peers(
     delta: &KernelSnapshot,
     names: &dyn SystemNames,
@@ -434,12 +419,15 @@ fn summarize_peers(
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use agent_common::network::{AF_INET, AF_INET6};
     use agent_common::storage::{
         ProcessIoKey, ProcessIoStats, StorageDeviceKey, StorageLatencyKey,
     };
 
     use super::*;
-    use crate::sources::system::ProcessIdentity;
+    use crate::host::system::ProcessIdentity;
 
     struct FakeSystem;
     impl SystemNames for FakeSystem {

@@ -5,57 +5,17 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-/// One burn-rate alert pair (Google SRE workbook): it holds when the burn rate over both the
-/// long and the short window reaches `factor`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BurnRateWindow {
-    pub long_s: u64,
-    pub short_s: u64,
-    pub factor: f64,
-}
+pub mod actions;
+pub mod store;
 
-/// The workbook's defaults for a 30-day objective: page at 14.4 over 1 h and 5 min, page at 6
-/// over 6 h and 30 min, ticket at 1 over 3 days and 6 h.
-pub const DEFAULT_BURN_RATE_WINDOWS: [BurnRateWindow; 3] = [
-    BurnRateWindow {
-        long_s: 3_600,
-        short_s: 300,
-        factor: 14.4,
-    },
-    BurnRateWindow {
-        long_s: 21_600,
-        short_s: 1_800,
-        factor: 6.0,
-    },
-    BurnRateWindow {
-        long_s: 259_200,
-        short_s: 21_600,
-        factor: 1.0,
-    },
-];
-
-/// How a budget is evaluated.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BudgetPolicy {
-    /// Target ratio of good windows, e.g. 0.99. The error budget is `1 - objective`.
-    pub objective: f64,
-    pub burn_rate_windows: Vec<BurnRateWindow>,
-    /// Consecutive alerting windows before the breach fires.
-    pub enter_after: u32,
-    /// Consecutive quiet windows before a firing breach resolves.
-    pub leave_after: u32,
-}
-
-impl Default for BudgetPolicy {
-    fn default() -> Self {
-        Self {
-            objective: 0.99,
-            burn_rate_windows: DEFAULT_BURN_RATE_WINDOWS.to_vec(),
-            enter_after: 2,
-            leave_after: 3,
-        }
-    }
-}
+use crate::{
+    analysis::attribution::{DeviceEvidence, TimeBreakdown, WorkloadWindow},
+    config::{Budget, LoadedConfig, Pricing},
+};
+pub use crate::{
+    config::{BudgetPolicy, BurnRateWindow, DEFAULT_BURN_RATE_WINDOWS},
+    model::vocabulary::{Bound, BreachStatus, BudgetMetric},
+};
 
 /// A window's observation for one budget: observed vs threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,14 +26,6 @@ pub struct Observation {
     pub threshold: f64,
     /// True when the observation is within the budget.
     pub good: bool,
-}
-
-/// Whether a value must stay below (ceiling) or above (floor) its threshold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Bound {
-    Ceiling,
-    Floor,
 }
 
 pub fn observe(at_s: u64, observed: f64, threshold: f64, bound: Bound) -> Observation {
@@ -87,13 +39,6 @@ pub fn observe(at_s: u64, observed: f64, threshold: f64, bound: Bound) -> Observ
         threshold,
         good,
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BreachStatus {
-    Ok,
-    Firing,
 }
 
 /// What a budget remembers between windows (and across restarts, serialised).
@@ -214,7 +159,7 @@ impl BudgetState {
             }
             Some(since) if self.consecutive_quiet >= policy.leave_after => {
                 self.firing_since_s = None;
-                Some(event(BreachStatus::Ok, since))
+                Some(event(BreachStatus::Resolved, since))
             }
             _ => None,
         }
@@ -224,7 +169,7 @@ impl BudgetState {
         if self.firing_since_s.is_some() {
             BreachStatus::Firing
         } else {
-            BreachStatus::Ok
+            BreachStatus::Resolved
         }
     }
 }
@@ -234,7 +179,7 @@ impl BudgetState {
 pub struct BudgetResult {
     pub name: String,
     pub workload: String,
-    pub metric: String,
+    pub metric: BudgetMetric,
     pub bound: Bound,
     pub threshold: f64,
     /// None when the window had nothing to measure (e.g. the workload did no I/O).
@@ -243,63 +188,57 @@ pub struct BudgetResult {
     pub good: Option<bool>,
 }
 
-/// What one budget metric measured in a window for one workload (or the node, `"*"`).
-pub fn measure(
-    metric: &str,
-    workload: &str,
-    device: Option<&str>,
-    peer: Option<&str>,
-    windows: &[crate::attribution::WorkloadWindow],
-    pricing: &crate::config::PricingConfig,
-) -> Option<f64> {
-    let chosen: Vec<&crate::attribution::WorkloadWindow> = windows
+/// What one budget's metric measured in a window for its workload (or the node, `"*"`);
+/// None when the window had nothing to measure (e.g. the workload did no I/O).
+pub fn measure(budget: &Budget, windows: &[WorkloadWindow], pricing: &Pricing) -> Option<f64> {
+    let chosen: Vec<&WorkloadWindow> = windows
         .iter()
-        .filter(|w| workload == "*" || w.name == workload)
+        .filter(|w| budget.workload == "*" || w.name == budget.workload)
         .collect();
     let max_of = |values: Vec<f64>| {
         values.into_iter().fold(None, |max: Option<f64>, v| {
             Some(max.map_or(v, |m| m.max(v)))
         })
     };
-    let storage = |pick: fn(&crate::attribution::DeviceEvidence) -> Option<f64>| {
+    let storage = |pick: fn(&DeviceEvidence) -> Option<f64>| {
         max_of(
             chosen
                 .iter()
                 .flat_map(|w| w.devices.iter())
-                .filter(|d| device.is_none_or(|name| d.device == name))
+                .filter(|d| budget.device.as_ref().is_none_or(|name| &d.device == name))
                 .filter_map(pick)
                 .collect(),
         )
+    };
+    let peers = || {
+        chosen
+            .iter()
+            .flat_map(|w| w.peers.iter())
+            .filter(|p| budget.peer.as_ref().is_none_or(|name| &p.peer == name))
     };
     let window_s = chosen
         .first()
         .map_or(1.0, |w| w.window_ns as f64 / 1e9)
         .max(1e-9);
-    match metric {
-        "storage_p95_ms" => storage(|d| d.p95_ms),
-        "network_rtt_p95_ms" => max_of(
-            chosen
-                .iter()
-                .flat_map(|w| w.peers.iter())
-                .filter(|p| peer.is_none_or(|name| p.peer == name))
-                .filter_map(|p| p.rtt_p95_ms)
-                .collect(),
-        ),
-        "retransmits" => Some(
-            chosen
-                .iter()
-                .flat_map(|w| w.peers.iter())
-                .map(|p| p.retransmits as f64)
-                .sum(),
-        ),
-        "gpu_utilization" => max_of(
+    let lost_share = |pick: fn(&crate::analysis::attribution::TimeShares) -> f64| {
+        let mut total = TimeBreakdown::default();
+        for w in &chosen {
+            total.add(&w.time);
+        }
+        (total.active_ns() > 0).then(|| pick(&total.active_shares()))
+    };
+    match budget.metric {
+        BudgetMetric::StorageP95Ms => storage(|d| d.p95_ms),
+        BudgetMetric::NetworkRttP95Ms => max_of(peers().filter_map(|p| p.rtt_p95_ms).collect()),
+        BudgetMetric::Retransmits => Some(peers().map(|p| p.retransmits as f64).sum()),
+        BudgetMetric::GpuUtilization => max_of(
             chosen
                 .iter()
                 .flat_map(|w| w.gpus.iter())
                 .filter_map(|g| g.utilization)
                 .collect(),
         ),
-        "gpu_throttled" => {
+        BudgetMetric::GpuThrottled => {
             let gpus: Vec<_> = chosen.iter().flat_map(|w| w.gpus.iter()).collect();
             (!gpus.is_empty()).then(|| {
                 f64::from(u8::from(
@@ -308,7 +247,7 @@ pub fn measure(
                 ))
             })
         }
-        "cost_per_hour" => {
+        BudgetMetric::CostPerHour => {
             let gpus = chosen.iter().map(|w| w.gpus.len()).sum::<usize>() as f64;
             let cores = chosen
                 .iter()
@@ -322,56 +261,32 @@ pub fn measure(
                 pricing.cpu_core_hour.unwrap_or(0.0),
             ))
         }
-        lost if lost.starts_with("lost_share_") => {
-            let mut total = crate::attribution::TimeBreakdown::default();
-            for w in &chosen {
-                total.add(&w.time);
-            }
-            let shares = total.active_shares();
-            let share = match lost {
-                "lost_share_storage" => shares.storage,
-                "lost_share_network" => shares.network,
-                "lost_share_model" => shares.gpu,
-                _ => shares.on_cpu + shares.waiting_for_cpu,
-            };
-            (total.active_ns() > 0).then_some(share)
-        }
-        // Every metric in BUDGET_METRICS is handled above.
-        _ => None,
+        BudgetMetric::LostShareStorage => lost_share(|s| s.storage),
+        BudgetMetric::LostShareNetwork => lost_share(|s| s.network),
+        BudgetMetric::LostShareModel => lost_share(|s| s.gpu),
+        BudgetMetric::LostShareCpu => lost_share(|s| s.on_cpu + s.waiting_for_cpu),
     }
 }
 
-/// Evaluates every configured budget on one window.
+/// Evaluates every configured budget on one window, in configuration order.
 pub fn evaluate_window(
-    config: &crate::config::LoadedConfig,
-    windows: &[crate::attribution::WorkloadWindow],
+    config: &LoadedConfig,
+    windows: &[WorkloadWindow],
     at_s: u64,
 ) -> Vec<BudgetResult> {
     config
         .budgets
         .iter()
         .map(|budget| {
-            let (bound, threshold) = match (budget.max, budget.min) {
-                (Some(max), _) => (Bound::Ceiling, max),
-                (None, Some(min)) => (Bound::Floor, min),
-                (None, None) => (Bound::Ceiling, f64::INFINITY),
-            };
-            let observed = measure(
-                &budget.metric,
-                &budget.workload,
-                budget.device.as_deref(),
-                budget.peer.as_deref(),
-                windows,
-                &config.pricing,
-            );
+            let observed = measure(budget, windows, &config.pricing);
             BudgetResult {
                 name: budget.name.clone(),
                 workload: budget.workload.clone(),
-                metric: budget.metric.clone(),
-                bound,
-                threshold,
+                metric: budget.metric,
+                bound: budget.bound,
+                threshold: budget.threshold,
                 observed: observed.map(|v| (v * 1000.0).round() / 1000.0),
-                good: observed.map(|v| observe(at_s, v, threshold, bound).good),
+                good: observed.map(|v| observe(at_s, v, budget.threshold, budget.bound).good),
             }
         })
         .collect()
@@ -451,10 +366,13 @@ mod tests {
         // 3 quiet windows resolve it at 1180.
         assert_eq!(
             events,
-            vec![(1_120, BreachStatus::Firing), (1_180, BreachStatus::Ok)]
+            vec![
+                (1_120, BreachStatus::Firing),
+                (1_180, BreachStatus::Resolved)
+            ]
         );
         assert_eq!(state.breaches, 1);
-        assert_eq!(state.status(), BreachStatus::Ok);
+        assert_eq!(state.status(), BreachStatus::Resolved);
     }
 
     #[test]
@@ -506,7 +424,7 @@ mod tests {
 
     #[test]
     fn budgets_are_measured_on_the_right_workload() {
-        use crate::attribution::{
+        use crate::analysis::attribution::{
             DeviceEvidence, GpuEvidence, PeerEvidence, TimeBreakdown, WorkloadWindow,
         };
         let config = crate::config::parse_config(

@@ -3,7 +3,6 @@
 //! rollback [ID]` puts one back, byte for byte.
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -94,13 +93,8 @@ pub fn archive(state_dir: &Path, content: &[u8], now: SystemTime) -> anyhow::Res
 
 /// Writes through a temporary file and a rename, so a reader never sees half a file.
 fn write_atomically(path: &Path, content: &[u8]) -> anyhow::Result<()> {
-    let temporary = path.with_extension("toml.partial");
-    let mut file = fs::File::create(&temporary)
-        .with_context(|| format!("cannot write {}", temporary.display()))?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    fs::rename(&temporary, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(())
+    crate::files::write_atomically(path, content, None)
+        .with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// Puts an archived configuration back at `config_path`. Without `id`: the last known good

@@ -13,15 +13,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use agent_common::storage::{IoOperation, LatencyStage};
 
+use agent_common::{network::peer_address, storage::split_dev};
+
 use crate::{
-    aggregation::{
-        Histogram, KernelSnapshot,
+    analysis::{
+        attribution::{Judged, Verdict},
         gpu::GpuSummary,
-        window::{peer_address, split_dev},
     },
-    attribution::{Bottleneck, Verdict, WorkloadWindow},
-    budgets::BreachStatus,
-    sources::system::SystemNames,
+    model::{
+        Histogram, KernelSnapshot,
+        process::SystemNames,
+        vocabulary::{Bottleneck, BreachStatus, BudgetMetric},
+    },
 };
 
 /// The label value that collects everything past a cardinality limit.
@@ -151,7 +154,7 @@ pub struct Limits {
 pub struct BudgetView {
     pub name: String,
     pub workload: String,
-    pub metric: String,
+    pub metric: BudgetMetric,
     pub threshold: f64,
     pub observed: Option<f64>,
     pub status: BreachStatus,
@@ -181,7 +184,13 @@ pub struct MetricsState {
     verdicts: BTreeMap<String, Verdict>,
 }
 
-const TIME_LOST_CLASSES: [&str; 4] = ["model", "storage", "network", "cpu"];
+/// The classes time is lost to (every class but none).
+const TIME_LOST_CLASSES: [Bottleneck; 4] = [
+    Bottleneck::Model,
+    Bottleneck::Storage,
+    Bottleneck::Network,
+    Bottleneck::Cpu,
+];
 
 impl MetricsState {
     /// `extra_bounds_s`: budget thresholds on latency metrics, so a dashboard can count the
@@ -213,17 +222,20 @@ impl MetricsState {
     }
 
     /// Adds one window's attribution and GPU events to the totals.
-    pub fn add_window(&mut self, workloads: &[(WorkloadWindow, Verdict)], gpu: &GpuSummary) {
-        for (window, verdict) in workloads {
+    pub fn add_window(&mut self, workloads: &[Judged], gpu: &GpuSummary) {
+        for Judged { window, verdict } in workloads {
             let name = self.workloads.admit(&window.name);
             let time = &window.time;
             for (class, ns) in [
-                ("model", time.gpu_ns),
-                ("storage", time.storage_ns),
-                ("network", time.network_ns),
-                ("cpu", time.waiting_for_cpu_ns),
+                (Bottleneck::Model, time.gpu_ns),
+                (Bottleneck::Storage, time.storage_ns),
+                (Bottleneck::Network, time.network_ns),
+                (Bottleneck::Cpu, time.waiting_for_cpu_ns),
             ] {
-                *self.time_lost_s.entry((name.clone(), class)).or_default() += ns as f64 / 1e9;
+                *self
+                    .time_lost_s
+                    .entry((name.clone(), class.name()))
+                    .or_default() += ns as f64 / 1e9;
             }
             // Under "other" several workloads share a series: keep the one losing most.
             let keep = self
@@ -414,14 +426,14 @@ impl MetricsState {
             });
         }
         for (workload, verdict) in &self.verdicts {
-            for class in TIME_LOST_CLASSES.iter().chain(["none"].iter()) {
+            for class in TIME_LOST_CLASSES.iter().chain([Bottleneck::None].iter()) {
                 out.push(Series {
                     metric: &WORKLOAD_BOTTLENECK,
                     attributes: vec![
                         ("envelope.workload", workload.clone()),
-                        ("envelope.bottleneck", class.to_string()),
+                        ("envelope.bottleneck", class.name().to_string()),
                     ],
-                    value: Value::Gauge(f64::from(u8::from(verdict.bottleneck.name() == *class))),
+                    value: Value::Gauge(f64::from(u8::from(verdict.bottleneck == *class))),
                 });
             }
             out.push(Series {
@@ -567,7 +579,7 @@ fn budget_series(budgets: &[BudgetView], out: &mut Vec<Series>) {
         let attributes = vec![
             ("envelope.budget", budget.name.clone()),
             ("envelope.workload", budget.workload.clone()),
-            ("envelope.budget.metric", budget.metric.clone()),
+            ("envelope.budget.metric", budget.metric.name().to_string()),
         ];
         out.push(Series {
             metric: &BUDGET_STATE,
@@ -621,8 +633,8 @@ fn budget_series(budgets: &[BudgetView], out: &mut Vec<Series>) {
 mod tests {
     use super::*;
     use crate::{
-        attribution::TimeBreakdown,
-        sources::system::{ProcessIdentity, ProcessKind},
+        analysis::attribution::{TimeBreakdown, WorkloadWindow},
+        model::process::{ProcessIdentity, ProcessKind},
     };
     use agent_common::{
         network::{PeerCounters, PeerKey},
@@ -782,9 +794,9 @@ mod tests {
         );
     }
 
-    fn workload(name: &str, storage_ms: u64, bottleneck: Bottleneck) -> (WorkloadWindow, Verdict) {
-        (
-            WorkloadWindow {
+    fn workload(name: &str, storage_ms: u64, bottleneck: Bottleneck) -> Judged {
+        Judged {
+            window: WorkloadWindow {
                 name: name.into(),
                 window_ns: 1_000_000_000,
                 time: TimeBreakdown {
@@ -793,7 +805,7 @@ mod tests {
                 },
                 ..WorkloadWindow::default()
             },
-            Verdict {
+            verdict: Verdict {
                 bottleneck,
                 share: 0.5,
                 confidence: 1.0,
@@ -802,7 +814,7 @@ mod tests {
                 summary: String::new(),
                 evidence: Vec::new(),
             },
-        )
+        }
     }
 
     #[test]
@@ -863,7 +875,7 @@ mod tests {
         let view = BudgetView {
             name: "storage p95".into(),
             workload: "loader".into(),
-            metric: "storage_p95_ms".into(),
+            metric: BudgetMetric::StorageP95Ms,
             threshold: 10.0,
             observed: Some(84.0),
             status: BreachStatus::Firing,

@@ -75,24 +75,9 @@ pub fn parse_pairs(text: &str) -> Vec<(String, String)> {
 }
 
 fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && text.is_char_boundary(i + 1)
-            && text.is_char_boundary(i + 3)
-            && let Ok(byte) = u8::from_str_radix(&text[i + 1..i + 3], 16)
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 impl OtlpSettings {
@@ -148,18 +133,19 @@ impl OtlpSettings {
             headers.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
             headers.push((key.to_ascii_lowercase(), value.clone()));
         }
-        let duration = |value: &Option<String>| -> anyhow::Result<Option<Duration>> {
-            value
-                .as_deref()
-                .map(humantime::parse_duration)
-                .transpose()
-                .context("[export] duration")
-        };
-        let timeout = duration(&config.timeout)?
+        for (key, value) in &headers {
+            crate::config::check_header(key, value)
+                .map_err(|problem| anyhow::anyhow!("OTEL_EXPORTER_OTLP_HEADERS: {problem}"))?;
+        }
+        let timeout = config
+            .timeout
             .or_else(|| millis(env("OTEL_EXPORTER_OTLP_TIMEOUT")))
+            .filter(|timeout| !timeout.is_zero())
             .unwrap_or(Duration::from_secs(10));
-        let interval =
-            duration(&config.interval)?.or_else(|| millis(env("OTEL_METRIC_EXPORT_INTERVAL")));
+        let interval = config
+            .interval
+            .or_else(|| millis(env("OTEL_METRIC_EXPORT_INTERVAL")))
+            .filter(|interval| !interval.is_zero());
         let mut resource = vec![
             (
                 "service.name".to_string(),
@@ -575,7 +561,7 @@ impl OtlpExporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exporters::metrics::{DISK_IO, ExportHistogram, GPU_UTILIZATION, NETWORK_RTT};
+    use crate::export::metrics::{DISK_IO, ExportHistogram, GPU_UTILIZATION, NETWORK_RTT};
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -636,7 +622,7 @@ mod tests {
             protocol: Some("grpc".into()),
             endpoint: Some("https://otel.example:4317".into()),
             headers: [("Tenant".to_string(), "b".to_string())].into(),
-            timeout: Some("3s".into()),
+            timeout: Some(Duration::from_secs(3)),
             ..ExportConfig::default()
         };
         let both = OtlpSettings::resolve(
@@ -731,7 +717,7 @@ mod tests {
             drop(listener);
             let config = ExportConfig {
                 endpoint: Some(format!("http://127.0.0.1:{port}")),
-                timeout: Some("1s".into()),
+                timeout: Some(Duration::from_secs(1)),
                 ..ExportConfig::default()
             };
             let settings = OtlpSettings::resolve(&config, env(&[])).unwrap();

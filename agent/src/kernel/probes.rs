@@ -22,7 +22,10 @@ use aya::{
 use serde::Serialize;
 
 use super::tracefs::{self, TracepointProblem};
-use crate::aggregation::{Counters, Histogram, KernelSnapshot, merge_per_cpu};
+use crate::model::{
+    Histogram, KernelSnapshot,
+    snapshot::{Counters, merge_per_cpu},
+};
 
 /// The probes, built by agent/build.rs (or `cargo xtask build-ebpf`).
 static PROBES_OBJECT: &[u8] =

@@ -11,20 +11,8 @@ use std::{
 
 use serde::Serialize;
 
-use crate::budgets::{BreachEvent, BreachStatus};
-
-/// One configured action.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Action {
-    Command {
-        argv: Vec<String>,
-        timeout: Duration,
-    },
-    Webhook {
-        url: String,
-        timeout: Duration,
-    },
-}
+use crate::budgets::BreachEvent;
+pub use crate::config::Action;
 
 /// How an action went.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -50,13 +38,7 @@ pub fn breach_environment(event: &BreachEvent, workload: &str) -> Vec<(String, S
     vec![
         ("ENVELOPE_BUDGET".into(), event.budget.clone()),
         ("ENVELOPE_WORKLOAD".into(), workload.to_string()),
-        (
-            "ENVELOPE_STATUS".into(),
-            match event.status {
-                BreachStatus::Firing => "firing".into(),
-                BreachStatus::Ok => "resolved".into(),
-            },
-        ),
+        ("ENVELOPE_STATUS".into(), event.status.name().into()),
         ("ENVELOPE_BREACH_ID".into(), event.breach_id.clone()),
         ("ENVELOPE_OBSERVED".into(), event.observed.to_string()),
         ("ENVELOPE_THRESHOLD".into(), event.threshold.to_string()),
@@ -194,6 +176,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::model::vocabulary::BreachStatus;
 
     fn event() -> BreachEvent {
         BreachEvent {

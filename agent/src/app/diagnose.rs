@@ -1,22 +1,15 @@
 //! `envelope diagnose`: load the probes, measure one window, report.
 use std::{
-    collections::HashSet,
     io::IsTerminal as _,
     path::PathBuf,
-    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::{
-    aggregation::window::summarize_window,
-    attribution,
-    pipeline::{GpuSampler, judge, load_probes, refresh_tracking},
-    report::{DiagnoseReport, JSON_SCHEMA_VERSION},
-    sources::system::LiveSystem,
-};
+use super::step::{Focus, WindowStep};
+use crate::report::{DiagnoseReport, JSON_SCHEMA_VERSION, WorkloadReport};
 
 #[derive(Debug)]
 pub struct DiagnoseOptions {
@@ -74,52 +67,36 @@ async fn wait_for_window(
 }
 
 pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
-    let (preflight, mut probes) = load_probes()?;
-
     let started_at = SystemTime::now();
-    let gpu_pids = Arc::new(Mutex::new(HashSet::new()));
-    let gpu = GpuSampler::start(
+    let mut step = WindowStep::start(
         options.nvml_library.clone(),
         options.gpu_interval,
-        gpu_pids.clone(),
-    );
-    let mut tracked_now = HashSet::new();
-    refresh_tracking(&mut probes, &mut tracked_now, &HashSet::new());
-    let before = probes.snapshot().context("reading the probes' maps")?;
-    let started = Instant::now();
-    let interrupted = wait_for_window(options.duration, || {
-        let gpu_pids = gpu_pids.lock().map(|pids| pids.clone()).unwrap_or_default();
-        refresh_tracking(&mut probes, &mut tracked_now, &gpu_pids);
-    })
-    .await?;
-    let after = probes.snapshot().context("reading the probes' maps")?;
-    let elapsed = started.elapsed();
-    let delta = after.since(&before);
-    let window = summarize_window(&delta, elapsed, &LiveSystem, options.top);
-    let mut gpu = gpu.finish().await;
-    let mut workloads = attribution::workload_windows(
-        &delta,
-        &window,
-        &gpu,
-        &LiveSystem,
-        elapsed.as_nanos() as u64,
-        &options.config.workloads,
-    );
+        options.top,
+    )?;
+    let interrupted = wait_for_window(options.duration, || step.refresh_tracking()).await?;
+    let probes = step.probe_statuses().to_vec();
+    let preflight = step.preflight.clone();
+    let focus = Focus {
+        workload: options.workload.clone(),
+        pid: options.pid,
+    };
+    let window = step.finish(&options.config, &focus).await?;
+    let mut gpu = window.gpu;
     gpu.processes.truncate(options.top);
-    if let Some(name) = &options.workload {
-        workloads.retain(|workload| &workload.name == name);
-    }
-    if let Some(pid) = options.pid {
-        workloads.retain(|workload| workload.pids.contains(&pid));
-    }
-    let window_end_s = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let budgets = crate::budgets::evaluate_window(&options.config, &workloads, window_end_s);
-    let (verdict, workloads) = judge(workloads, options.top);
     if let Some(reason) = &gpu.reason {
         tracing::info!("no GPU section: {reason}");
     }
+    let workloads = window
+        .workloads
+        .into_iter()
+        .take(options.top)
+        .map(|judged| WorkloadReport {
+            time: judged.window.time.shares(),
+            name: judged.window.name,
+            pids: judged.window.pids,
+            verdict: judged.verdict,
+        })
+        .collect();
 
     Ok(DiagnoseReport {
         schema_version: JSON_SCHEMA_VERSION,
@@ -127,16 +104,16 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         host: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|name| name.trim().to_string())
             .unwrap_or_default(),
-        kernel: preflight.kernel_release.clone(),
+        kernel: preflight.kernel_release,
         started_at: humantime::format_rfc3339_seconds(started_at).to_string(),
-        duration_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        duration_s: (window.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         interrupted,
-        probes: probes.statuses().to_vec(),
+        probes,
         warnings: preflight.warnings,
-        window,
+        window: window.summary,
         gpu,
-        verdict,
+        verdict: window.node,
         workloads,
-        budgets,
+        budgets: window.budgets,
     })
 }

@@ -1,19 +1,14 @@
-//! Aggregation: turns cumulative kernel counters into what happened in a window.
-//!
-//! Pure: plain data in, plain data out. `sources` produce [`KernelSnapshot`]s; this module
-//! subtracts two of them and summarises the difference per device, process and peer.
-pub mod gpu;
-pub mod histogram;
-pub mod window;
+//! What the probes have counted since they were loaded ([`KernelSnapshot`], produced by
+//! `kernel::probes`), and the difference of two snapshots: what happened in a window.
 
 use std::{collections::HashMap, hash::Hash};
 
+use super::Histogram;
 use agent_common::{
     network::{PeerCounters, PeerKey},
     sched::ProcessTime,
     storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
 };
-pub use histogram::Histogram;
 
 /// Everything the probes have counted since they were loaded, merged across CPUs.
 #[derive(Clone, Debug, Default)]

@@ -2,37 +2,7 @@
 //! read from /sys and /proc. Behind a trait so aggregation stays pure and testable.
 use std::fs;
 
-use serde::Serialize;
-
-/// What kind of submitter a process id stands for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProcessKind {
-    /// A user process (alive or gone by the time of the report).
-    Process,
-    /// A kernel thread (writeback, journalling, kworkers): charged to the kernel.
-    KernelThread,
-    /// No process context: queued from an interrupt, or only the issue was seen.
-    Unattributed,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ProcessIdentity {
-    pub name: String,
-    pub kind: ProcessKind,
-    /// cgroup v2 path, when the process is still alive to ask.
-    pub cgroup: Option<String>,
-    /// Path of the executable, when the process is alive and not a kernel thread.
-    pub executable: Option<String>,
-}
-
-pub trait SystemNames {
-    /// "vda", "nvme0n1p2"; None when the device is unknown to /sys.
-    fn block_device_name(&self, major: u32, minor: u32) -> Option<String>;
-    /// Who `tgid` is. `comm_at_event` is the command name the kernel saw, used when the
-    /// process has exited since.
-    fn process(&self, tgid: u32, comm_at_event: &str) -> ProcessIdentity;
-}
+pub use crate::model::process::{ProcessIdentity, ProcessKind, SystemNames};
 
 /// Reads the live system.
 pub struct LiveSystem;
@@ -144,12 +114,6 @@ fn kind_from_comm(comm: &str) -> ProcessKind {
     }
 }
 
-/// Turns a NUL-padded kernel command name into a string.
-pub fn comm_to_string(comm: &[u8; 16]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,13 +167,5 @@ mod tests {
                 .iter()
                 .all(|&pid| LiveSystem.process(pid, "").kind != ProcessKind::KernelThread)
         );
-    }
-
-    #[test]
-    fn comm_stops_at_nul() {
-        let mut comm = [0u8; 16];
-        comm[..3].copy_from_slice(b"fio");
-        assert_eq!(comm_to_string(&comm), "fio");
-        assert_eq!(comm_to_string(&[b'a'; 16]), "a".repeat(16));
     }
 }

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::sources::{
+use crate::model::{
     gpu::{GpuSample, StaleGpu, throttle_reason_names},
-    system::SystemNames,
+    process::SystemNames,
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -206,9 +206,9 @@ pub fn summarize_gpu(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::{
+    use crate::model::{
         gpu::{GpuDeviceSample, GpuProcessSample},
-        system::{ProcessIdentity, ProcessKind},
+        process::{ProcessIdentity, ProcessKind},
     };
 
     struct Names;

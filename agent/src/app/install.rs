@@ -5,7 +5,7 @@
 //! nothing the second time.
 use std::{
     fs,
-    io::{Read as _, Write as _},
+    io::Read as _,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::Command,
@@ -14,9 +14,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// The unit, as shipped in `systemd/envelope.service`.
-pub const UNIT: &str = include_str!("../../systemd/envelope.service");
+pub const UNIT: &str = include_str!("../../../systemd/envelope.service");
 /// The annotated default configuration, `systemd/envelope.toml`.
-pub const DEFAULT_CONFIG: &str = include_str!("../../systemd/envelope.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../../systemd/envelope.toml");
 
 /// Where each file goes, relative to the root. The Debian package (`[package.metadata.deb]`
 /// in agent/Cargo.toml) installs the same paths; a test keeps the two in step.
@@ -170,29 +170,14 @@ fn place(file: &PlannedFile, target: &Path) -> anyhow::Result<()> {
         .mode(0o755)
         .create(parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
-    let temporary = parent.join(format!(
-        ".{}.envelope-install",
-        target.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let written = (|| -> std::io::Result<()> {
-        match &file.source {
-            Source::File(path) => {
-                fs::copy(path, &temporary)?;
-            }
-            Source::Embedded(text) => {
-                let mut out = fs::File::create(&temporary)?;
-                out.write_all(text.as_bytes())?;
-                out.sync_all()?;
-            }
+    let written = match &file.source {
+        Source::File(path) => fs::File::open(path)
+            .and_then(|mut source| crate::files::write_from(target, &mut source, Some(file.mode))),
+        Source::Embedded(text) => {
+            crate::files::write_atomically(target, text.as_bytes(), Some(file.mode))
         }
-        fs::set_permissions(&temporary, fs::Permissions::from_mode(file.mode))?;
-        fs::rename(&temporary, target)
-    })();
-    if let Err(error) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(error).with_context(|| format!("cannot write {}", target.display()));
-    }
-    Ok(())
+    };
+    written.with_context(|| format!("cannot write {}", target.display()))
 }
 
 /// Places one planned file and says what happened.

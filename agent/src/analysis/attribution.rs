@@ -8,14 +8,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
+use agent_common::{comm_to_string, network::peer_address, storage::split_dev};
+
+use super::{gpu::GpuSummary, window::WindowSummary};
+pub use crate::model::vocabulary::Bottleneck;
 use crate::{
-    aggregation::{
-        Histogram, KernelSnapshot,
-        gpu::GpuSummary,
-        window::{WindowSummary, peer_address, split_dev},
-    },
     config::{ProcessFacts, WorkloadRules},
-    sources::system::{ProcessKind, SystemNames},
+    model::{
+        Histogram, KernelSnapshot,
+        process::{ProcessKind, SystemNames, container_id},
+    },
 };
 
 /// Where a workload's threads spent the window, in thread-nanoseconds.
@@ -136,28 +138,6 @@ pub struct WorkloadWindow {
     pub peers: Vec<PeerEvidence>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Bottleneck {
-    Model,
-    Storage,
-    Network,
-    Cpu,
-    None,
-}
-
-impl Bottleneck {
-    pub fn name(self) -> &'static str {
-        match self {
-            Bottleneck::Model => "model",
-            Bottleneck::Storage => "storage",
-            Bottleneck::Network => "network",
-            Bottleneck::Cpu => "cpu",
-            Bottleneck::None => "none",
-        }
-    }
-}
-
 /// Thresholds of the rules; the defaults are what README.md documents.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rules {
@@ -224,16 +204,6 @@ fn candidates(window: &WorkloadWindow, rules: &Rules) -> Vec<(Bottleneck, f64)> 
     candidates
 }
 
-/// The container id in a cgroup path, if any: docker-<id>.scope, cri-containerd-<id>.scope,
-/// crio-<id>.scope, or a bare 64-hex segment (Kubernetes pods).
-pub fn container_id(cgroup: &str) -> Option<&str> {
-    cgroup.rsplit('/').find_map(|segment| {
-        let id = segment.trim_end_matches(".scope");
-        let id = id.rsplit('-').next().unwrap_or(id);
-        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
-    })
-}
-
 /// The workload a process belongs to when no configuration names it: its container, else
 /// its systemd service, else its program name (so the workers of one program group together).
 pub fn automatic_workload_name(cgroup: Option<&str>, program: &str) -> String {
@@ -276,7 +246,7 @@ pub fn workload_windows(
         if breakdown.total_ns() == 0 {
             continue;
         }
-        let identity = names.process(tgid, &crate::sources::system::comm_to_string(&time.comm));
+        let identity = names.process(tgid, &comm_to_string(&time.comm));
         if identity.kind != ProcessKind::Process || identity.name.is_empty() {
             continue;
         }
@@ -523,7 +493,7 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
                     device.device,
                     ms(device.p95_ms),
                     device.queue_share.map_or("n/a".to_string(), percent),
-                    crate::report::terminal::format_bytes(device.bytes as f64)
+                    crate::model::units::format_bytes(device.bytes as f64)
                 ));
             }
             format!(
@@ -576,6 +546,37 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
         Bottleneck::None => unreachable!("None is never a candidate"),
     };
     verdict(winner, confidence, summary, evidence, score)
+}
+
+/// A workload with its verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judged {
+    pub window: WorkloadWindow,
+    pub verdict: Verdict,
+}
+
+/// Every workload judged by the default rules, those losing most first, and the node's
+/// roll-up. The one judging step `diagnose` and `run` share.
+pub fn judge(workloads: Vec<WorkloadWindow>) -> (Verdict, Vec<Judged>) {
+    let rules = Rules::default();
+    let mut judged: Vec<Judged> = workloads
+        .into_iter()
+        .map(|window| Judged {
+            verdict: decide(&window, &rules),
+            window,
+        })
+        .collect();
+    let node = roll_up(&judged.iter().map(|j| j.verdict.clone()).collect::<Vec<_>>());
+    judged.sort_by(|a, b| {
+        b.verdict.share.total_cmp(&a.verdict.share).then(
+            b.window
+                .time
+                .shares()
+                .on_cpu
+                .total_cmp(&a.window.time.shares().on_cpu),
+        )
+    });
+    (node, judged)
 }
 
 /// The node's verdict: the workload losing the largest share of its time to a bottleneck;

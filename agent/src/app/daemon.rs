@@ -1,0 +1,442 @@
+//! `envelope run`: the daemon. Every window the shared step (`app::step`) measures, judges
+//! and evaluates; the daemon adds what only a service does: scheduling, budget state across
+//! windows and restarts, breach events and actions, and the OTLP export.
+//!
+//! Signals: SIGTERM/SIGINT measure the partial last window, export it, save the budget state
+//! and exit 0. SIGHUP reloads the configuration; an invalid one is refused, loudly, and the
+//! running one kept.
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::step::{Focus, Window, WindowStep};
+pub use crate::budgets::store::{BUDGET_STATE_FILE, load_budget_states, save_budget_states};
+use crate::{
+    budgets::{
+        self, BreachEvent, BudgetState,
+        actions::{self, ActionOutcome, RateLimiter},
+        observe,
+    },
+    config::{Budget, LoadedConfig, archive},
+    export::{
+        events::explain,
+        metrics::{BudgetView, Limits, MetricsState},
+        otlp::{LogEvent, OtlpExporter, OtlpSettings, metrics_request},
+    },
+    host::system::LiveSystem,
+    model::vocabulary::BreachStatus,
+};
+
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// None: no workloads or budgets, node-level measurement and export only.
+    pub config_path: Option<PathBuf>,
+    /// Overrides `[agent] state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// Overrides `[agent] window`.
+    pub window: Option<Duration>,
+    /// Overrides `[agent] nvml_lib`.
+    pub nvml_library: Option<PathBuf>,
+}
+
+/// Everything `run` builds before it loads the probes. `envelope check` builds exactly this
+/// too, so a configuration `check` accepts is one `run` starts with.
+pub struct Prepared {
+    pub config: LoadedConfig,
+    pub state_dir: PathBuf,
+    /// None when `[export] enabled = false`.
+    pub exporter: Option<OtlpExporter>,
+}
+
+/// Reads and checks the configuration, applies the command line over it, and builds the
+/// exporter (settings from `[export]`, then OTEL_* variables; CA file read). Needs a tokio
+/// runtime (gRPC channels are built on it; they connect lazily).
+pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
+    let mut config = match &options.config_path {
+        Some(path) => crate::config::load(path)?,
+        None => LoadedConfig::default(),
+    };
+    if let Some(window) = options.window {
+        config.agent.window = crate::config::check_window(window)
+            .map_err(|problem| anyhow::anyhow!("--window: {problem}"))?;
+    }
+    if let Some(library) = &options.nvml_library {
+        config.agent.nvml_lib = Some(library.clone());
+    }
+    if let Some(state_dir) = &options.state_dir {
+        config.agent.state_dir = state_dir.clone();
+    }
+    let settings = OtlpSettings::resolve(&config.export, |key| std::env::var(key).ok())?;
+    let exporter = if settings.enabled {
+        Some(OtlpExporter::new(settings)?)
+    } else {
+        None
+    };
+    Ok(Prepared {
+        state_dir: config.agent.state_dir.clone(),
+        config,
+        exporter,
+    })
+}
+
+fn unix_ns(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// What the daemon carries from one window to the next.
+struct Daemon {
+    config_path: Option<PathBuf>,
+    config: LoadedConfig,
+    state_dir: PathBuf,
+    step: WindowStep,
+    budget_states: BTreeMap<String, BudgetState>,
+    rate_limiter: RateLimiter,
+    metrics: MetricsState,
+    exporter: Option<OtlpExporter>,
+    start_unix_ns: u64,
+    last_export: Option<Instant>,
+    pending_events: Vec<LogEvent>,
+    said_no_gpu: bool,
+    last_node_verdict: Option<(String, String)>,
+}
+
+/// Budget thresholds on latency metrics, in seconds, for the histograms' bounds.
+fn latency_thresholds_s(config: &LoadedConfig) -> Vec<f64> {
+    config
+        .budgets
+        .iter()
+        .filter(|b| b.metric.is_latency())
+        // Through whole nanoseconds, so 0.1 ms becomes exactly the bound 0.0001, not 1.0000000000000001e-4.
+        .map(|b| (b.threshold * 1e6).round() / 1e9)
+        .collect()
+}
+
+fn limits(config: &LoadedConfig) -> Limits {
+    Limits {
+        workloads: config.agent.max_workloads,
+        peers: config.agent.max_peers,
+        devices: config.agent.max_devices,
+        gpu_processes: config.agent.max_gpu_processes,
+    }
+}
+
+fn window_label(seconds: u64) -> String {
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
+}
+
+impl Daemon {
+    fn window_labels(&self) -> Vec<String> {
+        self.config
+            .alerting
+            .burn_rate_windows
+            .iter()
+            .map(|w| window_label(w.long_s))
+            .collect()
+    }
+
+    /// One window: measure, attribute, evaluate, act, export.
+    async fn run_window(&mut self, last: bool) {
+        let window = match self.step.next_window(&self.config, &Focus::default()).await {
+            Ok(window) => window,
+            Err(error) => {
+                tracing::warn!("skipping a window: {error:#}");
+                return;
+            }
+        };
+        if let Some(reason) = &window.gpu.reason
+            && !self.said_no_gpu
+            && !last
+        {
+            tracing::info!("no GPU metrics: {reason}");
+            self.said_no_gpu = true;
+        }
+        let node = &window.node;
+        let node_key = (
+            node.bottleneck.name().to_string(),
+            node.workload.clone().unwrap_or_default(),
+        );
+        if self.last_node_verdict.as_ref() != Some(&node_key) {
+            tracing::info!("node verdict: {}", node.summary);
+            self.last_node_verdict = Some(node_key);
+        }
+        let (views, transitions) = self.evaluate_budgets(&window);
+        for (budget_index, event) in transitions {
+            let budget = self.config.budgets[budget_index].clone();
+            self.act(&budget, &event);
+        }
+        if let Err(error) = save_budget_states(&self.state_dir, &self.budget_states) {
+            tracing::warn!(
+                "budget state not saved (a restart would start budgets afresh): {error:#}"
+            );
+        }
+        self.metrics.add_window(&window.workloads, &window.gpu);
+        self.export(&window, &views, last).await;
+    }
+
+    /// Records each budget's window in its state; returns what to export and the transitions
+    /// (budget index, event), already logged and queued as events.
+    fn evaluate_budgets(
+        &mut self,
+        window: &Window,
+    ) -> (Vec<BudgetView>, Vec<(usize, BreachEvent)>) {
+        let at_s = window.at_unix_s();
+        let labels = self.window_labels();
+        let mut views = Vec::new();
+        let mut transitions = Vec::new();
+        for (index, (budget, result)) in self.config.budgets.iter().zip(&window.budgets).enumerate()
+        {
+            let policy = self.config.policy(budget);
+            let state = self.budget_states.entry(budget.name.clone()).or_default();
+            let transition = result.observed.and_then(|observed| {
+                state.record(
+                    &budget.name,
+                    &observe(at_s, observed, budget.threshold, budget.bound),
+                    &policy,
+                )
+            });
+            let burn_rates: Vec<(String, f64)> = policy
+                .burn_rate_windows
+                .iter()
+                .zip(&labels)
+                .map(|(w, label)| {
+                    let rate = budgets::burn_rate(&state.history, at_s, w.long_s, budget.objective)
+                        .unwrap_or(0.0);
+                    (label.clone(), (rate * 1000.0).round() / 1000.0)
+                })
+                .collect();
+            views.push(BudgetView {
+                name: budget.name.clone(),
+                workload: budget.workload.clone(),
+                metric: budget.metric,
+                threshold: budget.threshold,
+                observed: result.observed,
+                status: state.status(),
+                burn_rates,
+                breaches: state.breaches,
+                objective: budget.objective,
+                good_windows: state.good_windows,
+                bad_windows: state.bad_windows,
+            });
+            if let Some(event) = transition {
+                let verdict = if budget.workload == "*" {
+                    Some(&window.node)
+                } else {
+                    window
+                        .workloads
+                        .iter()
+                        .find(|judged| judged.window.name == budget.workload)
+                        .map(|judged| &judged.verdict)
+                };
+                let (line, log_event) = explain(&event, result, verdict, &labels, window.at);
+                match event.status {
+                    BreachStatus::Firing => tracing::warn!("{line}"),
+                    BreachStatus::Resolved => tracing::info!("{line}"),
+                }
+                self.pending_events.push(log_event);
+                transitions.push((index, event));
+            }
+        }
+        (views, transitions)
+    }
+
+    /// Runs the budget's actions for a transition, rate limited; the outcome is logged when
+    /// it is known, never waited for here.
+    fn act(&mut self, budget: &Budget, event: &BreachEvent) {
+        if budget.actions.is_empty() {
+            return;
+        }
+        // Per budget and direction, so a resolution is never swallowed by its own firing.
+        if !self.rate_limiter.allow(
+            &format!("{}/{}", event.budget, event.status),
+            Instant::now(),
+        ) {
+            tracing::info!(
+                "budget {:?}: actions skipped, the last ran less than {} ago ([alerting] action_min_interval)",
+                event.budget,
+                humantime::format_duration(self.config.alerting.action_min_interval)
+            );
+            return;
+        }
+        for action in &budget.actions {
+            let handle = actions::spawn(action.clone(), event.clone(), budget.workload.clone());
+            let described = action.to_string();
+            let name = event.budget.clone();
+            tokio::task::spawn_blocking(move || match handle.join() {
+                Ok(ActionOutcome::Done { code, output })
+                    if code == 0 || (200..300).contains(&code) =>
+                {
+                    tracing::info!(
+                        "budget {name:?}: {described} done ({code}) {}",
+                        output.trim()
+                    );
+                }
+                Ok(outcome) => tracing::warn!("budget {name:?}: {described}: {outcome:?}"),
+                Err(_) => tracing::warn!("budget {name:?}: {described} crashed"),
+            });
+        }
+    }
+
+    async fn export(&mut self, window: &Window, views: &[BudgetView], last: bool) {
+        let Some(exporter) = self.exporter.as_mut() else {
+            return;
+        };
+        let due = last
+            || match (exporter.settings().interval, self.last_export) {
+                (Some(interval), Some(previous)) => {
+                    previous.elapsed() + Duration::from_millis(100) >= interval
+                }
+                _ => true,
+            };
+        let events = std::mem::take(&mut self.pending_events);
+        if !events.is_empty() || exporter.queued_events() > 0 {
+            exporter.export_events(events).await;
+        }
+        if !due {
+            return;
+        }
+        let series = self
+            .metrics
+            .series(&window.cumulative, &LiveSystem, &window.gpu, views);
+        let request = metrics_request(
+            exporter.settings(),
+            &series,
+            self.start_unix_ns,
+            unix_ns(SystemTime::now()),
+        );
+        exporter.export_metrics(&request).await;
+        self.last_export = Some(Instant::now());
+    }
+
+    /// SIGHUP: a valid configuration replaces the running one (and is archived); an invalid
+    /// one is refused and the running one kept.
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            tracing::warn!("SIGHUP: no --config was given, nothing to reload");
+            return;
+        };
+        match crate::config::load(&path) {
+            Ok(config) => {
+                if config.agent.window != self.config.agent.window
+                    || config.export != self.config.export
+                    || config.agent.state_dir != self.config.agent.state_dir
+                {
+                    tracing::warn!(
+                        "SIGHUP: [agent] window/state_dir and [export] changes take effect at the next restart"
+                    );
+                }
+                archive::archive_loaded(&self.state_dir, &path);
+                let names: HashSet<&str> = config.budgets.iter().map(|b| b.name.as_str()).collect();
+                self.budget_states
+                    .retain(|name, _| names.contains(name.as_str()));
+                self.rate_limiter = RateLimiter::new(config.alerting.action_min_interval);
+                tracing::info!(
+                    "SIGHUP: reloaded {} ({} budgets)",
+                    path.display(),
+                    config.budgets.len()
+                );
+                let (agent, export) = (self.config.agent.clone(), self.config.export.clone());
+                self.config = config;
+                // What only a restart changes stays as it was started (command line included).
+                self.config.agent.window = agent.window;
+                self.config.agent.state_dir = agent.state_dir;
+                self.config.agent.nvml_lib = agent.nvml_lib;
+                self.config.export = export;
+            }
+            Err(error) => tracing::error!(
+                "SIGHUP: refused the new configuration, still running the previous one: {error} (check it with `envelope check --config {}`)",
+                path.display()
+            ),
+        }
+    }
+}
+
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let Prepared {
+        config,
+        state_dir,
+        exporter,
+    } = prepare(&options)?;
+    if let Some(path) = &options.config_path {
+        archive::archive_loaded(&state_dir, path);
+    }
+    match &exporter {
+        Some(exporter) => {
+            let settings = exporter.settings();
+            tracing::info!(
+                "exporting OTLP ({:?}) to {} every {}",
+                settings.protocol,
+                settings.metrics_url,
+                humantime::format_duration(
+                    settings
+                        .interval
+                        .unwrap_or(config.agent.window)
+                        .max(config.agent.window)
+                )
+            );
+        }
+        None => tracing::info!("[export] enabled = false: measuring and evaluating only"),
+    }
+
+    let step = WindowStep::start(config.agent.nvml_lib.clone(), config.agent.gpu_interval, 10)?;
+    let start_unix_ns = unix_ns(SystemTime::now());
+    let budget_states = load_budget_states(&state_dir);
+    let window = config.agent.window;
+    let mut daemon = Daemon {
+        config_path: options.config_path,
+        rate_limiter: RateLimiter::new(config.alerting.action_min_interval),
+        metrics: MetricsState::new(limits(&config), &latency_thresholds_s(&config)),
+        config,
+        state_dir,
+        step,
+        budget_states,
+        exporter,
+        start_unix_ns,
+        last_export: None,
+        pending_events: Vec::new(),
+        said_no_gpu: false,
+        last_node_verdict: None,
+    };
+    tracing::info!(
+        "envelope {} running: window {}, {} budgets, state in {}",
+        env!("CARGO_PKG_VERSION"),
+        humantime::format_duration(window),
+        daemon.config.budgets.len(),
+        daemon.state_dir.display()
+    );
+
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + window, window);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tracking = tokio::time::interval(Duration::from_secs(1));
+    tracking.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => daemon.run_window(false).await,
+            _ = tracking.tick() => daemon.step.refresh_tracking(),
+            _ = hangup.recv() => daemon.reload(),
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    tracing::info!("stopping: measuring the last partial window and flushing the export");
+    daemon.run_window(true).await;
+    daemon.step.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Whether `path` names a configuration `run` would start with (used by `envelope check`).
+pub fn check(path: &Path) -> anyhow::Result<Prepared> {
+    prepare(&RunOptions {
+        config_path: Some(path.to_path_buf()),
+        ..RunOptions::default()
+    })
+}

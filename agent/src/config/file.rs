@@ -1,0 +1,118 @@
+//! The configuration file's schema as TOML spells it. Every value a user can get wrong is
+//! `Spanned`, so the checks in `config::check` can name its line and column; nothing here is
+//! interpreted (durations, URLs and numbers are checked there, once).
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type Text = Spanned<String>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default, rename = "workload")]
+    pub workloads: Vec<WorkloadEntry>,
+    #[serde(default, rename = "budget")]
+    pub budgets: Vec<BudgetEntry>,
+    #[serde(default)]
+    pub pricing: PricingEntry,
+    #[serde(default)]
+    pub alerting: AlertingEntry,
+    #[serde(default)]
+    pub agent: AgentEntry,
+    #[serde(default)]
+    pub export: ExportEntry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadEntry {
+    pub name: Text,
+    #[serde(default)]
+    pub process: Vec<Text>,
+    #[serde(default)]
+    pub executable: Vec<Text>,
+    #[serde(default)]
+    pub cgroup_prefix: Vec<Text>,
+    #[serde(default)]
+    pub systemd_unit: Vec<Text>,
+    #[serde(default)]
+    pub container_id: Vec<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetEntry {
+    pub name: Text,
+    pub workload: Text,
+    pub stage: Option<Text>,
+    pub metric: Text,
+    pub max: Option<Spanned<f64>>,
+    pub min: Option<Spanned<f64>>,
+    pub objective: Option<Spanned<f64>>,
+    pub device: Option<Text>,
+    pub peer: Option<Text>,
+    #[serde(default)]
+    pub actions: Vec<Spanned<ActionEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionEntry {
+    pub command: Option<Spanned<Vec<String>>>,
+    pub webhook: Option<Text>,
+    pub timeout: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingEntry {
+    pub gpu_hour: Option<Spanned<f64>>,
+    pub cpu_core_hour: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertingEntry {
+    pub windows: Option<Spanned<Vec<BurnWindowEntry>>>,
+    pub enter_after: Option<Spanned<i64>>,
+    pub leave_after: Option<Spanned<i64>>,
+    pub action_min_interval: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BurnWindowEntry {
+    pub long: Text,
+    pub short: Text,
+    pub factor: Spanned<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    pub window: Option<Text>,
+    pub gpu_interval: Option<Text>,
+    pub nvml_lib: Option<Text>,
+    pub state_dir: Option<Text>,
+    pub max_workloads: Option<Spanned<i64>>,
+    pub max_peers: Option<Spanned<i64>>,
+    pub max_devices: Option<Spanned<i64>>,
+    pub max_gpu_processes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportEntry {
+    pub enabled: Option<bool>,
+    pub protocol: Option<Text>,
+    pub endpoint: Option<Text>,
+    pub metrics_endpoint: Option<Text>,
+    pub logs_endpoint: Option<Text>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Text>,
+    pub interval: Option<Text>,
+    pub timeout: Option<Text>,
+    pub ca_file: Option<Text>,
+}

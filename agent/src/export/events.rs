@@ -1,0 +1,156 @@
+//! Breach events as people and collectors read them: one log line, and the same as an OTLP
+//! log record with its attributes (`envelope.budget.breach`).
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::otlp::LogEvent;
+use crate::{
+    analysis::attribution::Verdict,
+    budgets::{BreachEvent, BudgetResult},
+    model::vocabulary::{Bound, BreachStatus},
+};
+
+fn unix_ns(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The breach event as one line for the log, and as an OTLP log event.
+pub fn explain(
+    event: &BreachEvent,
+    result: &BudgetResult,
+    verdict: Option<&Verdict>,
+    window_labels: &[String],
+    at: SystemTime,
+) -> (String, LogEvent) {
+    let status = event.status.name();
+    let relation = match (result.bound, event.status) {
+        (Bound::Ceiling, BreachStatus::Firing) => "above its ceiling",
+        (Bound::Floor, BreachStatus::Firing) => "below its floor",
+        (_, BreachStatus::Resolved) => "within its bound",
+    };
+    let burn: Vec<String> = event
+        .burn_rates
+        .iter()
+        .zip(window_labels)
+        .map(|((_, long, short), label)| format!("{long} over {label} (short window {short})"))
+        .collect();
+    let verdict_text = verdict.map_or_else(
+        || "no verdict".to_string(),
+        |v| {
+            let offender = v
+                .evidence
+                .first()
+                .map_or(String::new(), |e| format!("; {e}"));
+            format!("{}{offender}", v.summary)
+        },
+    );
+    let line = format!(
+        "budget {:?} {status} for workload {:?}: {} = {} {relation} {} ; burn rate {}; verdict: {verdict_text}; breach id {}",
+        event.budget,
+        result.workload,
+        result.metric,
+        event.observed,
+        event.threshold,
+        burn.join(", "),
+        event.breach_id,
+    );
+    let mut attributes = vec![
+        ("envelope.budget".to_string(), event.budget.clone()),
+        ("envelope.workload".to_string(), result.workload.clone()),
+        (
+            "envelope.budget.metric".to_string(),
+            result.metric.name().to_string(),
+        ),
+        ("envelope.breach.id".to_string(), event.breach_id.clone()),
+        ("envelope.breach.status".to_string(), status.to_string()),
+        (
+            "envelope.budget.observed".to_string(),
+            event.observed.to_string(),
+        ),
+        (
+            "envelope.budget.threshold".to_string(),
+            event.threshold.to_string(),
+        ),
+    ];
+    for ((_, long, _), label) in event.burn_rates.iter().zip(window_labels) {
+        attributes.push((format!("envelope.burn_rate.{label}"), long.to_string()));
+    }
+    if let Some(verdict) = verdict {
+        attributes.push((
+            "envelope.bottleneck".to_string(),
+            verdict.bottleneck.name().to_string(),
+        ));
+        if let Some(offender) = verdict.evidence.first() {
+            attributes.push(("envelope.top_offender".to_string(), offender.clone()));
+        }
+    }
+    let firing = event.status == BreachStatus::Firing;
+    let log_event = LogEvent {
+        time_unix_ns: unix_ns(at),
+        event_name: "envelope.budget.breach",
+        severity_number: if firing { 13 } else { 9 },
+        severity_text: if firing { "WARN" } else { "INFO" },
+        body: line.clone(),
+        attributes,
+    };
+    (line, log_event)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::vocabulary::{Bottleneck, BudgetMetric};
+
+    #[test]
+    fn a_breach_event_explains_itself() {
+        let event = BreachEvent {
+            budget: "loader p95".into(),
+            status: BreachStatus::Firing,
+            breach_id: "loader p95@1800".into(),
+            observed: 84.0,
+            threshold: 10.0,
+            burn_rates: vec![(3600, 20.0, 30.0)],
+        };
+        let result = BudgetResult {
+            name: "loader p95".into(),
+            workload: "loader".into(),
+            metric: BudgetMetric::StorageP95Ms,
+            bound: Bound::Ceiling,
+            threshold: 10.0,
+            observed: Some(84.0),
+            good: Some(false),
+        };
+        let verdict = Verdict {
+            bottleneck: Bottleneck::Storage,
+            confidence: 0.9,
+            workload: Some("loader".into()),
+            pid: Some(42),
+            summary: "storage - loader (pid 42) spent 70% blocked on nvme0n1".into(),
+            evidence: vec!["nvme0n1: P95 84 ms".into()],
+            share: 0.7,
+        };
+        let at = UNIX_EPOCH + Duration::from_secs(1800);
+        let (line, log) = explain(&event, &result, Some(&verdict), &["1h".into()], at);
+        assert_eq!(
+            line,
+            "budget \"loader p95\" firing for workload \"loader\": storage_p95_ms = 84 above its ceiling 10 ; burn rate 20 over 1h (short window 30); verdict: storage - loader (pid 42) spent 70% blocked on nvme0n1; nvme0n1: P95 84 ms; breach id loader p95@1800"
+        );
+        assert_eq!(log.severity_number, 13);
+        assert_eq!(log.time_unix_ns, 1_800_000_000_000);
+        let attribute = |key: &str| {
+            log.attributes
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(attribute("envelope.breach.status"), Some("firing"));
+        assert_eq!(attribute("envelope.burn_rate.1h"), Some("20"));
+        assert_eq!(attribute("envelope.bottleneck"), Some("storage"));
+        assert_eq!(
+            attribute("envelope.top_offender"),
+            Some("nvme0n1: P95 84 ms")
+        );
+    }
+}
