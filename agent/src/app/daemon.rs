@@ -267,17 +267,19 @@ impl Daemon {
             let handle = actions::spawn(action.clone(), event.clone(), budget.workload.clone());
             let described = action.to_string();
             let name = event.budget.clone();
-            tokio::task::spawn_blocking(move || match handle.join() {
-                Ok(ActionOutcome::Done { code, output })
-                    if code == 0 || (200..300).contains(&code) =>
-                {
-                    tracing::info!(
-                        "budget {name:?}: {described} done ({code}) {}",
-                        output.trim()
-                    );
+            tokio::spawn(async move {
+                match handle.await {
+                    Ok(ActionOutcome::Done { code, output })
+                        if code == 0 || (200..300).contains(&code) =>
+                    {
+                        tracing::info!(
+                            "budget {name:?}: {described} done ({code}) {}",
+                            output.trim()
+                        );
+                    }
+                    Ok(outcome) => tracing::warn!("budget {name:?}: {described}: {outcome:?}"),
+                    Err(_) => tracing::warn!("budget {name:?}: {described} crashed"),
                 }
-                Ok(outcome) => tracing::warn!("budget {name:?}: {described}: {outcome:?}"),
-                Err(_) => tracing::warn!("budget {name:?}: {described} crashed"),
             });
         }
     }

@@ -1,13 +1,15 @@
 //! Actions on breach transitions, as policy from the configuration: run a command (argv, no
 //! shell, with a timeout, the breach in environment variables) or POST the breach as JSON to
-//! a webhook. Rate limited per budget; each runs on a thread of its own so it never blocks
-//! or crashes the agent; the outcome is returned for the log.
+//! a webhook. Rate limited per budget, a bounded number in flight; each runs as a task of its
+//! own so it never blocks or crashes the agent; the outcome is returned for the log.
 use std::{
     collections::HashMap,
-    io::Read as _,
-    process::{Command, Stdio},
+    process::Stdio,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
+
+use tokio::io::AsyncReadExt as _;
 
 use serde::Serialize;
 
@@ -45,11 +47,35 @@ pub fn breach_environment(event: &BreachEvent, workload: &str) -> Vec<(String, S
     ]
 }
 
-/// Output kept from a command, so a chatty one cannot fill the log.
+/// Output kept from a command, so a chatty one cannot fill the log (the rest is read and
+/// dropped, so the command never blocks on a full pipe).
 const MAX_OUTPUT_BYTES: usize = 1024;
 
-/// Runs argv (no shell) with `environment`, killing it after `timeout`.
-pub fn run_command(
+/// Actions running at once; more are skipped with a log line rather than queued without
+/// bound (each holds a process or a connection against the unit's TasksMax).
+pub const MAX_ACTIONS_IN_FLIGHT: usize = 4;
+
+/// The agent's own variables a command inherits; nothing else of its environment (which may
+/// hold OTLP credentials) reaches an action.
+const INHERITED_VARIABLES: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
+
+/// Reads a stream to its end, keeping the first `MAX_OUTPUT_BYTES`.
+async fn read_capped(mut stream: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while let Ok(read) = stream.read(&mut buffer).await {
+        if read == 0 {
+            break;
+        }
+        let room = MAX_OUTPUT_BYTES.saturating_sub(kept.len());
+        kept.extend_from_slice(&buffer[..read.min(room)]);
+    }
+    kept
+}
+
+/// Runs argv (no shell) in a process group of its own with only `environment` and
+/// [`INHERITED_VARIABLES`]; at `timeout` the whole group is killed (grandchildren included).
+pub async fn run_command(
     argv: &[String],
     environment: &[(String, String)],
     timeout: Duration,
@@ -59,14 +85,22 @@ pub fn run_command(
             error: "empty command".into(),
         };
     };
-    let mut child = match Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    command
         .args(arguments)
+        .env_clear()
+        .envs(
+            INHERITED_VARIABLES
+                .iter()
+                .filter_map(|name| Some((name, std::env::var_os(name)?))),
+        )
         .envs(environment.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-    {
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
             return ActionOutcome::Failed {
@@ -74,52 +108,74 @@ pub fn run_command(
             };
         }
     };
+    let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
+    let reading = child
+        .stdout
+        .take()
+        .map(|stdout| tokio::spawn(read_capped(stdout)));
     let started = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let mut output = Vec::new();
-                if let Some(stdout) = child.stdout.as_mut() {
-                    let _ = stdout
-                        .take(MAX_OUTPUT_BYTES as u64)
-                        .read_to_end(&mut output);
-                }
-                return ActionOutcome::Done {
-                    code: status.code().unwrap_or(-1),
-                    output: String::from_utf8_lossy(&output).into_owned(),
-                };
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => {
+            // A grandchild may keep the pipe open: take what came within a moment.
+            let output = match reading {
+                Some(reading) => tokio::time::timeout(Duration::from_millis(500), reading)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            ActionOutcome::Done {
+                code: status.code().unwrap_or(-1),
+                output: String::from_utf8_lossy(&output).into_owned(),
             }
-            Ok(None) if started.elapsed() >= timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return ActionOutcome::TimedOut {
-                    after_ms: started.elapsed().as_millis() as u64,
-                };
+        }
+        Ok(Err(error)) => ActionOutcome::Failed {
+            error: error.to_string(),
+        },
+        Err(_) => {
+            if let Some(group) = group {
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(error) => {
-                return ActionOutcome::Failed {
-                    error: error.to_string(),
-                };
+            let _ = child.wait().await;
+            if let Some(reading) = reading {
+                reading.abort();
+            }
+            ActionOutcome::TimedOut {
+                after_ms: started.elapsed().as_millis() as u64,
             }
         }
     }
 }
 
+/// The one HTTP client of the actions: no redirects (a POST must not turn into a GET to
+/// another host), connection pool shared.
+fn webhook_client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("envelope/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default()
+    })
+}
+
 /// POSTs `body` as JSON to `url`.
-pub fn post_webhook(url: &str, body: &serde_json::Value, timeout: Duration) -> ActionOutcome {
-    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    match agent.post(url).send_json(body) {
+pub async fn post_webhook(url: &str, body: &serde_json::Value, timeout: Duration) -> ActionOutcome {
+    match webhook_client()
+        .post(url)
+        .timeout(timeout)
+        .json(body)
+        .send()
+        .await
+    {
         Ok(response) => ActionOutcome::Done {
-            code: i32::from(response.status()),
-            output: String::new(),
-        },
-        Err(ureq::Error::Status(code, _)) => ActionOutcome::Done {
-            code: i32::from(code),
+            code: i32::from(response.status().as_u16()),
             output: String::new(),
         },
         Err(error) => ActionOutcome::Failed {
-            error: error.to_string(),
+            error: format!("{error}"),
         },
     }
 }
@@ -151,19 +207,33 @@ impl RateLimiter {
     }
 }
 
-/// Runs `action` for `event` on its own thread; the handle yields the outcome.
+/// Runs `action` for `event` as a task; the handle yields the outcome. At most
+/// [`MAX_ACTIONS_IN_FLIGHT`] run at once: past that the action is skipped and says so.
 pub fn spawn(
     action: Action,
     event: BreachEvent,
     workload: String,
-) -> std::thread::JoinHandle<ActionOutcome> {
-    std::thread::spawn(move || match action {
-        Action::Command { argv, timeout } => {
-            run_command(&argv, &breach_environment(&event, &workload), timeout)
-        }
-        Action::Webhook { url, timeout } => {
-            let body = serde_json::json!({ "workload": workload, "event": event });
-            post_webhook(&url, &body, timeout)
+) -> tokio::task::JoinHandle<ActionOutcome> {
+    static IN_FLIGHT: OnceLock<Arc<tokio::sync::Semaphore>> = OnceLock::new();
+    let slots = IN_FLIGHT
+        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_ACTIONS_IN_FLIGHT)))
+        .clone();
+    tokio::spawn(async move {
+        let Ok(_slot) = slots.try_acquire_owned() else {
+            return ActionOutcome::Failed {
+                error: format!(
+                    "skipped: {MAX_ACTIONS_IN_FLIGHT} actions are still running (a slow command or webhook?)"
+                ),
+            };
+        };
+        match action {
+            Action::Command { argv, timeout } => {
+                run_command(&argv, &breach_environment(&event, &workload), timeout).await
+            }
+            Action::Webhook { url, timeout } => {
+                let body = serde_json::json!({ "workload": workload, "event": event });
+                post_webhook(&url, &body, timeout).await
+            }
         }
     })
 }
@@ -189,8 +259,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn commands_get_the_breach_in_their_environment_and_no_shell() {
+    #[tokio::test]
+    async fn commands_get_the_breach_in_their_environment_and_no_shell() {
         let outcome = spawn(
             Action::Command {
                 // printenv with names, not `env`: the output is capped at MAX_OUTPUT_BYTES and
@@ -211,7 +281,7 @@ mod tests {
             event(),
             "trainer".into(),
         )
-        .join()
+        .await
         .unwrap();
         let ActionOutcome::Done { code, output } = outcome else {
             panic!("{outcome:?}")
@@ -226,7 +296,8 @@ mod tests {
             &["echo".into(), "a;".into(), "exit 3".into()],
             &[],
             Duration::from_secs(5),
-        );
+        )
+        .await;
         assert_eq!(
             outcome,
             ActionOutcome::Done {
@@ -236,28 +307,94 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_hanging_command_is_killed_at_its_timeout() {
+    #[tokio::test]
+    async fn a_hanging_command_is_killed_at_its_timeout() {
         let started = Instant::now();
         let outcome = run_command(
             &["sleep".into(), "30".into()],
             &[],
             Duration::from_millis(200),
-        );
+        )
+        .await;
         assert!(
             matches!(outcome, ActionOutcome::TimedOut { after_ms } if after_ms >= 200),
             "{outcome:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));
-        let outcome = run_command(&["/nonexistent/pager".into()], &[], Duration::from_secs(1));
+        let outcome =
+            run_command(&["/nonexistent/pager".into()], &[], Duration::from_secs(1)).await;
         assert!(
             matches!(outcome, ActionOutcome::Failed { ref error } if error.contains("cannot start")),
             "{outcome:?}"
         );
     }
 
-    #[test]
-    fn webhooks_receive_the_breach_as_json() {
+    #[tokio::test]
+    async fn a_command_inherits_only_path_and_locale_and_its_group_dies_at_the_timeout() {
+        if std::env::var_os("HOME").is_some() {
+            let outcome = run_command(
+                &["printenv".into(), "HOME".into()],
+                &[],
+                Duration::from_secs(5),
+            )
+            .await;
+            assert_eq!(
+                outcome,
+                ActionOutcome::Done {
+                    code: 1,
+                    output: String::new()
+                }
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("grandchild");
+        let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        let started = Instant::now();
+        let outcome = run_command(
+            &["sh".into(), "-c".into(), script],
+            &[],
+            Duration::from_millis(300),
+        )
+        .await;
+        assert!(
+            matches!(outcome, ActionOutcome::TimedOut { .. }),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let grandchild = std::fs::read_to_string(&pid_file).unwrap();
+        // Killed with its group: gone, or a zombie waiting for its new parent to reap it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{}/stat", grandchild.trim()));
+            let dead = state.as_ref().map_or(true, |stat| stat.contains(") Z "));
+            if dead {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "grandchild still running: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A chatty command does not stall on a full pipe; its output is capped.
+        let outcome = run_command(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "head -c 1000000 /dev/zero | tr '\\0' x".into(),
+            ],
+            &[],
+            Duration::from_secs(10),
+        )
+        .await;
+        let ActionOutcome::Done { code, output } = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!((code, output.len()), (0, MAX_OUTPUT_BYTES));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn webhooks_receive_the_breach_as_json() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let server = std::thread::spawn(move || {
@@ -290,7 +427,7 @@ mod tests {
             event(),
             "trainer".into(),
         )
-        .join()
+        .await
         .unwrap();
         assert_eq!(
             outcome,
@@ -306,8 +443,8 @@ mod tests {
         assert_eq!(body["event"]["observed"], 84.0);
     }
 
-    #[test]
-    fn an_unreachable_webhook_fails_without_hanging() {
+    #[tokio::test]
+    async fn an_unreachable_webhook_fails_without_hanging() {
         // A port that was free a moment ago: connection refused.
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -318,7 +455,8 @@ mod tests {
             &format!("http://127.0.0.1:{port}/"),
             &serde_json::json!({}),
             Duration::from_secs(2),
-        );
+        )
+        .await;
         assert!(
             matches!(outcome, ActionOutcome::Failed { .. }),
             "{outcome:?}"

@@ -352,7 +352,7 @@ struct GrpcClients {
 
 enum Transport {
     Grpc(Box<GrpcClients>),
-    Http { agent: ureq::Agent },
+    Http { client: reqwest::Client },
 }
 
 /// Sends requests; remembers whether the collector is reachable so an outage is logged once.
@@ -385,6 +385,24 @@ fn grpc_channel(settings: &OtlpSettings, url: &str) -> anyhow::Result<tonic::tra
     Ok(endpoint.connect_lazy())
 }
 
+/// The HTTP client for OTLP/HTTP: the request timeout, the system's roots plus `ca_file`, and
+/// no redirects (headers may carry credentials and must not follow a redirect elsewhere).
+fn http_client(settings: &OtlpSettings) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("envelope/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca_file) = &settings.ca_file {
+        let pem = std::fs::read(ca_file)
+            .with_context(|| format!("cannot read the CA file {ca_file} ([export] ca_file)"))?;
+        let certificate = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("the CA file {ca_file} is not a PEM certificate"))?;
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder.build().context("setting up the OTLP/HTTP client")
+}
+
 impl OtlpExporter {
     /// Builds the exporter; needs a running tokio runtime (gRPC channels spawn on it).
     pub fn new(settings: OtlpSettings) -> anyhow::Result<Self> {
@@ -394,7 +412,7 @@ impl OtlpExporter {
                 logs: LogsServiceClient::new(grpc_channel(&settings, &settings.logs_url)?),
             })),
             Protocol::HttpProtobuf => Transport::Http {
-                agent: ureq::AgentBuilder::new().timeout(settings.timeout).build(),
+                client: http_client(&settings)?,
             },
         };
         Ok(Self {
@@ -425,26 +443,25 @@ impl OtlpExporter {
     }
 
     async fn post_http(&self, url: &str, body: Vec<u8>) -> anyhow::Result<()> {
-        let Transport::Http { agent } = &self.transport else {
+        let Transport::Http { client } = &self.transport else {
             anyhow::bail!("not an HTTP exporter");
         };
-        let agent = agent.clone();
-        let url = url.to_string();
-        let headers = self.settings.headers.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut request = agent
-                .post(&url)
-                .set("content-type", "application/x-protobuf");
-            for (key, value) in &headers {
-                request = request.set(key, value);
-            }
-            request
-                .send_bytes(&body)
-                .map(|_| ())
-                .map_err(|error| anyhow::anyhow!("{url}: {error}"))
-        })
-        .await
-        .context("HTTP export task")?
+        let mut request = client
+            .post(url)
+            .header("content-type", "application/x-protobuf")
+            .body(body);
+        for (key, value) in &self.settings.headers {
+            request = request.header(key, value);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|error| anyhow::anyhow!("{url}: {error}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            anyhow::bail!("{url}: the collector answered {status}");
+        }
+        Ok(())
     }
 
     async fn send_metrics_once(
