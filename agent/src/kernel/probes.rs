@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::TracePoint,
+    programs::{TracePoint, trace_point::TracePointLink},
 };
 use serde::Serialize;
 
@@ -66,6 +66,9 @@ pub enum ProbeLoadError {
 
 /// The loaded probes. Dropping this detaches them.
 pub struct KernelProbes {
+    /// Owned here rather than by their programs so they can be detached all at once (see
+    /// `Drop`); declared before `ebpf` so they go first.
+    links: Vec<TracePointLink>,
     ebpf: Ebpf,
     statuses: Vec<ProbeStatus>,
 }
@@ -112,6 +115,10 @@ impl KernelProbes {
         let storage_keys = (block_device_count().max(16) * 5).min(65_536);
         let peer_histograms = peer_histogram_entries(nr_cpus());
         let mut ebpf = EbpfLoader::new()
+            // The programs carry no CO-RE relocations (Rust eBPF has none; field offsets come
+            // from the format files above), so the kernel's BTF is not needed to load them,
+            // and parsing it (about 6 MB) was a third of a short `diagnose`'s wall time.
+            .btf(None)
             .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
             .map_max_entries(map_names::STORAGE_DEVICES, storage_keys)
             .map_max_entries(map_names::PEER_RTT, peer_histograms)
@@ -132,6 +139,7 @@ impl KernelProbes {
         let force_sys_enter =
             std::env::var_os("ENVELOPE_SYSCALL_PROBE").is_some_and(|value| value == "sys_enter");
         let mut statuses = Vec::new();
+        let mut links = Vec::new();
         for (spec, usable) in availability {
             let tracepoint = spec.qualified_name();
             let tracepoint_usable = usable.is_ok();
@@ -156,22 +164,36 @@ impl KernelProbes {
                         attach(&mut ebpf, "sched_switch_by_map", "sched", "sched_switch");
                     if fallback.is_ok() {
                         let syscalls = attach(&mut ebpf, "sys_enter", "raw_syscalls", "sys_enter");
+                        let (attached, problem) = match syscalls {
+                            Ok(link) => {
+                                links.push(link);
+                                (true, None)
+                            }
+                            Err(problem) => (false, Some(problem)),
+                        };
                         statuses.push(ProbeStatus {
                             tracepoint: "raw_syscalls:sys_enter".to_string(),
                             feeds: "which system call a thread sleeps in (network or GPU waits)",
-                            attached: syscalls.is_ok(),
-                            problem: syscalls.err(),
+                            attached,
+                            problem,
                         });
                     }
                     fallback
                 }
                 other => other,
             };
+            let (attached, problem) = match result {
+                Ok(link) => {
+                    links.push(link);
+                    (true, None)
+                }
+                Err(problem) => (false, Some(problem)),
+            };
             statuses.push(ProbeStatus {
                 tracepoint,
                 feeds: spec.feeds,
-                attached: result.is_ok(),
-                problem: result.err(),
+                attached,
+                problem,
             });
         }
         if statuses.iter().all(|status| !status.attached) {
@@ -191,7 +213,12 @@ impl KernelProbes {
             }
             return Err(ProbeLoadError::NothingAttached(joined));
         }
-        Ok(Self { ebpf, statuses })
+        tracing::debug!("{} probes attached", links.len());
+        Ok(Self {
+            links,
+            ebpf,
+            statuses,
+        })
     }
 
     pub fn statuses(&self) -> &[ProbeStatus] {
@@ -354,12 +381,35 @@ fn monotonic_now_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
+/// Detaching a tracepoint program waits for an RCU grace period (the kernel's
+/// `tracepoint_synchronize_unregister`), about 75 ms on an idle VM: one after another, the 14
+/// probes took a second at every exit. Dropped on threads of their own, the waits overlap.
+impl Drop for KernelProbes {
+    fn drop(&mut self) {
+        let started = std::time::Instant::now();
+        let links = std::mem::take(&mut self.links);
+        let count = links.len();
+        std::thread::scope(|scope| {
+            for link in links {
+                if std::thread::Builder::new()
+                    .name("envelope-detach".into())
+                    .spawn_scoped(scope, move || drop(link))
+                    .is_err()
+                {
+                    // No thread to spare: the link was dropped with the failed closure.
+                }
+            }
+        });
+        tracing::debug!("{count} probes detached in {:?}", started.elapsed());
+    }
+}
+
 fn attach(
     ebpf: &mut Ebpf,
     program_name: &str,
     category: &str,
     tracepoint: &str,
-) -> Result<(), String> {
+) -> Result<TracePointLink, String> {
     let program: &mut TracePoint = ebpf
         .program_mut(program_name)
         .ok_or_else(|| format!("the eBPF object has no program {program_name}"))?
@@ -368,9 +418,11 @@ fn attach(
     program
         .load()
         .map_err(|error| format!("the verifier refused it: {error:#}"))?;
-    program
+    let link = program
         .attach(category, tracepoint)
-        .map(|_link| ())
+        .map_err(|error| format!("attaching failed: {error:#}"))?;
+    program
+        .take_link(link)
         .map_err(|error| format!("attaching failed: {error:#}"))
 }
 
