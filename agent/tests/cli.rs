@@ -24,6 +24,8 @@ fn bad_flags_exit_2_with_a_message() {
         (&["diagnose", "--duration", "-5s"], "negative"),
         (&["diagnose", "--duration", "soon"], "not a duration"),
         (&["diagnose", "--top", "0"], "--top"),
+        (&["run", "--window", "1ns"], "too short; use 500ms or more"),
+        (&["run", "--window", "2h"], "too long; use at most 1h"),
         (&["frobnicate"], "unrecognized subcommand"),
     ] {
         let (code, _, stderr) = envelope(args);
@@ -231,4 +233,39 @@ fn diagnose_json_has_the_documented_fields() {
     );
     assert!(report["workloads"].is_array());
     assert!(probes.iter().all(|p| p["attached"] == true), "{probes:?}");
+}
+
+/// `check` refuses what `run` would refuse, with the value's line, and reads only regular
+/// files (a FIFO would block, /dev/zero would fill memory).
+#[test]
+fn check_refuses_what_run_cannot_run_with_the_line() {
+    let dir = std::env::temp_dir().join(format!("envelope-cli-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("envelope.toml");
+    for (text, expected) in [
+        ("[agent]\nwindow = \"300000000000years\"\n", ":2:10: [agent]: window"),
+        ("[alerting]\nenter_after = 0\n", ":2:15: [alerting]: enter_after must be between 1"),
+        ("[export]\nendpoint = \"http://\"\n", ":2:12: [export]: endpoint \"http://\""),
+        (
+            "[export]\nendpoint = \"https://c:4317\"\nca_file = \"/nonexistent/ca.pem\"\n",
+            ":3:11: [export]: ca_file \"/nonexistent/ca.pem\" cannot be read (No such file or directory)",
+        ),
+        ("[pricing]\ngpu_hour = nan\n", ":2:12: [pricing]: gpu_hour NaN"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = envelope(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 1, "{text}: {stdout}{stderr}");
+        assert!(stderr.contains(expected), "{text}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let (code, _, stderr) = envelope(&["check", "--config", "/dev/zero"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("it is a device"), "{stderr}");
+    let (code, _, stderr) = envelope(&["check", "--config", "/nonexistent/envelope.toml"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr.trim(),
+        "error: cannot read the configuration /nonexistent/envelope.toml: No such file or directory"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
