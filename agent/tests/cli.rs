@@ -243,14 +243,26 @@ fn check_refuses_what_run_cannot_run_with_the_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("envelope.toml");
     for (text, expected) in [
-        ("[agent]\nwindow = \"300000000000years\"\n", ":2:10: [agent]: window"),
-        ("[alerting]\nenter_after = 0\n", ":2:15: [alerting]: enter_after must be between 1"),
-        ("[export]\nendpoint = \"http://\"\n", ":2:12: [export]: endpoint \"http://\""),
+        (
+            "[agent]\nwindow = \"300000000000years\"\n",
+            ":2:10: [agent]: window",
+        ),
+        (
+            "[alerting]\nenter_after = 0\n",
+            ":2:15: [alerting]: enter_after must be between 1",
+        ),
+        (
+            "[export]\nendpoint = \"http://\"\n",
+            ":2:12: [export]: endpoint \"http://\"",
+        ),
         (
             "[export]\nendpoint = \"https://c:4317\"\nca_file = \"/nonexistent/ca.pem\"\n",
             ":3:11: [export]: ca_file \"/nonexistent/ca.pem\" cannot be read (No such file or directory)",
         ),
-        ("[pricing]\ngpu_hour = nan\n", ":2:12: [pricing]: gpu_hour NaN"),
+        (
+            "[pricing]\ngpu_hour = nan\n",
+            ":2:12: [pricing]: gpu_hour NaN",
+        ),
     ] {
         std::fs::write(&path, text).unwrap();
         let (code, stdout, stderr) = envelope(&["check", "--config", path.to_str().unwrap()]);

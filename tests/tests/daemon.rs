@@ -284,3 +284,99 @@ fn a_collector_outage_is_survived_with_one_log_line_and_counters_continue() {
     );
     assert_eq!(daemon.stop(), 0);
 }
+
+/// Issue 18: a breach fired while the workload was busy resolves once it goes quiet, says
+/// why, and runs its action once each way; the budget then reports that it has no data.
+#[test]
+fn a_breach_fired_while_busy_resolves_when_the_workload_goes_quiet() {
+    if !root_or_skip("envelope run with disk traffic that stops") {
+        return;
+    }
+    let dir = Scratch::new();
+    let receiver = OtlpReceiver::start();
+    let config = dir.0.join("envelope.toml");
+    let actions = dir.0.join("actions.log");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+window = "1s"
+state_dir = "{state}"
+
+[export]
+endpoint = "{endpoint}"
+timeout = "2s"
+
+[alerting]
+windows = [{{ long = "10s", short = "4s", factor = 1.0 }}]
+enter_after = 2
+leave_after = 2
+
+[[workload]]
+name = "reader"
+process = ["dd"]
+
+[[budget]]
+name = "reader storage p95"
+workload = "reader"
+metric = "storage_p95_ms"
+max = 0.0001
+objective = 0.5
+actions = [{{ command = ["sh", "-c", "echo \"$ENVELOPE_STATUS: $ENVELOPE_REASON\" >> {actions}"] }}]
+"#,
+            state = dir.0.join("state").display(),
+            endpoint = receiver.endpoint(),
+            actions = actions.display(),
+        ),
+    )
+    .unwrap();
+    let file = ScratchFile::create(64 << 20);
+    let load = ReadLoad::start(&file.path);
+    let mut daemon = Daemon::start(&config, &[]);
+    wait_for("the breach to fire", Duration::from_secs(40), || {
+        breach_records(&receiver, "firing") >= 1
+    });
+    // The reader stops: every later window has no data for this budget.
+    drop(load);
+    wait_for("the breach to resolve", Duration::from_secs(30), || {
+        breach_records(&receiver, "resolved") >= 1
+    });
+    // Quiet for a while longer: nothing fires again.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(breach_records(&receiver, "firing"), 1);
+    assert_eq!(breach_records(&receiver, "resolved"), 1);
+    let resolved = receiver
+        .log_records()
+        .into_iter()
+        .find(|r| attribute(&r.attributes, "envelope.breach.status") == Some("resolved"))
+        .unwrap();
+    let reason = attribute(&resolved.attributes, "envelope.breach.reason").unwrap_or_default();
+    assert!(reason.starts_with("no data for "), "{reason:?}");
+    assert_eq!(
+        attribute(&resolved.attributes, "envelope.budget.observed"),
+        Some("no data")
+    );
+    assert_eq!(daemon.log_lines_with("resolved: no data for"), 1);
+    wait_for("both actions", Duration::from_secs(10), || {
+        std::fs::read_to_string(&actions)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 2
+    });
+    let ran = std::fs::read_to_string(&actions).unwrap();
+    let lines: Vec<&str> = ran.lines().collect();
+    assert!(lines[0].starts_with("firing: burn rate "), "{ran}");
+    assert!(lines[1].starts_with("resolved: no data for "), "{ran}");
+    // The export says the budget has nothing to measure now.
+    let no_data = receiver.latest("envelope.budget.no_data").unwrap();
+    let Some(Data::Gauge(gauge)) = &no_data.data else {
+        panic!("envelope.budget.no_data is not a gauge")
+    };
+    assert_eq!(
+        gauge.data_points[0].value,
+        Some(number_data_point::Value::AsDouble(1.0))
+    );
+    assert_eq!(daemon.stop(), 0);
+}

@@ -29,7 +29,7 @@ use crate::{
         otlp::{LogEvent, OtlpExporter, OtlpSettings, metrics_request},
     },
     host::system::LiveSystem,
-    model::vocabulary::BreachStatus,
+    model::vocabulary::{BreachStatus, NoDataPolicy},
 };
 
 #[derive(Debug, Default)]
@@ -126,17 +126,13 @@ fn limits(config: &LoadedConfig) -> Limits {
     }
 }
 
-fn window_label(seconds: u64) -> String {
-    humantime::format_duration(Duration::from_secs(seconds)).to_string()
-}
-
 impl Daemon {
     fn window_labels(&self) -> Vec<String> {
         self.config
             .alerting
             .burn_rate_windows
             .iter()
-            .map(|w| window_label(w.long_s))
+            .map(|w| budgets::window_label(w.long_s))
             .collect()
     }
 
@@ -193,13 +189,31 @@ impl Daemon {
         {
             let policy = self.config.policy(budget);
             let state = self.budget_states.entry(budget.name.clone()).or_default();
-            let transition = result.observed.and_then(|observed| {
-                state.record(
-                    &budget.name,
-                    &observe(at_s, observed, budget.threshold, budget.bound),
-                    &policy,
-                )
-            });
+            // Every window is evaluated, with data or without (a window without data adds no
+            // event unless on_no_data = "breach"), so a breach resolves when its workload idles.
+            let observation = result
+                .observed
+                .map(|observed| observe(at_s, observed, budget.threshold, budget.bound));
+            let transition = state.record_window(
+                &budget.name,
+                at_s,
+                budget.threshold,
+                observation.as_ref(),
+                &policy,
+            );
+            if let Some(silent_s) = state.silence_to_report(at_s, &policy) {
+                tracing::info!(
+                    "budget {:?}: no data for {} (longer than its longest burn window): its workload {:?} is idle or gone; windows without data {} (on_no_data = {:?})",
+                    budget.name,
+                    budgets::window_label(silent_s),
+                    budget.workload,
+                    match budget.on_no_data {
+                        NoDataPolicy::Ignore => "add no event",
+                        NoDataPolicy::Breach => "count as bad",
+                    },
+                    budget.on_no_data.name(),
+                );
+            }
             let burn_rates: Vec<(String, f64)> = policy
                 .burn_rate_windows
                 .iter()
@@ -216,6 +230,7 @@ impl Daemon {
                 metric: budget.metric,
                 threshold: budget.threshold,
                 observed: result.observed,
+                no_data: result.no_data,
                 status: state.status(),
                 burn_rates,
                 breaches: state.breaches,

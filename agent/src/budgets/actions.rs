@@ -42,8 +42,12 @@ pub fn breach_environment(event: &BreachEvent, workload: &str) -> Vec<(String, S
         ("ENVELOPE_WORKLOAD".into(), workload.to_string()),
         ("ENVELOPE_STATUS".into(), event.status.name().into()),
         ("ENVELOPE_BREACH_ID".into(), event.breach_id.clone()),
-        ("ENVELOPE_OBSERVED".into(), event.observed.to_string()),
+        (
+            "ENVELOPE_OBSERVED".into(),
+            event.observed.map_or_else(String::new, |v| v.to_string()),
+        ),
         ("ENVELOPE_THRESHOLD".into(), event.threshold.to_string()),
+        ("ENVELOPE_REASON".into(), event.reason.clone()),
     ]
 }
 
@@ -253,9 +257,10 @@ mod tests {
             budget: "storage p95".into(),
             status: BreachStatus::Firing,
             breach_id: "storage p95@1800000000".into(),
-            observed: 84.0,
+            observed: Some(84.0),
             threshold: 10.0,
             burn_rates: vec![(3600, 20.0, 30.0)],
+            reason: "burn rate 20 over 1h and 30 over 5m reached 14.4".into(),
         }
     }
 

@@ -1,6 +1,13 @@
 //! Performance budgets ("inference envelopes"): per-window good/bad, multi-window burn rates
 //! and a breach state machine with hysteresis. Pure: windows of observations in, states and
 //! transition events out; the daemon feeds it and persists [`BudgetState`].
+//!
+//! Burn rates follow the SRE definition: bad events over all events in each window, one event
+//! per evaluation window that had data. A window without data adds no event (unless the
+//! budget says `on_no_data = "breach"`, when it adds a bad one), and a burn window holding no
+//! event burns at 0. Every window is evaluated, with or without data, so a firing breach
+//! resolves once no alerting pair holds for `leave_after` evaluations, also when its workload
+//! went idle or exited.
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +21,7 @@ use crate::{
 };
 pub use crate::{
     config::{BudgetPolicy, BurnRateWindow, DEFAULT_BURN_RATE_WINDOWS},
-    model::vocabulary::{Bound, BreachStatus, BudgetMetric},
+    model::vocabulary::{Bound, BreachStatus, BudgetMetric, NoDataPolicy},
 };
 
 /// A window's observation for one budget: observed vs threshold.
@@ -56,6 +63,15 @@ pub struct BudgetState {
     pub good_windows: u64,
     #[serde(default)]
     pub bad_windows: u64,
+    /// End of the last window that had data (None: none yet). Older state files lack it.
+    #[serde(default)]
+    pub last_data_s: Option<u64>,
+    /// Evaluations in a row without data.
+    #[serde(default)]
+    pub consecutive_no_data: u32,
+    /// The long silence was logged (once per silence).
+    #[serde(default)]
+    pub silence_reported: bool,
 }
 
 /// A state change, explained.
@@ -65,10 +81,18 @@ pub struct BreachEvent {
     pub status: BreachStatus,
     /// Stable for the life of one breach: the budget's name and when it started firing.
     pub breach_id: String,
-    pub observed: f64,
+    /// None when the window had no data (the workload was idle or gone).
+    pub observed: Option<f64>,
     pub threshold: f64,
     /// Burn rate per configured window pair: (long window s, long burn, short burn).
     pub burn_rates: Vec<(u64, f64, f64)>,
+    /// Why it fired or resolved, in words.
+    pub reason: String,
+}
+
+/// "1h", "5m", "3days": a burn window as the configuration writes it.
+pub fn window_label(seconds: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
 }
 
 /// The burn rate over the last `span_s` seconds ending at `now_s`: the share of bad windows
@@ -97,12 +121,44 @@ impl BudgetState {
         observation: &Observation,
         policy: &BudgetPolicy,
     ) -> Option<BreachEvent> {
-        let now = observation.at_s;
-        self.history.push_back((now, observation.good));
-        if observation.good {
-            self.good_windows += 1;
+        self.record_window(
+            name,
+            observation.at_s,
+            observation.threshold,
+            Some(observation),
+            policy,
+        )
+    }
+
+    /// Evaluates one window ending at `now`, with its observation or without data, and
+    /// returns the transition it causes, if any.
+    pub fn record_window(
+        &mut self,
+        name: &str,
+        now: u64,
+        threshold: f64,
+        observation: Option<&Observation>,
+        policy: &BudgetPolicy,
+    ) -> Option<BreachEvent> {
+        let event_good = match (observation, policy.on_no_data) {
+            (Some(observation), _) => Some(observation.good),
+            (None, NoDataPolicy::Ignore) => None,
+            (None, NoDataPolicy::Breach) => Some(false),
+        };
+        if let Some(good) = event_good {
+            self.history.push_back((now, good));
+            if good {
+                self.good_windows += 1;
+            } else {
+                self.bad_windows += 1;
+            }
+        }
+        if observation.is_some() {
+            self.last_data_s = Some(now);
+            self.consecutive_no_data = 0;
+            self.silence_reported = false;
         } else {
-            self.bad_windows += 1;
+            self.consecutive_no_data += 1;
         }
         let keep_s = policy
             .burn_rate_windows
@@ -131,38 +187,77 @@ impl BudgetState {
                 )
             })
             .collect();
-        let alerting = policy
+        let alerting_pair = policy
             .burn_rate_windows
             .iter()
             .zip(&burn_rates)
-            .any(|(w, (_, long, short))| *long >= w.factor && *short >= w.factor);
-        if alerting {
+            .find(|(w, (_, long, short))| *long >= w.factor && *short >= w.factor);
+        if alerting_pair.is_some() {
             self.consecutive_alerting += 1;
             self.consecutive_quiet = 0;
         } else {
             self.consecutive_quiet += 1;
             self.consecutive_alerting = 0;
         }
-        let event = |status, since: u64| BreachEvent {
+        let event = |status, since: u64, reason: String| BreachEvent {
             budget: name.to_string(),
             status,
             breach_id: format!("{name}@{since}"),
-            observed: observation.observed,
-            threshold: observation.threshold,
+            observed: observation.map(|o| o.observed),
+            threshold,
             burn_rates: burn_rates.clone(),
+            reason,
         };
         match self.firing_since_s {
             None if self.consecutive_alerting >= policy.enter_after => {
                 self.firing_since_s = Some(now);
                 self.breaches += 1;
-                Some(event(BreachStatus::Firing, now))
+                let reason = alerting_pair.map_or_else(String::new, |(w, (_, long, short))| {
+                    format!(
+                        "burn rate {long} over {} and {short} over {} reached {}",
+                        window_label(w.long_s),
+                        window_label(w.short_s),
+                        w.factor
+                    )
+                });
+                let reason = if observation.is_none() {
+                    format!("{reason} (no data counts as bad: on_no_data = \"breach\")")
+                } else {
+                    reason
+                };
+                Some(event(BreachStatus::Firing, now, reason))
             }
             Some(since) if self.consecutive_quiet >= policy.leave_after => {
                 self.firing_since_s = None;
-                Some(event(BreachStatus::Resolved, since))
+                let reason = if self.consecutive_no_data >= self.consecutive_quiet {
+                    match self.last_data_s {
+                        Some(last) => format!("no data for {}", window_label(now - last)),
+                        None => "no data".to_string(),
+                    }
+                } else {
+                    let pairs: Vec<String> = policy
+                        .burn_rate_windows
+                        .iter()
+                        .map(|w| format!("{}/{}", window_label(w.long_s), window_label(w.short_s)))
+                        .collect();
+                    format!("burn rates below their factors in {}", pairs.join(", "))
+                };
+                Some(event(BreachStatus::Resolved, since, reason))
             }
             _ => None,
         }
+    }
+
+    /// True once, when the budget has had no data for longer than its longest burn window
+    /// after having had some (the daemon logs it).
+    pub fn silence_to_report(&mut self, now: u64, policy: &BudgetPolicy) -> Option<u64> {
+        let longest = policy.burn_rate_windows.iter().map(|w| w.long_s).max()?;
+        let silent_s = now.checked_sub(self.last_data_s?)?;
+        if self.consecutive_no_data == 0 || silent_s <= longest || self.silence_reported {
+            return None;
+        }
+        self.silence_reported = true;
+        Some(silent_s)
     }
 
     pub fn status(&self) -> BreachStatus {
@@ -186,6 +281,8 @@ pub struct BudgetResult {
     pub observed: Option<f64>,
     /// None without an observation.
     pub good: Option<bool>,
+    /// True when the window had nothing to measure (`observed` and `good` are null).
+    pub no_data: bool,
 }
 
 /// What one budget's metric measured in a window for its workload (or the node, `"*"`);
@@ -287,6 +384,7 @@ pub fn evaluate_window(
                 threshold: budget.threshold,
                 observed: observed.map(|v| (v * 1000.0).round() / 1000.0),
                 good: observed.map(|v| observe(at_s, v, budget.threshold, budget.bound).good),
+                no_data: observed.is_none(),
             }
         })
         .collect()
@@ -317,6 +415,7 @@ mod tests {
             }],
             enter_after: 2,
             leave_after: 3,
+            on_no_data: NoDataPolicy::Ignore,
         }
     }
 
@@ -402,7 +501,7 @@ mod tests {
             "firing and resolved share the breach id"
         );
         assert_eq!(ids[0].1, "b@60");
-        assert_eq!(ids[0].2, 99.0);
+        assert_eq!(ids[0].2, Some(99.0));
     }
 
     #[test]
@@ -541,5 +640,122 @@ max = 0.3
             }
         );
         assert_eq!(policy.burn_rate_windows[2].long_s, 3 * 24 * 3_600);
+    }
+
+    /// `windows`: Some(good) for a window with data, None for one without; 10 s apart.
+    fn run_windows(
+        state: &mut BudgetState,
+        policy: &BudgetPolicy,
+        windows: &[Option<bool>],
+    ) -> Vec<(u64, BreachStatus, String)> {
+        windows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, window)| {
+                let at = 10 * i as u64;
+                let observation = window
+                    .map(|good| observe(at, if good { 5.0 } else { 50.0 }, 10.0, Bound::Ceiling));
+                state
+                    .record_window("storage-p95", at, 10.0, observation.as_ref(), policy)
+                    .map(|e| (at, e.status, e.reason))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_breach_resolves_when_its_workload_goes_quiet() {
+        let mut state = BudgetState::default();
+        // Six bad windows (0..50 s), then nothing to measure for two minutes.
+        let mut windows = vec![Some(false); 6];
+        windows.extend([None; 12]);
+        let events = run_windows(&mut state, &policy(), &windows);
+        // Fires at the second alerting window (10 s). After the last data (50 s) the short
+        // window (60 s) holds no event from 110 s on: quiet at 110, 120, 130, resolved at 130.
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!((events[0].0, events[0].1), (10, BreachStatus::Firing));
+        assert_eq!(
+            events[0].2,
+            "burn rate 10 over 10m and 10 over 1m reached 5"
+        );
+        assert_eq!(
+            events[1],
+            (
+                130,
+                BreachStatus::Resolved,
+                "no data for 1m 20s".to_string()
+            )
+        );
+        assert_eq!(state.status(), BreachStatus::Resolved);
+        // Windows without data are not events: six bad, nothing else.
+        assert_eq!((state.good_windows, state.bad_windows), (0, 6));
+        assert_eq!(state.last_data_s, Some(50));
+    }
+
+    #[test]
+    fn a_breach_that_recovers_with_data_says_so() {
+        let mut state = BudgetState::default();
+        let mut windows = vec![Some(false); 6];
+        windows.extend([Some(true); 60]);
+        let events = run_windows(&mut state, &policy(), &windows);
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[1].1, BreachStatus::Resolved);
+        assert_eq!(events[1].2, "burn rates below their factors in 10m/1m");
+    }
+
+    #[test]
+    fn silence_from_the_start_never_fires_unless_it_is_a_breach() {
+        let idle = vec![None; 30];
+        let mut state = BudgetState::default();
+        assert!(run_windows(&mut state, &policy(), &idle).is_empty());
+        assert_eq!((state.good_windows, state.bad_windows), (0, 0));
+        assert_eq!(
+            state.silence_to_report(290, &policy()),
+            None,
+            "never had data"
+        );
+
+        let strict = BudgetPolicy {
+            on_no_data: NoDataPolicy::Breach,
+            ..policy()
+        };
+        let mut state = BudgetState::default();
+        let events = run_windows(&mut state, &strict, &idle);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!((events[0].0, events[0].1), (10, BreachStatus::Firing));
+        assert!(
+            events[0]
+                .2
+                .ends_with("(no data counts as bad: on_no_data = \"breach\")")
+        );
+        assert_eq!(state.bad_windows, 30);
+    }
+
+    #[test]
+    fn a_long_silence_is_reported_once() {
+        let mut state = BudgetState::default();
+        let policy = policy();
+        let mut windows = vec![Some(true); 3];
+        windows.extend([None; 70]);
+        let mut reported = Vec::new();
+        for (i, window) in windows.iter().enumerate() {
+            let at = 10 * i as u64;
+            let observation =
+                window.map(|good| observe(at, if good { 5.0 } else { 50.0 }, 10.0, Bound::Ceiling));
+            state.record_window("b", at, 10.0, observation.as_ref(), &policy);
+            if let Some(silent_s) = state.silence_to_report(at, &policy) {
+                reported.push((at, silent_s));
+            }
+        }
+        // Last data at 20 s; the longest burn window is 600 s: reported at 630 s, once.
+        assert_eq!(reported, vec![(630, 610)]);
+    }
+
+    #[test]
+    fn an_older_state_file_still_loads() {
+        let old = r#"{"history":[[10,false],[20,true]],"firing_since_s":10,"consecutive_alerting":0,"consecutive_quiet":1,"breaches":3}"#;
+        let state: BudgetState = serde_json::from_str(old).unwrap();
+        assert_eq!(state.status(), BreachStatus::Firing);
+        assert_eq!(state.last_data_s, None);
+        assert_eq!(state.consecutive_no_data, 0);
     }
 }

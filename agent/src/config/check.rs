@@ -15,7 +15,7 @@ use super::{
     file::{self, Text},
     workloads::{WorkloadMatcher, WorkloadRules, glob_set},
 };
-use crate::model::vocabulary::{Bound, BudgetMetric};
+use crate::model::vocabulary::{Bound, BudgetMetric, NoDataPolicy};
 
 /// `[agent] window` and `--window`: shorter windows cost more than they tell (each one reads
 /// every map); longer ones make alerts slow.
@@ -648,6 +648,19 @@ fn check_budget(
             return Err(checker.at(peer.span(), format!("{context}peer {:?} must be address:port, e.g. \"10.0.0.7:6333\" or \"[2001:db8::1]:443\"", peer.get_ref())));
         }
     }
+    let on_no_data = match &entry.on_no_data {
+        None => NoDataPolicy::Ignore,
+        Some(value) => match value.get_ref().as_str() {
+            "ignore" => NoDataPolicy::Ignore,
+            "breach" => NoDataPolicy::Breach,
+            other => {
+                return Err(checker.at(
+                    value.span(),
+                    format!("{context}on_no_data {other:?} is not a policy; use \"ignore\" (a window without data adds no event, the default) or \"breach\" (it counts as bad)"),
+                ));
+            }
+        },
+    };
     let mut actions = Vec::with_capacity(entry.actions.len());
     for action in &entry.actions {
         actions.push(check_action(checker, &context, action)?);
@@ -662,6 +675,7 @@ fn check_budget(
         objective,
         device: entry.device.as_ref().map(|d| d.get_ref().clone()),
         peer: entry.peer.as_ref().map(|p| p.get_ref().clone()),
+        on_no_data,
         actions,
     })
 }

@@ -53,6 +53,7 @@ pub struct BudgetEntry {
     pub objective: Option<Spanned<f64>>,
     pub device: Option<Text>,
     pub peer: Option<Text>,
+    pub on_no_data: Option<Text>,
     #[serde(default)]
     pub actions: Vec<Spanned<ActionEntry>>,
 }

@@ -31,7 +31,7 @@ use std::{
 pub use check::{MAX_WINDOW, MIN_WINDOW, check_header, check_window};
 pub use workloads::{ProcessFacts, WorkloadRules};
 
-use crate::model::vocabulary::{Bound, BudgetMetric};
+use crate::model::vocabulary::{Bound, BudgetMetric, NoDataPolicy};
 
 /// Largest configuration file read (a real one is a few KiB; this keeps `/dev/zero` or a
 /// runaway generator from filling memory).
@@ -57,6 +57,7 @@ impl LoadedConfig {
             burn_rate_windows: self.alerting.burn_rate_windows.clone(),
             enter_after: self.alerting.enter_after,
             leave_after: self.alerting.leave_after,
+            on_no_data: budget.on_no_data,
         }
     }
 }
@@ -80,6 +81,8 @@ pub struct Budget {
     pub device: Option<String>,
     /// Network metrics: this peer only, "addr:port" (default: the workload's slowest peer).
     pub peer: Option<String>,
+    /// A window without data: no event (default) or a bad one.
+    pub on_no_data: NoDataPolicy,
     pub actions: Vec<Action>,
 }
 
@@ -174,6 +177,8 @@ pub struct BudgetPolicy {
     pub enter_after: u32,
     /// Consecutive quiet windows before a firing breach resolves.
     pub leave_after: u32,
+    /// What a window without data counts as.
+    pub on_no_data: NoDataPolicy,
 }
 
 impl Default for BudgetPolicy {
@@ -184,6 +189,7 @@ impl Default for BudgetPolicy {
             burn_rate_windows: alerting.burn_rate_windows,
             enter_after: alerting.enter_after,
             leave_after: alerting.leave_after,
+            on_no_data: NoDataPolicy::Ignore,
         }
     }
 }

@@ -44,16 +44,26 @@ pub fn explain(
             format!("{}{offender}", v.summary)
         },
     );
-    let line = format!(
-        "budget {:?} {status} for workload {:?}: {} = {} {relation} {} ; burn rate {}; verdict: {verdict_text}; breach id {}",
+    let observed = event
+        .observed
+        .map_or_else(|| "no data".to_string(), |v| v.to_string());
+    let relation = if event.observed.is_none() {
+        "for its bound"
+    } else {
+        relation
+    };
+    let mut line = format!(
+        "budget {:?} {status} for workload {:?}: {} = {observed} {relation} {} ; burn rate {}; verdict: {verdict_text}; breach id {}",
         event.budget,
         result.workload,
         result.metric,
-        event.observed,
         event.threshold,
         burn.join(", "),
         event.breach_id,
     );
+    if !event.reason.is_empty() {
+        line.push_str(&format!("; {status}: {}", event.reason));
+    }
     let mut attributes = vec![
         ("envelope.budget".to_string(), event.budget.clone()),
         ("envelope.workload".to_string(), result.workload.clone()),
@@ -63,10 +73,8 @@ pub fn explain(
         ),
         ("envelope.breach.id".to_string(), event.breach_id.clone()),
         ("envelope.breach.status".to_string(), status.to_string()),
-        (
-            "envelope.budget.observed".to_string(),
-            event.observed.to_string(),
-        ),
+        ("envelope.budget.observed".to_string(), observed.clone()),
+        ("envelope.breach.reason".to_string(), event.reason.clone()),
         (
             "envelope.budget.threshold".to_string(),
             event.threshold.to_string(),
@@ -109,9 +117,10 @@ mod tests {
             budget: "loader p95".into(),
             status: BreachStatus::Firing,
             breach_id: "loader p95@1800".into(),
-            observed: 84.0,
+            observed: Some(84.0),
             threshold: 10.0,
             burn_rates: vec![(3600, 20.0, 30.0)],
+            reason: String::new(),
         };
         let result = BudgetResult {
             name: "loader p95".into(),
@@ -121,6 +130,7 @@ mod tests {
             threshold: 10.0,
             observed: Some(84.0),
             good: Some(false),
+            no_data: false,
         };
         let verdict = Verdict {
             bottleneck: Bottleneck::Storage,

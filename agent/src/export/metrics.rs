@@ -105,6 +105,7 @@ metrics! {
     GPU_PROCESS_MEMORY = "envelope.gpu.process.memory.usage", "By", "GPU memory held by a process";
     GPU_PROCESS_UTILIZATION = "envelope.gpu.process.utilization", "1", "SM utilization of a process, 0..1";
     BUDGET_STATE = "envelope.budget.state", "", "1 while the budget's breach is firing, 0 when it is within its envelope";
+    BUDGET_NO_DATA = "envelope.budget.no_data", "", "1 when the budget's latest window had nothing to measure (its workload idle or gone), else 0";
     BUDGET_OBSERVED = "envelope.budget.observed", "", "The budget's metric in the latest window, in the metric's own unit (see envelope.budget.metric)";
     BUDGET_THRESHOLD = "envelope.budget.threshold", "", "The budget's bound, in the metric's own unit";
     BUDGET_BURN_RATE = "envelope.budget.burn_rate", "1", "Error-budget burn rate over a window (envelope.burn_window), 1 = spending exactly the budget";
@@ -157,6 +158,8 @@ pub struct BudgetView {
     pub metric: BudgetMetric,
     pub threshold: f64,
     pub observed: Option<f64>,
+    /// The latest window had nothing to measure.
+    pub no_data: bool,
     pub status: BreachStatus,
     /// (window label e.g. "1h", burn rate).
     pub burn_rates: Vec<(String, f64)>,
@@ -587,6 +590,11 @@ fn budget_series(budgets: &[BudgetView], out: &mut Vec<Series>) {
             value: Value::Gauge(f64::from(u8::from(budget.status == BreachStatus::Firing))),
         });
         out.push(Series {
+            metric: &BUDGET_NO_DATA,
+            attributes: attributes.clone(),
+            value: Value::Gauge(f64::from(u8::from(budget.no_data))),
+        });
+        out.push(Series {
             metric: &BUDGET_THRESHOLD,
             attributes: attributes.clone(),
             value: Value::Gauge(budget.threshold),
@@ -878,6 +886,7 @@ mod tests {
             metric: BudgetMetric::StorageP95Ms,
             threshold: 10.0,
             observed: Some(84.0),
+            no_data: false,
             status: BreachStatus::Firing,
             burn_rates: vec![("1h".into(), 20.0), ("5m".into(), 30.0)],
             breaches: 2,

@@ -86,6 +86,26 @@ impl fmt::Display for BreachStatus {
     }
 }
 
+/// What a window without data means for a budget (`on_no_data`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoDataPolicy {
+    /// No event: an idle workload neither spends nor earns error budget (the default).
+    #[default]
+    Ignore,
+    /// A bad event: silence is itself a breach (e.g. a service that must keep serving).
+    Breach,
+}
+
+impl NoDataPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            NoDataPolicy::Ignore => "ignore",
+            NoDataPolicy::Breach => "breach",
+        }
+    }
+}
+
 /// The unit a budget metric is measured in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetricUnit {
