@@ -333,7 +333,7 @@ actions = [{{ command = ["sh", "-c", "echo \"$ENVELOPE_STATUS: $ENVELOPE_REASON\
     .unwrap();
     let file = ScratchFile::create(64 << 20);
     let load = ReadLoad::start(&file.path);
-    let mut daemon = Daemon::start(&config, &[]);
+    let daemon = Daemon::start(&config, &[]);
     wait_for("the breach to fire", Duration::from_secs(40), || {
         breach_records(&receiver, "firing") >= 1
     });
