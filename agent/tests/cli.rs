@@ -281,3 +281,56 @@ fn check_refuses_what_run_cannot_run_with_the_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 19: a process or workload the window never saw is an error (exit 1) naming what was
+/// not found, never a "none" verdict a script would read as healthy; a process that exists
+/// but did nothing is "none", said so; a missing --nvml-lib file is named as missing.
+#[test]
+fn diagnose_refuses_a_pid_or_workload_it_never_saw() {
+    if !nix_is_root() {
+        eprintln!("skipping: diagnose loads the probes (run as root)");
+        return;
+    }
+    let (code, stdout, stderr) = envelope(&["diagnose", "--duration", "300ms", "--pid", "999999"]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("error: no process 999999 ran during the window"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) =
+        envelope(&["diagnose", "--duration", "300ms", "--workload", "nosuch"]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(
+            "error: no workload named \"nosuch\" ran during the window; workloads seen: "
+        ),
+        "{stderr}"
+    );
+    // A process that exists and only sleeps: no bottleneck, exit 0.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let (code, stdout, stderr) =
+        envelope(&["diagnose", "--duration", "300ms", "--json", "--pid", &pid]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["verdict"]["bottleneck"], "none", "{stdout}");
+    let (code, stdout, stderr) = envelope(&[
+        "diagnose",
+        "--duration",
+        "200ms",
+        "--json",
+        "--nvml-lib",
+        "/nonexistent/libnvidia-ml.so.1",
+    ]);
+    assert!(code == 0 || code == 3, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let reason = report["gpu"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(
+            "no NVML library at /nonexistent/libnvidia-ml.so.1: the file does not exist"
+        ),
+        "{reason}"
+    );
+}

@@ -177,6 +177,10 @@ pub struct Verdict {
     pub evidence: Vec<String>,
     /// The share of time lost to the bottleneck class (for roll-up and sorting).
     pub share: f64,
+    /// Why a workload is judged `none`, in a few words for its row in the report (e.g. "too
+    /// little activity to judge"); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 fn percent(fraction: f64) -> String {
@@ -396,6 +400,7 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
         summary,
         evidence,
         share,
+        note: None,
     };
 
     // Rule 1: a saturated GPU makes the model the limit, whatever the threads do meanwhile
@@ -458,30 +463,39 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
     let (winner, score) = ranked[0];
     let runner_up = ranked[1].1;
     if active_fraction < rules.min_active {
-        return verdict(
-            Bottleneck::None,
-            1.0 - active_fraction / rules.min_active,
-            format!(
-                "none - {who} is mostly idle (active {} of the window)",
+        return Verdict {
+            note: Some(format!(
+                "too little activity to judge (active {} of a thread)",
                 percent(active_fraction)
-            ),
-            evidence,
-            0.0,
-        );
+            )),
+            ..verdict(
+                Bottleneck::None,
+                1.0 - active_fraction / rules.min_active,
+                format!(
+                    "none - {who} is mostly idle (active {} of the window)",
+                    percent(active_fraction)
+                ),
+                evidence,
+                0.0,
+            )
+        };
     }
     if score < rules.min_share {
         // The nearer the busiest class came to the threshold, the less sure "none" is.
         let confidence = 1.0 - score / rules.min_share;
-        return verdict(
-            Bottleneck::None,
-            confidence,
-            format!(
-                "none - {who} is not held back ({} of its time was other sleep)",
-                percent(shares.other_sleep)
-            ),
-            evidence,
-            0.0,
-        );
+        return Verdict {
+            note: Some("not held back".to_string()),
+            ..verdict(
+                Bottleneck::None,
+                confidence,
+                format!(
+                    "none - {who} is not held back ({} of its time was other sleep)",
+                    percent(shares.other_sleep)
+                ),
+                evidence,
+                0.0,
+            )
+        };
     }
     let confidence = (score - runner_up) / score * (score / 0.5).min(1.0);
     let summary = match winner {
@@ -598,11 +612,15 @@ pub fn roll_up(verdicts: &[Verdict]) -> Verdict {
             workload: None,
             pid: None,
             summary: format!(
-                "none - no workload is held back ({} workloads measured)",
-                verdicts.len()
+                "none - no workload is held back ({} measured)",
+                match verdicts.len() {
+                    1 => "1 workload".to_string(),
+                    n => format!("{n} workloads"),
+                }
             ),
             evidence: Vec::new(),
             share: 0.0,
+            note: None,
         },
     }
 }
@@ -807,6 +825,7 @@ mod tests {
             summary: "s".into(),
             evidence: vec![],
             share: 0.4,
+            note: None,
         };
         let network = Verdict {
             bottleneck: Bottleneck::Network,
@@ -816,6 +835,7 @@ mod tests {
             summary: "n".into(),
             evidence: vec![],
             share: 0.7,
+            note: None,
         };
         let idle = Verdict {
             bottleneck: Bottleneck::None,
@@ -825,6 +845,7 @@ mod tests {
             summary: "i".into(),
             evidence: vec![],
             share: 0.0,
+            note: None,
         };
         assert_eq!(
             roll_up(&[storage.clone(), network.clone(), idle.clone()]),
@@ -834,5 +855,33 @@ mod tests {
         assert_eq!(node.bottleneck, Bottleneck::None);
         assert_eq!(node.confidence, 0.8);
         assert_eq!(node.workload, None);
+    }
+
+    #[test]
+    fn the_roll_up_counts_workloads_in_words() {
+        let idle = decide(
+            &WorkloadWindow {
+                name: "w".into(),
+                window_ns: 1_000_000_000,
+                time: TimeBreakdown {
+                    other_sleep_ns: 1_000_000_000,
+                    ..TimeBreakdown::default()
+                },
+                ..WorkloadWindow::default()
+            },
+            &Rules::default(),
+        );
+        assert_eq!(
+            roll_up(std::slice::from_ref(&idle)).summary,
+            "none - no workload is held back (1 workload measured)"
+        );
+        assert_eq!(
+            roll_up(&[idle.clone(), idle]).summary,
+            "none - no workload is held back (2 workloads measured)"
+        );
+        assert_eq!(
+            roll_up(&[]).summary,
+            "none - no workload is held back (0 workloads measured)"
+        );
     }
 }

@@ -66,6 +66,18 @@ async fn wait_for_window(
     Ok(interrupted)
 }
 
+/// At most ten names, then how many more.
+fn listed(names: &[String]) -> String {
+    if names.is_empty() {
+        return "none".to_string();
+    }
+    let shown: Vec<&str> = names.iter().take(10).map(String::as_str).collect();
+    match names.len().saturating_sub(shown.len()) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
 pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
     let started_at = SystemTime::now();
     let mut step = WindowStep::start(
@@ -80,7 +92,29 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         workload: options.workload.clone(),
         pid: options.pid,
     };
-    let window = step.finish(&options.config, &focus).await?;
+    let mut window = step.finish(&options.config, &focus).await?;
+    if window.workloads.is_empty() {
+        if let Some(name) = &options.workload {
+            anyhow::bail!(
+                "no workload named {name:?} ran during the window; workloads seen: {}",
+                listed(&window.workloads_seen)
+            );
+        }
+        if let Some(pid) = options.pid {
+            match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+                // Alive, but it did nothing the probes measure: no bottleneck, and that said.
+                Ok(comm) => {
+                    window.node.summary = format!(
+                        "none - process {pid} ({}) did nothing envelope measures during the window",
+                        comm.trim()
+                    );
+                }
+                Err(_) => anyhow::bail!(
+                    "no process {pid} ran during the window (and none has that pid now); check the pid, e.g. with `pgrep -a NAME`"
+                ),
+            }
+        }
+    }
     let mut gpu = window.gpu;
     gpu.processes.truncate(options.top);
     if let Some(reason) = &gpu.reason {

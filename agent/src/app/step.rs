@@ -42,8 +42,10 @@ pub struct Window {
     pub cumulative: KernelSnapshot,
     pub summary: WindowSummary,
     pub gpu: GpuSummary,
-    /// Workloads judged, those losing most first.
+    /// Workloads judged, those losing most first (only the focused one, when focused).
     pub workloads: Vec<Judged>,
+    /// Every workload the window saw, most active first, before any focus.
+    pub workloads_seen: Vec<String>,
     /// The node's verdict: the workload held back most.
     pub node: Verdict,
     /// Every budget evaluated on this window, in configuration order.
@@ -159,6 +161,12 @@ impl WindowStep {
             elapsed.as_nanos() as u64,
             &config.workloads,
         );
+        let mut seen: Vec<(u64, String)> = workloads
+            .iter()
+            .map(|w| (w.time.active_ns(), w.name.clone()))
+            .collect();
+        seen.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let workloads_seen = seen.into_iter().map(|(_, name)| name).collect();
         if let Some(name) = &focus.workload {
             workloads.retain(|workload| &workload.name == name);
         }
@@ -176,6 +184,7 @@ impl WindowStep {
             summary,
             gpu,
             workloads,
+            workloads_seen,
             node,
             budgets,
         }

@@ -140,6 +140,7 @@ mod tests {
             summary: "storage - loader (pid 42) spent 70% blocked on nvme0n1".into(),
             evidence: vec!["nvme0n1: P95 84 ms".into()],
             share: 0.7,
+            note: None,
         };
         let at = UNIX_EPOCH + Duration::from_secs(1800);
         let (line, log) = explain(&event, &result, Some(&verdict), &["1h".into()], at);

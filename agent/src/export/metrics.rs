@@ -816,6 +816,7 @@ mod tests {
             verdict: Verdict {
                 bottleneck,
                 share: 0.5,
+                note: None,
                 confidence: 1.0,
                 workload: Some(name.into()),
                 pid: None,

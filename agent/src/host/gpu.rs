@@ -33,6 +33,16 @@ pub enum GpuUnavailable {
         "the NVIDIA driver is not loaded (NVML: {0}); load it (nvidia-smi should work) and retry"
     )]
     DriverNotLoaded(String),
+    #[error(
+        "no NVML library at {library}: the file does not exist; give --nvml-lib (or [agent] \
+         nvml_lib) the path of the driver's libnvidia-ml.so.1 (`find / -name 'libnvidia-ml.so*'`)"
+    )]
+    GivenLibraryMissing { library: String },
+    #[error(
+        "{library} is not an NVML library ({detail}); give --nvml-lib (or [agent] nvml_lib) the \
+         path of the driver's libnvidia-ml.so.1"
+    )]
+    NotNvml { library: String, detail: String },
     #[error("NVML reports no GPU on this machine")]
     NoDevices,
     #[error("NVML failed to start: {0}")]
@@ -112,14 +122,31 @@ pub fn load_nvml(library: Option<&Path>) -> Result<Nvml, GpuUnavailable> {
         || DEFAULT_NVML_LIBRARY.to_string(),
         |p| p.display().to_string(),
     );
+    if let Some(path) = library
+        && !path.exists()
+    {
+        return Err(GpuUnavailable::GivenLibraryMissing {
+            library: library_name,
+        });
+    }
     let mut builder = Nvml::builder();
     builder.lib_path(library.map_or(OsStr::new(DEFAULT_NVML_LIBRARY), Path::as_os_str));
+    let given = library.is_some();
     builder.init().map_err(|error| match error {
+        // A file the user named that the loader refuses (not a shared library, wrong
+        // architecture) or that lacks NVML's entry point: not an NVML library.
+        NvmlError::LibloadingError(detail) if given => GpuUnavailable::NotNvml {
+            library: library_name.clone(),
+            detail: detail.to_string(),
+        },
+        NvmlError::FailedToLoadSymbol(detail) if given => GpuUnavailable::NotNvml {
+            library: library_name.clone(),
+            detail,
+        },
         NvmlError::LibloadingError(detail) => GpuUnavailable::NoLibrary {
             library: library_name.clone(),
             detail: detail.to_string(),
         },
-        // The file loaded but lacks NVML's entry point: not an NVML library.
         NvmlError::FailedToLoadSymbol(detail) => GpuUnavailable::NoLibrary {
             library: library_name.clone(),
             detail,
@@ -391,5 +418,21 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("no NVML library"), "{message}");
         assert!(message.contains("--nvml-lib"), "{message}");
+        // The user named the file: say it does not exist, not that no driver is installed.
+        assert!(
+            message.starts_with(
+                "no NVML library at /nonexistent/libnvidia-ml.so.1: the file does not exist"
+            ),
+            "{message}"
+        );
+        assert!(!message.contains("no NVIDIA driver here"), "{message}");
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("libnvidia-ml.so.1");
+        std::fs::write(&text, "not a library").unwrap();
+        let not_nvml = load_nvml(Some(&text)).err().unwrap().to_string();
+        assert!(
+            not_nvml.starts_with(&format!("{} is not an NVML library (", text.display())),
+            "{not_nvml}"
+        );
     }
 }

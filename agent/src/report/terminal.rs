@@ -1,82 +1,180 @@
-//! The human form of a report.
+//! The human form of a report, for a terminal: every line fits [`WIDTH`] columns. Prose
+//! (the verdict, its evidence, reasons) wraps at word boundaries with a hanging indent;
+//! tables are laid out by comfy-table, which wraps a long cell (a kernel thread's name, an
+//! IPv6 peer, a list of processes) inside its column instead of pushing the others out of line.
 use std::fmt::Write as _;
+
+use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement, Table, Width, presets};
 
 use super::DiagnoseReport;
 pub use crate::model::units::{format_bytes, format_ms};
-use crate::{analysis::window::LatencyQuantilesMs, model::process::ProcessKind};
+use crate::{
+    analysis::window::LatencyQuantilesMs,
+    model::{process::ProcessKind, vocabulary::Bound},
+};
 
-fn quantiles(q: &LatencyQuantilesMs) -> String {
-    format!(
-        "{:>9} {:>9} {:>9}",
+/// Columns every line of the report fits in.
+pub const WIDTH: usize = 100;
+
+/// Indent of tables and evidence under their heading.
+const INDENT: &str = "  ";
+
+/// `text` wrapped at [`WIDTH`]: the first line after `first`, the rest after `rest`.
+fn wrapped(out: &mut String, first: &str, rest: &str, text: &str) {
+    let options = textwrap::Options::new(WIDTH)
+        .initial_indent(first)
+        .subsequent_indent(rest)
+        .break_words(true);
+    for line in textwrap::wrap(text, options) {
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+/// A table without borders, right-aligned where `right[i]`, no wider than the page; long
+/// cells wrap inside their column. Column widths come from the content.
+fn table(header: &[&str], right: &[bool], rows: Vec<Vec<String>>) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_width((WIDTH - INDENT.len()) as u16)
+        .set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    for (index, right) in right.iter().enumerate() {
+        if let Some(column) = table.column_mut(index) {
+            column.set_padding((0, 1));
+            if *right {
+                column.set_cell_alignment(CellAlignment::Right);
+            }
+        }
+    }
+    table
+}
+
+/// Keeps a column at least `width` wide (names should not be squeezed into slivers).
+fn at_least(table: &mut Table, index: usize, width: u16) {
+    if let Some(column) = table.column_mut(index) {
+        column.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(width)));
+    }
+}
+
+fn write_table(out: &mut String, table: &Table) {
+    for line in table.lines() {
+        let _ = writeln!(out, "{INDENT}{}", line.trim_end());
+    }
+}
+
+fn quantiles(q: &LatencyQuantilesMs) -> [String; 3] {
+    [
         format_ms(q.p50_ms),
         format_ms(q.p95_ms),
-        format_ms(q.p99_ms)
-    )
+        format_ms(q.p99_ms),
+    ]
+}
+
+fn percent(fraction: Option<f64>) -> String {
+    fraction.map_or_else(|| "n/a".to_string(), |f| format!("{:.0}%", f * 100.0))
 }
 
 pub fn render(report: &DiagnoseReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "Bottleneck: {} (confidence {:.0}%)",
-        report.verdict.summary,
-        report.verdict.confidence * 100.0
+    wrapped(
+        &mut out,
+        "Bottleneck: ",
+        INDENT,
+        &format!(
+            "{} (confidence {:.0}%)",
+            report.verdict.summary,
+            report.verdict.confidence * 100.0
+        ),
     );
     for line in &report.verdict.evidence {
-        let _ = writeln!(out, "  {line}");
+        wrapped(&mut out, INDENT, "    ", line);
     }
     if report.workloads.len() > 1 {
         let _ = writeln!(out, "Workloads (most held back first):");
-        for workload in &report.workloads {
-            let _ = writeln!(
-                out,
-                "  {:<24} {:<8} cpu {:>4} wait-cpu {:>4} storage {:>4} network {:>4} gpu {:>4} sleep {:>4}",
-                workload.name,
-                workload.verdict.bottleneck.name(),
-                percent(Some(workload.time.on_cpu)),
-                percent(Some(workload.time.waiting_for_cpu)),
-                percent(Some(workload.time.storage)),
-                percent(Some(workload.time.network)),
-                percent(Some(workload.time.gpu)),
-                percent(Some(workload.time.other_sleep)),
-            );
-        }
+        let rows = report
+            .workloads
+            .iter()
+            .map(|workload| {
+                let time = &workload.time;
+                vec![
+                    workload.name.clone(),
+                    workload.verdict.bottleneck.name().to_string(),
+                    percent(Some(time.on_cpu)),
+                    percent(Some(time.waiting_for_cpu)),
+                    percent(Some(time.storage)),
+                    percent(Some(time.network)),
+                    percent(Some(time.gpu)),
+                    percent(Some(time.other_sleep)),
+                    workload.verdict.note.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        let mut workloads = table(
+            &[
+                "workload", "verdict", "cpu", "wait-cpu", "storage", "network", "gpu", "sleep", "",
+            ],
+            &[false, false, true, true, true, true, true, true, false],
+            rows,
+        );
+        at_least(&mut workloads, 0, 24);
+        write_table(&mut out, &workloads);
     }
     if !report.budgets.is_empty() {
         let _ = writeln!(out, "Budgets (this window):");
-        for budget in &report.budgets {
-            let comparison = match budget.bound {
-                crate::budgets::Bound::Ceiling => "<=",
-                crate::budgets::Bound::Floor => ">=",
-            };
-            let verdict = match budget.good {
-                Some(true) => "ok",
-                Some(false) => "BREACHED",
-                None => "no data",
-            };
-            let observed = budget
-                .observed
-                .map_or_else(|| "-".to_string(), |v| format!("{v}"));
-            let _ = writeln!(
-                out,
-                "  {:<32} {:<20} {} {observed} (budget {comparison} {}) {verdict}",
-                budget.name, budget.metric, budget.workload, budget.threshold
-            );
-        }
+        let rows = report
+            .budgets
+            .iter()
+            .map(|budget| {
+                let comparison = match budget.bound {
+                    Bound::Ceiling => "<=",
+                    Bound::Floor => ">=",
+                };
+                vec![
+                    budget.name.clone(),
+                    budget.metric.name().to_string(),
+                    budget.workload.clone(),
+                    budget
+                        .observed
+                        .map_or_else(|| "-".to_string(), |v| format!("{v}")),
+                    format!("{comparison} {}", budget.threshold),
+                    match budget.good {
+                        Some(true) => "ok",
+                        Some(false) => "BREACHED",
+                        None => "no data",
+                    }
+                    .to_string(),
+                ]
+            })
+            .collect();
+        let mut budgets = table(
+            &["budget", "metric", "workload", "observed", "budget", ""],
+            &[false, false, false, true, false, false],
+            rows,
+        );
+        at_least(&mut budgets, 0, 12);
+        write_table(&mut out, &budgets);
     }
     out.push('\n');
-    let _ = writeln!(
-        out,
-        "envelope {} on {} (kernel {}), {:.1} s window{}",
-        report.envelope_version,
-        report.host,
-        report.kernel,
-        report.duration_s,
-        if report.interrupted {
-            " (interrupted early)"
-        } else {
-            ""
-        }
+    wrapped(
+        &mut out,
+        "",
+        INDENT,
+        &format!(
+            "envelope {} on {} (kernel {}), {:.1} s window{}",
+            report.envelope_version,
+            report.host,
+            report.kernel,
+            report.duration_s,
+            if report.interrupted {
+                " (interrupted early)"
+            } else {
+                ""
+            }
+        ),
     );
     let attached = report.probes.iter().filter(|p| p.attached).count();
     if attached < report.probes.len() {
@@ -87,58 +185,98 @@ pub fn render(report: &DiagnoseReport) -> String {
             .filter(|p| !p.attached)
             .map(|p| p.feeds)
             .collect();
-        let _ = writeln!(
-            out,
-            "probes: {attached} of {} attached; missing: {}",
-            report.probes.len(),
-            missing.join(", ")
+        wrapped(
+            &mut out,
+            "",
+            INDENT,
+            &format!(
+                "probes: {attached} of {} attached; missing: {}",
+                report.probes.len(),
+                missing.join(", ")
+            ),
         );
     }
+    render_storage(&mut out, report);
+    render_gpu(&mut out, report);
+    render_network(&mut out, report);
+    out
+}
+
+fn render_storage(out: &mut String, report: &DiagnoseReport) {
     let _ = writeln!(
         out,
         "\nStorage (latency: queued -> complete | device only, P50 P95 P99)"
     );
     if report.window.storage.devices.is_empty() {
-        let _ = writeln!(out, "  no block I/O completed in the window");
+        let _ = writeln!(out, "{INDENT}no block I/O completed in the window");
     } else {
-        let _ = writeln!(
-            out,
-            "  {:<10} {:>8} {:>11} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
-            "device", "IOPS", "throughput", "P50", "P95", "P99", "P50", "P95", "P99"
-        );
+        let mut rows = Vec::new();
         for device in &report.window.storage.devices {
-            let _ = writeln!(
-                out,
-                "  {:<10} {:>8.0} {:>9}/s {:>9} {:>9} {:>9} | {:>9} {:>9} {:>9}",
-                device.device,
-                device.iops,
-                format_bytes(device.throughput_bytes_per_s),
+            rows.push(vec![
+                device.device.clone(),
+                format!("{:.0}", device.iops),
+                format!("{}/s", format_bytes(device.throughput_bytes_per_s)),
                 format_ms(device.p50_ms),
                 format_ms(device.p95_ms),
                 format_ms(device.p99_ms),
+                "|".to_string(),
                 format_ms(device.device_p50_ms),
                 format_ms(device.device_p95_ms),
                 format_ms(device.device_p99_ms),
-            );
+            ]);
             for operation in &device.operations {
+                let [p50, p95, p99] = quantiles(&operation.latency);
+                let [d50, d95, d99] = quantiles(&operation.device_latency);
+                rows.push(vec![
+                    format!("  {}", operation.operation),
+                    format!("{} ops", operation.ops),
+                    format_bytes(operation.bytes as f64),
+                    p50,
+                    p95,
+                    p99,
+                    "|".to_string(),
+                    d50,
+                    d95,
+                    d99,
+                ]);
+            }
+        }
+        let mut devices = table(
+            &[
+                "device",
+                "IOPS",
+                "throughput",
+                "P50",
+                "P95",
+                "P99",
+                "|",
+                "P50",
+                "P95",
+                "P99",
+            ],
+            &[false, true, true, true, true, true, false, true, true, true],
+            rows,
+        );
+        at_least(&mut devices, 0, 14);
+        write_table(out, &devices);
+        for device in &report.window.storage.devices {
+            if device.errors > 0 {
                 let _ = writeln!(
                     out,
-                    "    {:<8} {:>8} ops {:>10}  {} | {}",
-                    operation.operation,
-                    operation.ops,
-                    format_bytes(operation.bytes as f64),
-                    quantiles(&operation.latency),
-                    quantiles(&operation.device_latency),
+                    "{INDENT}{}: {} I/O errors",
+                    device.device, device.errors
                 );
             }
-            if device.errors > 0 {
-                let _ = writeln!(out, "    {} I/O errors", device.errors);
-            }
             if let Some(share) = device.queue_share {
-                let _ = writeln!(
+                wrapped(
                     out,
-                    "    {:.0}% of the mean wait is queueing before the device",
-                    share * 100.0
+                    INDENT,
+                    "    ",
+                    &format!(
+                        "{}: {:.0}% of the mean wait is queueing before the device",
+                        device.device,
+                        share * 100.0
+                    ),
                 );
             }
         }
@@ -146,75 +284,94 @@ pub fn render(report: &DiagnoseReport) -> String {
 
     if !report.window.storage.processes.is_empty() {
         let _ = writeln!(out, "\nTop processes by I/O");
-        let _ = writeln!(
-            out,
-            "  {:>7}  {:<24} {:>8} {:>10} {:>10}  devices",
-            "pid", "name", "ops", "bytes", "mean wait"
+        let rows = report
+            .window
+            .storage
+            .processes
+            .iter()
+            .map(|process| {
+                let name = match process.kind {
+                    ProcessKind::KernelThread => format!("[kernel] {}", process.name),
+                    _ => process.name.clone(),
+                };
+                vec![
+                    process.pid.to_string(),
+                    name,
+                    process.ops.to_string(),
+                    format_bytes(process.bytes as f64),
+                    format_ms(process.mean_latency_ms),
+                    process.devices.join(","),
+                ]
+            })
+            .collect();
+        let mut processes = table(
+            &["pid", "name", "ops", "bytes", "mean wait", "devices"],
+            &[true, false, true, true, true, false],
+            rows,
         );
-        for process in &report.window.storage.processes {
-            let name = match process.kind {
-                ProcessKind::KernelThread => format!("[kernel] {}", process.name),
-                _ => process.name.clone(),
-            };
-            let _ = writeln!(
-                out,
-                "  {:>7}  {:<24} {:>8} {:>10} {:>10}  {}",
-                process.pid,
-                name,
-                process.ops,
-                format_bytes(process.bytes as f64),
-                format_ms(process.mean_latency_ms),
-                process.devices.join(",")
-            );
-        }
+        at_least(&mut processes, 1, 24);
+        write_table(out, &processes);
     }
+}
 
-    render_gpu(&mut out, report);
-
+fn render_network(out: &mut String, report: &DiagnoseReport) {
     let _ = writeln!(out, "\nNetwork peers (TCP, slowest first)");
     if report.window.network.peers.is_empty() {
-        let _ = writeln!(out, "  no TCP activity seen in the window");
-    } else {
-        let _ = writeln!(
-            out,
-            "  {:<28} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>9}  processes",
-            "peer", "RTT P50", "P95", "P99", "retrans", "connects", "failed", "conn P95"
-        );
-        for peer in &report.window.network.peers {
+        let _ = writeln!(out, "{INDENT}no TCP activity seen in the window");
+        return;
+    }
+    let rows = report
+        .window
+        .network
+        .peers
+        .iter()
+        .map(|peer| {
             let processes: Vec<String> = peer
                 .processes
                 .iter()
                 .map(|p| format!("{}({})", p.name, p.pid))
                 .collect();
-            let _ = writeln!(
-                out,
-                "  {:<28} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>9}  {}",
-                peer.peer,
+            vec![
+                peer.peer.clone(),
                 format_ms(peer.rtt_p50_ms),
                 format_ms(peer.rtt_p95_ms),
                 format_ms(peer.rtt_p99_ms),
-                peer.retransmits,
-                peer.connects,
-                peer.connect_failures,
+                peer.retransmits.to_string(),
+                peer.connects.to_string(),
+                peer.connect_failures.to_string(),
                 format_ms(peer.connect_p95_ms),
-                processes.join(" ")
-            );
-        }
-    }
-    out
-}
-
-fn percent(fraction: Option<f64>) -> String {
-    fraction.map_or_else(|| "n/a".to_string(), |f| format!("{:.0}%", f * 100.0))
+                processes.join(" "),
+            ]
+        })
+        .collect();
+    let mut peers = table(
+        &[
+            "peer",
+            "RTT P50",
+            "P95",
+            "P99",
+            "retrans",
+            "connects",
+            "failed",
+            "conn P95",
+            "processes",
+        ],
+        &[false, true, true, true, true, true, true, true, false],
+        rows,
+    );
+    // An IPv4 peer with its port stays on one line; a long IPv6 one wraps in its column.
+    at_least(&mut peers, 0, 23);
+    write_table(out, &peers);
 }
 
 fn render_gpu(out: &mut String, report: &DiagnoseReport) {
     let gpu = &report.gpu;
     if !gpu.available {
-        let _ = writeln!(
+        wrapped(
             out,
-            "\nGPU: not measured: {}",
-            gpu.reason.as_deref().unwrap_or("unknown reason")
+            "\nGPU: not measured: ",
+            INDENT,
+            gpu.reason.as_deref().unwrap_or("unknown reason"),
         );
         return;
     }
@@ -223,82 +380,122 @@ fn render_gpu(out: &mut String, report: &DiagnoseReport) {
         "\nGPU (driver {})",
         gpu.driver_version.as_deref().unwrap_or("unknown")
     );
-    let _ = writeln!(
-        out,
-        "  {:>3}  {:<24} {:>5} {:>23} {:>7} {:>5}  throttle reasons",
-        "gpu", "name", "util", "memory used / total", "power", "temp"
+    let rows = gpu
+        .devices
+        .iter()
+        .map(|device| {
+            let memory = match (device.memory_used_bytes, device.memory_total_bytes) {
+                (Some(used), Some(total)) => format!(
+                    "{} / {}",
+                    format_bytes(used as f64),
+                    format_bytes(total as f64)
+                ),
+                _ => "n/a".to_string(),
+            };
+            let reasons: Vec<&str> = device
+                .throttle_reasons
+                .iter()
+                .copied()
+                .filter(|r| *r != "idle")
+                .collect();
+            vec![
+                device.index.to_string(),
+                device.name.clone(),
+                percent(device.utilization),
+                memory,
+                device
+                    .power_w
+                    .map_or_else(|| "n/a".to_string(), |w| format!("{w:.0} W")),
+                device
+                    .temperature_c
+                    .map_or_else(|| "n/a".to_string(), |c| format!("{c} C")),
+                if reasons.is_empty() {
+                    "-".to_string()
+                } else {
+                    reasons.join(", ")
+                },
+            ]
+        })
+        .collect();
+    let mut devices = table(
+        &[
+            "gpu",
+            "name",
+            "util",
+            "memory used / total",
+            "power",
+            "temp",
+            "throttle reasons",
+        ],
+        &[true, false, true, true, true, true, false],
+        rows,
     );
-    for device in &gpu.devices {
-        let memory = match (device.memory_used_bytes, device.memory_total_bytes) {
-            (Some(used), Some(total)) => format!(
-                "{} / {}",
-                format_bytes(used as f64),
-                format_bytes(total as f64)
-            ),
-            _ => "n/a".to_string(),
-        };
-        let reasons: Vec<&str> = device
-            .throttle_reasons
-            .iter()
-            .copied()
-            .filter(|r| *r != "idle")
-            .collect();
-        let _ = writeln!(
+    at_least(&mut devices, 1, 12);
+    write_table(out, &devices);
+    for device in gpu.devices.iter().filter(|d| !d.unsupported.is_empty()) {
+        wrapped(
             out,
-            "  {:>3}  {:<24} {:>5} {:>23} {:>7} {:>5}  {}",
-            device.index,
-            device.name,
-            percent(device.utilization),
-            memory,
-            device
-                .power_w
-                .map_or_else(|| "n/a".to_string(), |w| format!("{w:.0} W")),
-            device
-                .temperature_c
-                .map_or_else(|| "n/a".to_string(), |c| format!("{c} C")),
-            if reasons.is_empty() {
-                "-".to_string()
-            } else {
-                reasons.join(",")
-            }
-        );
-        if !device.unsupported.is_empty() {
-            let _ = writeln!(
-                out,
-                "       not supported here: {}",
+            INDENT,
+            "    ",
+            &format!(
+                "GPU {} does not support: {}",
+                device.index,
                 device.unsupported.join(", ")
-            );
-        }
+            ),
+        );
     }
     for stale in &gpu.stale {
-        let _ = writeln!(out, "  GPU {} is stale: {}", stale.index, stale.reason);
+        wrapped(
+            out,
+            INDENT,
+            "    ",
+            &format!("GPU {} is stale: {}", stale.index, stale.reason),
+        );
     }
     if !gpu.processes.is_empty() {
-        let _ = writeln!(out, "  Top GPU processes");
-        let _ = writeln!(
-            out,
-            "  {:>7}  {:<24} {:>3} {:>10} {:>5}",
-            "pid", "name", "gpu", "memory", "SM"
+        let _ = writeln!(out, "{INDENT}Top GPU processes");
+        let rows = gpu
+            .processes
+            .iter()
+            .map(|process| {
+                vec![
+                    process.pid.to_string(),
+                    process.name.clone(),
+                    process.gpu_index.to_string(),
+                    process
+                        .memory_bytes
+                        .map_or_else(|| "n/a".to_string(), |b| format_bytes(b as f64)),
+                    percent(process.sm_utilization),
+                ]
+            })
+            .collect();
+        let mut processes = table(
+            &["pid", "name", "gpu", "memory", "SM"],
+            &[true, false, true, true, true],
+            rows,
         );
-        for process in &gpu.processes {
-            let _ = writeln!(
-                out,
-                "  {:>7}  {:<24} {:>3} {:>10} {:>5}",
-                process.pid,
-                process.name,
-                process.gpu_index,
-                process
-                    .memory_bytes
-                    .map_or_else(|| "n/a".to_string(), |b| format_bytes(b as f64)),
-                percent(process.sm_utilization)
-            );
-        }
+        at_least(&mut processes, 1, 16);
+        write_table(out, &processes);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        analysis::{
+            attribution::{TimeShares, Verdict},
+            gpu::{GpuDeviceSummary, GpuSummary},
+            window::{
+                NetworkSummary, PeerProcess, PeerSummary, ProcessIoSummary, StorageDeviceSummary,
+                StorageOperationSummary, StorageSummary, WindowSummary,
+            },
+        },
+        budgets::BudgetResult,
+        kernel::probes::ProbeStatus,
+        model::vocabulary::{Bottleneck, BudgetMetric},
+        report::{JSON_SCHEMA_VERSION, WorkloadReport},
+    };
 
     #[test]
     fn durations_and_sizes_read_naturally() {
@@ -309,5 +506,295 @@ mod tests {
         assert_eq!(format_bytes(512.0), "512 B");
         assert_eq!(format_bytes(4096.0), "4.0 KiB");
         assert_eq!(format_bytes(1.5 * 1024.0 * 1024.0 * 1024.0), "1.5 GiB");
+    }
+
+    fn quantiles(ms: f64) -> LatencyQuantilesMs {
+        LatencyQuantilesMs {
+            p50_ms: Some(ms),
+            p95_ms: Some(ms * 3.0),
+            p99_ms: Some(ms * 9.0),
+            mean_ms: Some(ms),
+            samples: 1000,
+        }
+    }
+
+    fn device(name: &str) -> StorageDeviceSummary {
+        StorageDeviceSummary {
+            device: name.into(),
+            major: 259,
+            minor: 1,
+            ops: 123_456,
+            bytes: 98_765_432_109,
+            iops: 123_456.0,
+            throughput_bytes_per_s: 3.5e9,
+            errors: 7,
+            p50_ms: Some(0.085),
+            p95_ms: Some(1234.5),
+            p99_ms: Some(98_765.0),
+            mean_ms: Some(1.0),
+            device_p50_ms: Some(0.05),
+            device_p95_ms: Some(12.5),
+            device_p99_ms: Some(99.9),
+            queue_share: Some(0.43),
+            operations: vec![StorageOperationSummary {
+                operation: "discard",
+                ops: 123_456_789,
+                bytes: 9_876_543_210_987,
+                latency: quantiles(12.0),
+                device_latency: quantiles(0.5),
+            }],
+        }
+    }
+
+    fn peer(peer: &str) -> PeerSummary {
+        PeerSummary {
+            peer: peer.into(),
+            address: peer.into(),
+            port: 65_535,
+            rtt_p50_ms: Some(0.2),
+            rtt_p95_ms: Some(2500.0),
+            rtt_p99_ms: Some(99_999.0),
+            rtt_samples: 10,
+            retransmits: 1_234_567,
+            connects: 9_999_999,
+            connect_failures: 123_456,
+            connect_p50_ms: Some(1.0),
+            connect_p95_ms: Some(3000.0),
+            connect_p99_ms: Some(3000.0),
+            processes: (0..6)
+                .map(|i| PeerProcess {
+                    pid: 4_000_000 + i,
+                    name: "python3-worker-with-a-long-name".into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn verdict(bottleneck: Bottleneck, summary: &str, note: Option<&str>) -> Verdict {
+        Verdict {
+            bottleneck,
+            confidence: 0.87,
+            workload: Some("w".into()),
+            pid: Some(4_194_304),
+            summary: summary.into(),
+            evidence: vec![
+                "time: 8% on CPU, 2% waiting for a CPU, 89% blocked on storage, 0% on the network, 0% waiting on the GPU, 0% other sleep, in a window of 10.0 s and more words to make it long".into(),
+            ],
+            share: 0.89,
+            note: note.map(String::from),
+        }
+    }
+
+    fn report() -> DiagnoseReport {
+        let long_kthread = "kworker/u256:17-events_power_efficient_unbound_with_a_very_long_suffix";
+        DiagnoseReport {
+            schema_version: JSON_SCHEMA_VERSION,
+            envelope_version: "0.1.0",
+            host: "a-node-with-a-rather-long-host-name.cluster.example.internal".into(),
+            kernel: "6.18.44-fc-v657-with-a-long-local-version-string".into(),
+            started_at: "2026-11-29T12:00:00Z".into(),
+            duration_s: 10.0,
+            interrupted: true,
+            probes: (0..14)
+                .map(|i| ProbeStatus {
+                    tracepoint: format!("block:probe_{i}"),
+                    feeds: "storage latency per device and the submitting process",
+                    attached: i % 2 == 0,
+                    problem: None,
+                })
+                .collect(),
+            warnings: Vec::new(),
+            window: WindowSummary {
+                storage: StorageSummary {
+                    devices: (0..12)
+                        .map(|i| device(&format!("nvme{i}n1p{i}-with-a-long-dm-name")))
+                        .collect(),
+                    processes: vec![ProcessIoSummary {
+                        pid: 4_194_303,
+                        name: long_kthread.into(),
+                        kind: ProcessKind::KernelThread,
+                        cgroup: None,
+                        cgroup_id: 1,
+                        ops: 123_456_789,
+                        bytes: 9_876_543_210,
+                        read_bytes: 0,
+                        write_bytes: 9_876_543_210,
+                        mean_latency_ms: Some(12.0),
+                        devices: (0..12).map(|i| format!("nvme{i}n1")).collect(),
+                    }],
+                },
+                network: NetworkSummary {
+                    peers: vec![
+                        peer("[2001:db8:1234:5678:9abc:def0:1234:5678]:65535"),
+                        peer("10.0.0.7:443"),
+                    ],
+                },
+            },
+            gpu: GpuSummary {
+                available: false,
+                reason: Some("no NVML library (libnvidia-ml.so.1: libnvidia-ml.so.1: cannot open shared object file: No such file or directory); no NVIDIA driver here? If it is installed off the usual paths, pass --nvml-lib /path/to/libnvidia-ml.so.1".into()),
+                ..GpuSummary::default()
+            },
+            verdict: verdict(
+                Bottleneck::Storage,
+                &format!("storage - {long_kthread} (pid 4194303) spent 89% of its active time blocked on nvme0n1p0-with-a-long-dm-name, P95 1234 ms"),
+                None,
+            ),
+            workloads: vec![
+                WorkloadReport {
+                    name: format!("container:{}", "3f4e5d6c7b8a"),
+                    pids: vec![1],
+                    verdict: verdict(Bottleneck::Storage, "storage", None),
+                    time: TimeShares {
+                        storage: 0.89,
+                        ..TimeShares::default()
+                    },
+                },
+                WorkloadReport {
+                    name: long_kthread.into(),
+                    pids: vec![2],
+                    verdict: verdict(
+                        Bottleneck::None,
+                        "none",
+                        Some("too little activity to judge (active 20% of a thread)"),
+                    ),
+                    time: TimeShares {
+                        on_cpu: 0.8,
+                        waiting_for_cpu: 0.19,
+                        ..TimeShares::default()
+                    },
+                },
+            ],
+            budgets: vec![BudgetResult {
+                name: "inference storage P95 during model load from the shared volume".into(),
+                workload: "inference".into(),
+                metric: BudgetMetric::NetworkRttP95Ms,
+                bound: Bound::Ceiling,
+                threshold: 1500.0,
+                observed: None,
+                good: None,
+                no_data: true,
+            }],
+        }
+    }
+
+    /// A cell as a reader follows it down its column: the token starting with `start`, then
+    /// the token at the same column on each following line, while there is one.
+    fn wrapped_cell(text: &str, start: &str) -> String {
+        let lines: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
+        let token = |line: &[char], at: usize| -> String {
+            line.iter().skip(at).take_while(|c| **c != ' ').collect()
+        };
+        for (index, line) in lines.iter().enumerate() {
+            let text_line: String = line.iter().collect();
+            let Some(byte_at) = text_line.find(start) else {
+                continue;
+            };
+            let at = text_line[..byte_at].chars().count();
+            let mut cell = token(line, at);
+            for next in &lines[index + 1..] {
+                let starts_here = next.get(at).is_some_and(|c| *c != ' ')
+                    && (at == 0 || next.get(at - 1) == Some(&' '));
+                if !starts_here {
+                    break;
+                }
+                cell.push_str(&token(next, at));
+            }
+            return cell;
+        }
+        String::new()
+    }
+
+    fn assert_fits(text: &str) {
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= WIDTH,
+                "{} columns:\n{line}\nin:\n{text}",
+                line.chars().count()
+            );
+        }
+    }
+
+    #[test]
+    fn every_line_fits_100_columns_with_long_names_ipv6_peers_and_many_devices() {
+        let text = render(&report());
+        assert_fits(&text);
+        // Nothing was cut: long names and IPv6 peers wrap inside their column, in order.
+        assert_eq!(
+            wrapped_cell(&text, "[2001:db8"),
+            "[2001:db8:1234:5678:9abc:def0:1234:5678]:65535",
+            "{text}"
+        );
+        assert_eq!(
+            wrapped_cell(&text, "nvme11n1p"),
+            "nvme11n1p11-with-a-long-dm-name",
+            "{text}"
+        );
+        assert_eq!(
+            wrapped_cell(&text, "kworker/u256:1"),
+            "kworker/u256:17-events_power_efficient_unbound_with_a_very_long_suffix",
+            "{text}"
+        );
+        let joined: String = text.split_whitespace().collect();
+        assert!(
+            joined.contains("--nvml-lib/path/to/libnvidia-ml.so.1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("GPU: not measured: no NVML library"),
+            "{text}"
+        );
+        // Column alignment: every row of the peer table starts its RTT column at one place.
+        assert!(text.contains("10.0.0.7:443"), "{text}");
+    }
+
+    #[test]
+    fn a_workload_judged_none_for_too_little_activity_says_so_in_its_row() {
+        let text = render(&report());
+        let row = text
+            .lines()
+            .find(|line| line.contains("too little activity"))
+            .unwrap_or_else(|| panic!("no note in:\n{text}"));
+        assert!(row.contains("none"), "{row}");
+        assert!(row.contains("80%"), "{row}");
+        assert!(row.contains("19%"), "{row}");
+    }
+
+    #[test]
+    fn a_gpu_table_fits_too() {
+        let mut report = report();
+        report.gpu = GpuSummary {
+            available: true,
+            reason: None,
+            driver_version: Some("575.57.08".into()),
+            devices: (0..8)
+                .map(|index| GpuDeviceSummary {
+                    index,
+                    name: "NVIDIA H200 NVL with a very long marketing name".into(),
+                    utilization: Some(0.97),
+                    memory_used_bytes: Some(140 << 30),
+                    memory_total_bytes: Some(141 << 30),
+                    power_w: Some(699.0),
+                    temperature_c: Some(83),
+                    throttle_reasons: vec![
+                        "sw_power_cap",
+                        "hw_thermal_slowdown",
+                        "hw_power_brake_slowdown",
+                    ],
+                    unsupported: vec![
+                        "pcie_tx_kib_per_s",
+                        "pcie_rx_kib_per_s",
+                        "ecc_corrected_errors",
+                        "ecc_uncorrected_errors",
+                        "mig_enabled",
+                    ],
+                    ..GpuDeviceSummary::default()
+                })
+                .collect(),
+            ..GpuSummary::default()
+        };
+        let text = render(&report);
+        assert_fits(&text);
+        assert!(text.contains("GPU (driver 575.57.08)"), "{text}");
     }
 }
