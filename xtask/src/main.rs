@@ -4,6 +4,10 @@
 //!   against nightly's own LLVM), builds the probes and prints what the object holds.
 //! - `run -- ARGS`: builds everything and runs `envelope ARGS` (as root).
 //! - `test`: sets up the build and the test tools (Debian packages), then runs every test.
+//! - `image`: builds the container image (Containerfile) with buildah, podman or docker.
+//! - `rootfs`: assembles the image's root filesystem from a built binary (the Containerfile's
+//!   build stage runs it; tests/tests/image.rs runs the agent in such a root).
+pub mod image;
 mod test_servers;
 mod toolchain;
 
@@ -42,6 +46,21 @@ enum Task {
     /// Run the benchmark (root): probe cost, agent cost, workload slowdown and accuracy against
     /// a reference tracer; writes BENCHMARKS.md and target/bench/results.json. Takes ~5 min.
     Bench,
+    /// Build the container image from Containerfile with buildah, podman or docker (the first
+    /// that works), tagged as the DaemonSet expects unless --tag says otherwise.
+    Image {
+        /// Image name and tag (default: ghcr.io/envelope-agent/envelope:<version>).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Assemble the container image's root filesystem in DIR from a built envelope binary.
+    Rootfs {
+        /// The binary to put in the image (e.g. target/release/envelope).
+        #[arg(long)]
+        binary: PathBuf,
+        /// A new or empty directory.
+        root: PathBuf,
+    },
     /// Set up prerequisites and run every test (unit tests; root-only probe tests run when root).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -167,6 +186,16 @@ fn main() -> anyhow::Result<()> {
                     .args(["--ignored", "--nocapture", "--test-threads=1"]),
             )?;
             eprintln!("xtask: results in BENCHMARKS.md and target/bench/results.json");
+        }
+        Task::Image { tag } => {
+            image::build_image(&workspace_root(), &tag.unwrap_or_else(image::default_tag))?;
+        }
+        Task::Rootfs { binary, root } => {
+            image::assemble_rootfs(&workspace_root(), &binary, &root)?;
+            eprintln!(
+                "xtask: the image's root filesystem is in {}",
+                root.display()
+            );
         }
         Task::Test { cargo_args } => {
             toolchain::ensure_ebpf_toolchain()?;
