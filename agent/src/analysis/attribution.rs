@@ -464,10 +464,7 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
     let runner_up = ranked[1].1;
     if active_fraction < rules.min_active {
         return Verdict {
-            note: Some(format!(
-                "too little activity to judge (active {} of a thread)",
-                percent(active_fraction)
-            )),
+            note: Some("too little activity to judge".to_string()),
             ..verdict(
                 Bottleneck::None,
                 1.0 - active_fraction / rules.min_active,

@@ -115,7 +115,7 @@ pub fn render(report: &DiagnoseReport) -> String {
             .collect();
         let mut workloads = table(
             &[
-                "workload", "verdict", "cpu", "wait-cpu", "storage", "network", "gpu", "sleep", "",
+                "workload", "verdict", "cpu", "wait", "storage", "network", "gpu", "sleep", "",
             ],
             &[false, false, true, true, true, true, true, true, false],
             rows,
@@ -656,7 +656,7 @@ mod tests {
                     verdict: verdict(
                         Bottleneck::None,
                         "none",
-                        Some("too little activity to judge (active 20% of a thread)"),
+                        Some("too little activity to judge"),
                     ),
                     time: TimeShares {
                         on_cpu: 0.8,
