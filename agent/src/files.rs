@@ -14,9 +14,31 @@ pub fn write_atomically(target: &Path, content: &[u8], mode: Option<u32>) -> io:
     write_from(target, &mut &content[..], mode)
 }
 
+/// Replaces `target` with `content`, keeping the mode and owner the file has (0644 and the
+/// caller's for a new one): a rollback must not turn 0640 root:envelope into 0600 or 0644.
+pub fn replace_keeping_attributes(target: &Path, content: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // Following a link: the attributes of the file the configuration is.
+    let existing = std::fs::metadata(target).ok();
+    let mode = existing
+        .as_ref()
+        .map_or(0o644, |metadata| metadata.permissions().mode() & 0o7777);
+    let owner = existing.map(|metadata| (metadata.uid(), metadata.gid()));
+    write_with(target, &mut &content[..], Some(mode), owner)
+}
+
 /// The same, copying from a reader (e.g. the running binary, which must never be written in
 /// place).
 pub fn write_from(target: &Path, source: &mut dyn Read, mode: Option<u32>) -> io::Result<()> {
+    write_with(target, source, mode, None)
+}
+
+fn write_with(
+    target: &Path,
+    source: &mut dyn Read,
+    mode: Option<u32>,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     let directory = match target.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -28,6 +50,9 @@ pub fn write_from(target: &Path, source: &mut dyn Read, mode: Option<u32>) -> io
         .tempfile_in(directory)?;
     io::copy(source, temporary.as_file_mut())?;
     temporary.as_file_mut().flush()?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(temporary.as_file(), Some(uid), Some(gid))?;
+    }
     if let Some(mode) = mode {
         temporary
             .as_file()

@@ -96,8 +96,23 @@ pub fn assemble_rootfs(workspace: &Path, binary: &Path, root: &Path) -> anyhow::
         .mode(0o755)
         .create(root)?;
     place(root, binary, "usr/bin/envelope", 0o755)?;
-    for library in linked_libraries(binary)? {
-        place(root, &library, &library.to_string_lossy(), 0o755)?;
+    let libraries = linked_libraries(binary)?;
+    for library in &libraries {
+        place(root, library, &library.to_string_lossy(), 0o755)?;
+    }
+    // NVML (libnvidia-ml.so.1, injected by the NVIDIA container toolkit) is loaded at run time
+    // and names these in DT_NEEDED; glibc 2.34+ keeps them as small stubs beside libc.
+    if let Some(libc_dir) = libraries
+        .iter()
+        .find(|l| l.file_name().is_some_and(|n| n == "libc.so.6"))
+        .and_then(|l| l.parent())
+    {
+        for stub in ["libpthread.so.0", "libdl.so.2", "librt.so.1"] {
+            let path = libc_dir.join(stub);
+            if path.exists() {
+                place(root, &path, &path.to_string_lossy(), 0o755)?;
+            }
+        }
     }
     let bundle = Path::new("/").join(CA_BUNDLE);
     if !bundle.exists() {

@@ -22,7 +22,7 @@ use crate::{
         actions::{self, ActionOutcome, RateLimiter},
         observe,
     },
-    config::{Budget, LoadedConfig, archive},
+    config::{AgentSettings, Budget, LoadedConfig, archive},
     export::{
         events::explain,
         metrics::{BudgetView, Limits, MetricsState},
@@ -48,6 +48,9 @@ pub struct RunOptions {
 /// too, so a configuration `check` accepts is one `run` starts with.
 pub struct Prepared {
     pub config: LoadedConfig,
+    /// `[agent]` as the file says, before the command line's overrides (a reload compares
+    /// the new file with this).
+    pub file_agent: AgentSettings,
     pub state_dir: PathBuf,
     /// None when `[export] enabled = false`.
     pub exporter: Option<OtlpExporter>,
@@ -61,6 +64,7 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
         Some(path) => crate::config::load(path)?,
         None => LoadedConfig::default(),
     };
+    let file_agent = config.agent.clone();
     if let Some(window) = options.window {
         config.agent.window = crate::config::check_window(window)
             .map_err(|problem| anyhow::anyhow!("--window: {problem}"))?;
@@ -78,6 +82,7 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
         None
     };
     Ok(Prepared {
+        file_agent,
         state_dir: config.agent.state_dir.clone(),
         config,
         exporter,
@@ -93,8 +98,12 @@ fn unix_ns(at: SystemTime) -> u64 {
 struct Daemon {
     config_path: Option<PathBuf>,
     config: LoadedConfig,
+    /// `[agent]` and `[export]` as the file said at start: what a reload compares against.
+    started_with: (AgentSettings, crate::config::ExportConfig),
     state_dir: PathBuf,
     step: WindowStep,
+    /// Actions still running (their outcome is logged when they end); awaited at shutdown.
+    actions_in_flight: Vec<tokio::task::JoinHandle<()>>,
     budget_states: BTreeMap<String, BudgetState>,
     rate_limiter: RateLimiter,
     metrics: MetricsState,
@@ -278,11 +287,12 @@ impl Daemon {
             );
             return;
         }
+        self.actions_in_flight.retain(|task| !task.is_finished());
         for action in &budget.actions {
             let handle = actions::spawn(action.clone(), event.clone(), budget.workload.clone());
             let described = action.to_string();
             let name = event.budget.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 match handle.await {
                     Ok(ActionOutcome::Done { code, output })
                         if code == 0 || (200..300).contains(&code) =>
@@ -296,6 +306,7 @@ impl Daemon {
                     Err(_) => tracing::warn!("budget {name:?}: {described} crashed"),
                 }
             });
+            self.actions_in_flight.push(task);
         }
     }
 
@@ -339,19 +350,56 @@ impl Daemon {
         };
         match crate::config::load(&path) {
             Ok(config) => {
-                if config.agent.window != self.config.agent.window
-                    || config.export != self.config.export
-                    || config.agent.state_dir != self.config.agent.state_dir
-                {
+                let (agent, export) = &self.started_with;
+                let mut deferred = Vec::new();
+                for (key, changed) in [
+                    ("[agent] window", config.agent.window != agent.window),
+                    (
+                        "[agent] gpu_interval",
+                        config.agent.gpu_interval != agent.gpu_interval,
+                    ),
+                    ("[agent] nvml_lib", config.agent.nvml_lib != agent.nvml_lib),
+                    (
+                        "[agent] state_dir",
+                        config.agent.state_dir != agent.state_dir,
+                    ),
+                    (
+                        "[agent] max_*",
+                        (
+                            config.agent.max_workloads,
+                            config.agent.max_peers,
+                            config.agent.max_devices,
+                            config.agent.max_gpu_processes,
+                        ) != (
+                            agent.max_workloads,
+                            agent.max_peers,
+                            agent.max_devices,
+                            agent.max_gpu_processes,
+                        ),
+                    ),
+                    ("[export]", &config.export != export),
+                    (
+                        "latency budget thresholds (histogram bounds)",
+                        latency_thresholds_s(&config) != latency_thresholds_s(&self.config),
+                    ),
+                ] {
+                    if changed {
+                        deferred.push(key);
+                    }
+                }
+                if !deferred.is_empty() {
                     tracing::warn!(
-                        "SIGHUP: [agent] window/state_dir and [export] changes take effect at the next restart"
+                        "SIGHUP: {} changed; that takes effect at the next restart (the rest is applied now)",
+                        deferred.join(", ")
                     );
                 }
                 archive::archive_loaded(&self.state_dir, &path);
                 let names: HashSet<&str> = config.budgets.iter().map(|b| b.name.as_str()).collect();
                 self.budget_states
                     .retain(|name, _| names.contains(name.as_str()));
-                self.rate_limiter = RateLimiter::new(config.alerting.action_min_interval);
+                // Keeps when each budget last acted: a reload must not let actions run again.
+                self.rate_limiter
+                    .set_min_interval(config.alerting.action_min_interval);
                 tracing::info!(
                     "SIGHUP: reloaded {} ({} budgets)",
                     path.display(),
@@ -360,9 +408,7 @@ impl Daemon {
                 let (agent, export) = (self.config.agent.clone(), self.config.export.clone());
                 self.config = config;
                 // What only a restart changes stays as it was started (command line included).
-                self.config.agent.window = agent.window;
-                self.config.agent.state_dir = agent.state_dir;
-                self.config.agent.nvml_lib = agent.nvml_lib;
+                self.config.agent = agent;
                 self.config.export = export;
             }
             Err(error) => tracing::error!(
@@ -376,6 +422,7 @@ impl Daemon {
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let Prepared {
         config,
+        file_agent,
         state_dir,
         exporter,
     } = prepare(&options)?;
@@ -407,6 +454,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut daemon = Daemon {
         config_path: options.config_path,
         rate_limiter: RateLimiter::new(config.alerting.action_min_interval),
+        started_with: (file_agent, config.export.clone()),
+        actions_in_flight: Vec::new(),
         metrics: MetricsState::new(limits(&config), &latency_thresholds_s(&config)),
         config,
         state_dir,
@@ -445,6 +494,26 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     tracing::info!("stopping: measuring the last partial window and flushing the export");
     daemon.run_window(true).await;
+    // Actions the last windows started finish (each is bounded by its own timeout).
+    let running = std::mem::take(&mut daemon.actions_in_flight);
+    if !running.is_empty() {
+        let limit = daemon
+            .config
+            .budgets
+            .iter()
+            .flat_map(|b| &b.actions)
+            .map(|a| match a {
+                crate::config::Action::Command { timeout, .. }
+                | crate::config::Action::Webhook { timeout, .. } => *timeout,
+            })
+            .max()
+            .unwrap_or_default()
+            + Duration::from_secs(1);
+        let deadline = tokio::time::Instant::now() + limit;
+        for task in running {
+            let _ = tokio::time::timeout_at(deadline, task).await;
+        }
+    }
     daemon.step.stop().await;
     tracing::info!("stopped");
     Ok(())

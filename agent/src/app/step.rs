@@ -123,17 +123,19 @@ impl WindowStep {
         focus: &Focus,
     ) -> anyhow::Result<Window> {
         let cumulative = self.probes.snapshot().context("reading the probes' maps")?;
+        let ended = self.end_window();
         let gpu = self.gpu.take_window().await;
-        Ok(self.measured(cumulative, gpu, config, focus))
+        Ok(self.measured(cumulative, ended, gpu, config, focus))
     }
 
     /// Ends the last window and stops the GPU reader.
     pub async fn finish(mut self, config: &LoadedConfig, focus: &Focus) -> anyhow::Result<Window> {
         let cumulative = self.probes.snapshot().context("reading the probes' maps")?;
+        let ended = self.end_window();
         let gpu = std::mem::replace(&mut self.gpu, GpuSampler::stopped())
             .finish()
             .await;
-        Ok(self.measured(cumulative, gpu, config, focus))
+        Ok(self.measured(cumulative, ended, gpu, config, focus))
     }
 
     /// Stops the GPU reader without measuring another window.
@@ -141,16 +143,22 @@ impl WindowStep {
         self.gpu.finish().await;
     }
 
+    /// The window's length and end, taken with its snapshot (not after the GPU reader
+    /// answers, which may take a while); the next window starts now.
+    fn end_window(&mut self) -> (Duration, SystemTime) {
+        let elapsed = self.started.elapsed();
+        self.started = Instant::now();
+        (elapsed, SystemTime::now())
+    }
+
     fn measured(
         &mut self,
         cumulative: KernelSnapshot,
+        (elapsed, at): (Duration, SystemTime),
         gpu: GpuSummary,
         config: &LoadedConfig,
         focus: &Focus,
     ) -> Window {
-        let elapsed = self.started.elapsed();
-        self.started = Instant::now();
-        let at = SystemTime::now();
         let delta = cumulative.since(&self.previous);
         let summary = summarize_window(&delta, elapsed, &LiveSystem, self.top);
         let mut workloads = attribution::workload_windows(
@@ -283,8 +291,10 @@ impl GpuSampler {
             let mut samples: Vec<GpuSample> = Vec::new();
             loop {
                 let sample = source.sample(Instant::now());
+                // The processes with a GPU context now (a pid reused by another process must
+                // not keep the flag).
                 if let Ok(mut pids) = gpu_pids.lock() {
-                    pids.extend(sample.processes.iter().map(|p| p.pid));
+                    *pids = sample.processes.iter().map(|p| p.pid).collect();
                 }
                 samples.push(sample);
                 let (reply, stop) = match received.recv_timeout(interval) {

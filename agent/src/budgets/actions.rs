@@ -120,13 +120,24 @@ pub async fn run_command(
     let started = Instant::now();
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => {
-            // A grandchild may keep the pipe open: take what came within a moment.
+            // A grandchild may keep the pipe open: take what came within a moment, then end
+            // the action's process group so nothing it left behind holds the pipe (or a task).
             let output = match reading {
-                Some(reading) => tokio::time::timeout(Duration::from_millis(500), reading)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default(),
+                Some(mut reading) => {
+                    match tokio::time::timeout(Duration::from_millis(500), &mut reading).await {
+                        Ok(output) => output.unwrap_or_default(),
+                        Err(_) => {
+                            reading.abort();
+                            if let Some(group) = group {
+                                let _ = nix::sys::signal::killpg(
+                                    group,
+                                    nix::sys::signal::Signal::SIGKILL,
+                                );
+                            }
+                            Vec::new()
+                        }
+                    }
+                }
                 None => Vec::new(),
             };
             ActionOutcome::Done {
@@ -197,6 +208,11 @@ impl RateLimiter {
             min_interval,
             last_run: HashMap::new(),
         }
+    }
+
+    /// A new minimum interval (a reload), keeping when each budget last acted.
+    pub fn set_min_interval(&mut self, min_interval: Duration) {
+        self.min_interval = min_interval;
     }
 
     /// True (and remembered) when the budget may act now.

@@ -105,7 +105,7 @@ pub fn burn_rate(
 ) -> Option<f64> {
     let (bad, total) = history
         .iter()
-        .filter(|(at, _)| *at + span_s > now_s && *at <= now_s)
+        .filter(|(at, _)| at.saturating_add(span_s) > now_s && *at <= now_s)
         .fold((0u64, 0u64), |(bad, total), (_, good)| {
             (bad + u64::from(!good), total + 1)
         });
@@ -169,7 +169,7 @@ impl BudgetState {
         while self
             .history
             .front()
-            .is_some_and(|(at, _)| *at + keep_s < now)
+            .is_some_and(|(at, _)| at.saturating_add(keep_s) < now)
         {
             self.history.pop_front();
         }
@@ -192,12 +192,19 @@ impl BudgetState {
             .iter()
             .zip(&burn_rates)
             .find(|(w, (_, long, short))| *long >= w.factor && *short >= w.factor);
-        if alerting_pair.is_some() {
-            self.consecutive_alerting += 1;
-            self.consecutive_quiet = 0;
-        } else {
-            self.consecutive_quiet += 1;
-            self.consecutive_alerting = 0;
+        // A window without an event is no new evidence of a breach: it cannot bring a breach
+        // closer to firing (old bad events still in the short window would otherwise fire it
+        // while the workload is idle), but a quiet one counts toward resolving.
+        match (alerting_pair.is_some(), event_good.is_some()) {
+            (true, true) => {
+                self.consecutive_alerting += 1;
+                self.consecutive_quiet = 0;
+            }
+            (true, false) => {}
+            (false, _) => {
+                self.consecutive_quiet += 1;
+                self.consecutive_alerting = 0;
+            }
         }
         let event = |status, since: u64, reason: String| BreachEvent {
             budget: name.to_string(),
@@ -220,7 +227,7 @@ impl BudgetState {
                         w.factor
                     )
                 });
-                let reason = if observation.is_none() {
+                let reason = if observation.is_none() && policy.on_no_data == NoDataPolicy::Breach {
                     format!("{reason} (no data counts as bad: on_no_data = \"breach\")")
                 } else {
                     reason
@@ -231,7 +238,9 @@ impl BudgetState {
                 self.firing_since_s = None;
                 let reason = if self.consecutive_no_data >= self.consecutive_quiet {
                     match self.last_data_s {
-                        Some(last) => format!("no data for {}", window_label(now - last)),
+                        Some(last) => {
+                            format!("no data for {}", window_label(now.saturating_sub(last)))
+                        }
                         None => "no data".to_string(),
                     }
                 } else {
@@ -292,6 +301,10 @@ pub fn measure(budget: &Budget, windows: &[WorkloadWindow], pricing: &Pricing) -
         .iter()
         .filter(|w| budget.workload == "*" || w.name == budget.workload)
         .collect();
+    // The workload did not run in this window (idle or gone): nothing to measure.
+    if chosen.is_empty() {
+        return None;
+    }
     let max_of = |values: Vec<f64>| {
         values.into_iter().fold(None, |max: Option<f64>, v| {
             Some(max.map_or(v, |m| m.max(v)))
@@ -327,7 +340,12 @@ pub fn measure(budget: &Budget, windows: &[WorkloadWindow], pricing: &Pricing) -
     match budget.metric {
         BudgetMetric::StorageP95Ms => storage(|d| d.p95_ms),
         BudgetMetric::NetworkRttP95Ms => max_of(peers().filter_map(|p| p.rtt_p95_ms).collect()),
-        BudgetMetric::Retransmits => Some(peers().map(|p| p.retransmits as f64).sum()),
+        // No peer (or not the named one) in the window: no traffic to count retransmits of.
+        BudgetMetric::Retransmits => {
+            let mut peers = peers().peekable();
+            peers.peek()?;
+            Some(peers.map(|p| p.retransmits as f64).sum())
+        }
         BudgetMetric::GpuUtilization => max_of(
             chosen
                 .iter()
@@ -757,5 +775,24 @@ max = 0.3
         assert_eq!(state.status(), BreachStatus::Firing);
         assert_eq!(state.last_data_s, None);
         assert_eq!(state.consecutive_no_data, 0);
+    }
+
+    #[test]
+    fn idle_windows_do_not_bring_a_breach_closer_to_firing() {
+        // One bad window, then the workload goes quiet: the short window still holds the bad
+        // event for a while, but windows without data are no new evidence.
+        let mut state = BudgetState::default();
+        let mut windows = vec![Some(false)];
+        windows.extend([None; 20]);
+        assert!(run_windows(&mut state, &policy(), &windows).is_empty());
+        assert_eq!(state.status(), BreachStatus::Resolved);
+        // A clock that stepped back (NTP) after the last data does not panic.
+        let mut state = BudgetState::default();
+        run_windows(&mut state, &policy(), &[Some(false); 6]);
+        assert!(state.firing_since_s.is_some());
+        for at in [40, 30, 20, 10, 0] {
+            state.record_window("b", at, 10.0, None, &policy());
+        }
+        assert_eq!(state.silence_to_report(0, &policy()), None);
     }
 }

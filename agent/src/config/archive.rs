@@ -1,8 +1,17 @@
 //! The configuration parachute: every configuration that loaded successfully is archived
 //! under the state directory; `envelope config history` lists them and `envelope config
 //! rollback [ID]` puts one back, byte for byte.
+//!
+//! The state directory may be writable by the service while rollback runs as root, so
+//! nothing in it is trusted: only regular files count as archives (a planted link is
+//! refused, never followed), an archive must load before it is restored, a world-writable
+//! directory is refused, temporary files are created O_EXCL under unique names, and one lock
+//! serialises archiving and rollbacks. Archives are 0600 (they may hold `[export] headers`
+//! secrets) and the newest [`MAX_ARCHIVES`] are kept.
 use std::{
     fs,
+    io::Read as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -12,6 +21,9 @@ use sha2::{Digest as _, Sha256};
 
 /// Default state directory (systemd's StateDirectory=envelope).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/envelope";
+
+/// Archives kept; older ones are removed when a new one is written.
+pub const MAX_ARCHIVES: usize = 100;
 
 fn history_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("config-history")
@@ -31,7 +43,59 @@ fn short_hash(content: &[u8]) -> String {
     digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Archived configurations, oldest first.
+/// Refuses a directory anyone may write into (a planted archive or link would be trusted).
+fn check_directory(dir: &Path) -> anyhow::Result<()> {
+    let metadata = match fs::symlink_metadata(dir) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error).with_context(|| format!("cannot read {}", dir.display())),
+    };
+    if !metadata.is_dir() {
+        bail!(
+            "{} is not a directory (a link or a file was put there); remove it and let envelope create the directory",
+            dir.display()
+        );
+    }
+    if metadata.permissions().mode() & 0o002 != 0 {
+        bail!(
+            "{} is writable by every user, so its archives cannot be trusted; `chmod o-w {}` (the service creates it 0750)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Holds the archive's lock while alive: archiving and rollbacks run one at a time.
+struct ArchiveLock(#[allow(dead_code)] nix::fcntl::Flock<fs::File>);
+
+fn lock(state_dir: &Path) -> anyhow::Result<ArchiveLock> {
+    let dir = history_dir(state_dir);
+    check_directory(state_dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    check_directory(&dir)?;
+    let path = dir.join(".lock");
+    let file = fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map(ArchiveLock)
+        .map_err(|(_, error)| anyhow::anyhow!("cannot lock {}: {error}", path.display()))
+}
+
+/// Archived configurations, oldest first: the regular files named `<id>.toml` (anything
+/// else there, such as a planted link, is not an archive).
 pub fn history(state_dir: &Path) -> anyhow::Result<Vec<ArchivedConfig>> {
     let dir = history_dir(state_dir);
     let entries = match fs::read_dir(&dir) {
@@ -48,20 +112,56 @@ pub fn history(state_dir: &Path) -> anyhow::Result<Vec<ArchivedConfig>> {
                 .to_str()?
                 .strip_suffix(".toml")?
                 .to_string();
-            let bytes = entry.metadata().ok()?.len();
-            Some(ArchivedConfig { id, path, bytes })
+            // DirEntry::metadata does not follow links.
+            let metadata = entry.metadata().ok()?;
+            if !metadata.is_file() {
+                tracing::warn!(
+                    "ignoring {}: not a regular file (an archive is never a link)",
+                    path.display()
+                );
+                return None;
+            }
+            Some(ArchivedConfig {
+                id,
+                path,
+                bytes: metadata.len(),
+            })
         })
         .collect();
     archived.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(archived)
 }
 
+/// Reads an archive without following a link, refusing anything but a regular file.
+fn read_archive(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut file = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot open the archive {} (a link is refused)",
+                path.display()
+            )
+        })?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() || metadata.len() > super::MAX_CONFIG_BYTES {
+        bail!(
+            "{} is not a regular file of at most 1 MiB; it is not an archive envelope wrote",
+            path.display()
+        );
+    }
+    let mut content = Vec::new();
+    file.read_to_end(&mut content)?;
+    Ok(content)
+}
+
 /// Archives the configuration file that just loaded, as a known good one to roll back to. A
 /// failure is logged, never fatal: the agent must run with a configuration it could read.
 pub fn archive_loaded(state_dir: &Path, config_path: &Path) {
-    let archived = std::fs::read(config_path)
+    let archived = super::read_text(config_path)
         .map_err(anyhow::Error::from)
-        .and_then(|bytes| archive(state_dir, &bytes, SystemTime::now()));
+        .and_then(|text| archive(state_dir, text.as_bytes(), SystemTime::now()));
     if let Err(error) = archived {
         tracing::warn!(
             "could not archive {} under {}: {error:#}",
@@ -71,13 +171,15 @@ pub fn archive_loaded(state_dir: &Path, config_path: &Path) {
     }
 }
 
-/// Archives `content` unless it is the newest archive already. Returns its id.
+/// Archives `content` (0600) unless it is the newest archive already, keeping the newest
+/// [`MAX_ARCHIVES`]. Returns its id.
 pub fn archive(state_dir: &Path, content: &[u8], now: SystemTime) -> anyhow::Result<String> {
+    let _lock = lock(state_dir)?;
     let hash = short_hash(content);
     let existing = history(state_dir)?;
     if let Some(newest) = existing.last()
         && newest.id.ends_with(&hash)
-        && fs::read(&newest.path).is_ok_and(|old| old == content)
+        && read_archive(&newest.path).is_ok_and(|old| old == content)
     {
         return Ok(newest.id.clone());
     }
@@ -86,20 +188,67 @@ pub fn archive(state_dir: &Path, content: &[u8], now: SystemTime) -> anyhow::Res
         .replace([':', '-'], "");
     let id = format!("{stamp}-{hash}");
     let dir = history_dir(state_dir);
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_atomically(&dir.join(format!("{id}.toml")), content)?;
+    let path = dir.join(format!("{id}.toml"));
+    crate::files::write_atomically(&path, content, Some(0o600))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let archived = history(state_dir)?;
+    for old in archived
+        .iter()
+        .take(archived.len().saturating_sub(MAX_ARCHIVES))
+    {
+        if let Err(error) = fs::remove_file(&old.path) {
+            tracing::warn!(
+                "could not remove the old archive {}: {error}",
+                old.path.display()
+            );
+        }
+    }
     Ok(id)
 }
 
-/// Writes through a temporary file and a rename, so a reader never sees half a file.
-fn write_atomically(path: &Path, content: &[u8]) -> anyhow::Result<()> {
-    crate::files::write_atomically(path, content, None)
-        .with_context(|| format!("cannot replace {}", path.display()))
+/// The archive `id` names: itself, or the one archive it is a prefix of.
+fn find<'a>(archived: &'a [ArchivedConfig], id: &str) -> anyhow::Result<&'a ArchivedConfig> {
+    if id.trim().is_empty() {
+        bail!("an empty id names no archive; `envelope config history` lists them");
+    }
+    if let Some(exact) = archived.iter().find(|entry| entry.id == id) {
+        return Ok(exact);
+    }
+    let matching: Vec<&ArchivedConfig> = archived
+        .iter()
+        .filter(|entry| entry.id.starts_with(id))
+        .collect();
+    match matching.as_slice() {
+        [] => bail!("no archived configuration {id:?}; `envelope config history` lists them"),
+        [only] => Ok(only),
+        [first, .., last] => bail!(
+            "{id:?} matches {} archives ({} ... {}); give more of the id",
+            matching.len(),
+            first.id,
+            last.id
+        ),
+    }
 }
 
-/// Puts an archived configuration back at `config_path`. Without `id`: the last known good
-/// one, i.e. the newest archive that differs from what the file holds now. Returns the id.
+/// The archive's text, if it is one `envelope` would load (it is checked as `check` would).
+fn loadable(entry: &ArchivedConfig) -> anyhow::Result<Vec<u8>> {
+    let content = read_archive(&entry.path)?;
+    let text = std::str::from_utf8(&content)
+        .with_context(|| format!("archive {} is not UTF-8 text", entry.id))?;
+    super::parse_config(&entry.path.display().to_string(), text).map_err(|error| {
+        anyhow::anyhow!(
+            "archive {} does not load ({error}); pick another from `envelope config history`",
+            entry.id
+        )
+    })?;
+    Ok(content)
+}
+
+/// Puts an archived configuration back at `config_path`, keeping that file's mode and owner.
+/// Without `id`: the last known good one, i.e. the newest archive that loads and differs from
+/// what the file holds now. Returns the id.
 pub fn rollback(state_dir: &Path, id: Option<&str>, config_path: &Path) -> anyhow::Result<String> {
+    let _lock = lock(state_dir)?;
     let archived = history(state_dir)?;
     if archived.is_empty() {
         bail!(
@@ -108,24 +257,28 @@ pub fn rollback(state_dir: &Path, id: Option<&str>, config_path: &Path) -> anyho
         );
     }
     let current = fs::read(config_path).ok();
-    let chosen = match id {
-        Some(id) => archived
-            .iter()
-            .find(|entry| entry.id == id || entry.id.starts_with(id))
-            .with_context(|| {
-                format!("no archived configuration {id:?}; `envelope config history` lists them")
-            })?,
+    let (chosen, content) = match id {
+        Some(id) => {
+            let chosen = find(&archived, id)?;
+            (chosen, loadable(chosen)?)
+        }
         None => archived
             .iter()
             .rev()
-            .find(|entry| fs::read(&entry.path).ok() != current)
-            .with_context(
-                || "every archived configuration equals the current one: nothing to roll back to",
-            )?,
+            .filter(|entry| read_archive(&entry.path).ok() != current)
+            .find_map(|entry| match loadable(entry) {
+                Ok(content) => Some((entry, content)),
+                Err(error) => {
+                    tracing::warn!("skipping {error:#}");
+                    None
+                }
+            })
+            .with_context(|| {
+                "no archive both loads and differs from the current configuration: nothing to roll back to"
+            })?,
     };
-    let content =
-        fs::read(&chosen.path).with_context(|| format!("cannot read {}", chosen.path.display()))?;
-    write_atomically(config_path, &content)?;
+    crate::files::replace_keeping_attributes(config_path, &content)
+        .with_context(|| format!("cannot replace {}", config_path.display()))?;
     Ok(chosen.id.clone())
 }
 
@@ -164,7 +317,8 @@ mod tests {
         fs::create_dir_all(&state).unwrap();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let first = b"# first\n[[workload]]\nname = \"a\"\nprocess = [\"x\"]\n".to_vec();
-        let second = b"# second\r\n\xc3\xa9 kept as is\n".to_vec();
+        let second =
+            b"# second\r\n# \xc3\xa9 kept as is\r\n[agent]\r\nwindow = \"2s\"\r\n".to_vec();
         let id_first = archive(&state, &first, t0).unwrap();
         archive(&state, &second, t0 + Duration::from_secs(60)).unwrap();
 
@@ -177,10 +331,13 @@ mod tests {
         assert_eq!(fs::read(&config).unwrap(), first);
         // By id (or its prefix).
         fs::write(&config, b"x").unwrap();
-        assert_eq!(
-            rollback(&state, Some(&id_first[..10]), &config).unwrap(),
-            id_first
-        );
+        let unique = &id_first[..id_first.len() - 2];
+        assert_eq!(rollback(&state, Some(unique), &config).unwrap(), id_first);
+        // A prefix of both archives names neither.
+        let error = rollback(&state, Some(&id_first[..10]), &config)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("matches 2 archives"), "{error}");
         assert_eq!(fs::read(&config).unwrap(), first);
         let error = rollback(&state, Some("nope"), &config)
             .unwrap_err()
@@ -189,6 +346,154 @@ mod tests {
             error.contains("no archived configuration \"nope\""),
             "{error}"
         );
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    const GOOD: &[u8] = b"[agent]\nwindow = \"2s\"\n";
+
+    fn secret_victim(dir: &Path) -> PathBuf {
+        let victim = dir.join("victim-secret");
+        fs::write(&victim, b"[agent]\nwindow = \"3s\"\n# secret\n").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        victim
+    }
+
+    #[test]
+    fn planted_links_are_never_followed() {
+        let state = temporary_state_dir("links");
+        let config = state.join("envelope.toml");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let id = archive(&state, GOOD, t0).unwrap();
+        let victim = secret_victim(&state);
+        // A link that sorts as the newest archive.
+        std::os::unix::fs::symlink(
+            &victim,
+            history_dir(&state).join("29990101T000000Z-ffffffffffff.toml"),
+        )
+        .unwrap();
+        // And the old fixed temporary name beside the configuration.
+        std::os::unix::fs::symlink(&victim, state.join("envelope.toml.partial")).unwrap();
+        fs::write(&config, b"broken [[").unwrap();
+        assert_eq!(
+            history(&state).unwrap().len(),
+            1,
+            "a link is not an archive"
+        );
+        assert_eq!(rollback(&state, None, &config).unwrap(), id);
+        assert_eq!(fs::read(&config).unwrap(), GOOD);
+        assert!(
+            !fs::symlink_metadata(&config)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"[agent]\nwindow = \"3s\"\n# secret\n"
+        );
+        let error = rollback(&state, Some("2999"), &config)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("no archived configuration \"2999\""),
+            "{error}"
+        );
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_damaged_archive_or_an_empty_id_is_refused() {
+        let state = temporary_state_dir("damaged");
+        let config = state.join("envelope.toml");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let good = archive(&state, GOOD, t0).unwrap();
+        let damaged = archive(
+            &state,
+            b"THIS IS NOT TOML [[[",
+            t0 + Duration::from_secs(60),
+        )
+        .unwrap();
+        fs::write(&config, b"# current\n").unwrap();
+        let error = rollback(&state, Some(&damaged), &config)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("does not load"), "{error}");
+        assert_eq!(
+            fs::read(&config).unwrap(),
+            b"# current\n",
+            "nothing restored"
+        );
+        // Without an id, the newest archive that loads.
+        assert_eq!(rollback(&state, None, &config).unwrap(), good);
+        let error = rollback(&state, Some(""), &config).unwrap_err().to_string();
+        assert!(error.contains("an empty id names no archive"), "{error}");
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn rollback_keeps_the_files_mode_and_archives_are_private_and_bounded() {
+        let state = temporary_state_dir("modes");
+        let config = state.join("envelope.toml");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let id = archive(&state, GOOD, t0).unwrap();
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&history_dir(&state).join(format!("{id}.toml"))), 0o600);
+        fs::write(&config, b"# edited\n").unwrap();
+        fs::set_permissions(&config, fs::Permissions::from_mode(0o640)).unwrap();
+        rollback(&state, None, &config).unwrap();
+        assert_eq!(mode(&config), 0o640);
+        for i in 1..=(MAX_ARCHIVES as u64 + 5) {
+            archive(
+                &state,
+                format!("# {i}\n").as_bytes(),
+                t0 + Duration::from_secs(i),
+            )
+            .unwrap();
+        }
+        let kept = history(&state).unwrap();
+        assert_eq!(kept.len(), MAX_ARCHIVES);
+        assert!(
+            kept.last().unwrap().id.starts_with("20270115T0801"),
+            "{:?}",
+            kept.last()
+        );
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn concurrent_rollbacks_all_succeed() {
+        let state = temporary_state_dir("concurrent");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let id = archive(&state, GOOD, t0).unwrap();
+        let config = state.join("envelope.toml");
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..60)
+                .map(|_| scope.spawn(|| rollback(&state, Some(&id), &config)))
+                .collect();
+            for handle in handles {
+                assert_eq!(handle.join().unwrap().unwrap(), id);
+            }
+        });
+        assert_eq!(fs::read(&config).unwrap(), GOOD);
+        let leftovers: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .filter(|name| name.to_string_lossy().ends_with(".partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_world_writable_state_directory_is_refused() {
+        let state = temporary_state_dir("open");
+        fs::create_dir_all(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        let error = archive(&state, GOOD, SystemTime::now())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is writable by every user"), "{error}");
         let _ = fs::remove_dir_all(&state);
     }
 }

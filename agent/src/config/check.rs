@@ -648,6 +648,20 @@ fn check_budget(
             return Err(checker.at(peer.span(), format!("{context}peer {:?} must be address:port, e.g. \"10.0.0.7:6333\" or \"[2001:db8::1]:443\"", peer.get_ref())));
         }
     }
+    // As the report writes peers (canonical text, IPv4-mapped IPv6 as IPv4), so it matches.
+    let peer = entry
+        .peer
+        .as_ref()
+        .and_then(|p| p.get_ref().parse::<std::net::SocketAddr>().ok())
+        .map(|address| {
+            let ip = match address.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            std::net::SocketAddr::new(ip, address.port()).to_string()
+        });
     let on_no_data = match &entry.on_no_data {
         None => NoDataPolicy::Ignore,
         Some(value) => match value.get_ref().as_str() {
@@ -674,7 +688,7 @@ fn check_budget(
         threshold,
         objective,
         device: entry.device.as_ref().map(|d| d.get_ref().clone()),
-        peer: entry.peer.as_ref().map(|p| p.get_ref().clone()),
+        peer,
         on_no_data,
         actions,
     })

@@ -485,3 +485,20 @@ fn a_large_configuration_checks_in_linear_time() {
     // Debug builds are ~10x slower than release; the quadratic version took ~10 s in release.
     assert!(elapsed < std::time::Duration::from_secs(5), "{elapsed:?}");
 }
+
+#[test]
+fn a_peer_is_kept_as_the_report_writes_it() {
+    let text = |peer: &str| {
+        format!(
+            "[[budget]]\nname = \"b\"\nworkload = \"*\"\nmetric = \"network_rtt_p95_ms\"\nmax = 1.0\npeer = \"{peer}\"\n"
+        )
+    };
+    for (written, kept) in [
+        ("[::ffff:10.0.0.7]:443", "10.0.0.7:443"),
+        ("[2001:DB8:0::1]:443", "[2001:db8::1]:443"),
+        ("10.0.0.7:6333", "10.0.0.7:6333"),
+    ] {
+        let config = parse_config("p.toml", &text(written)).unwrap();
+        assert_eq!(config.budgets[0].peer.as_deref(), Some(kept), "{written}");
+    }
+}

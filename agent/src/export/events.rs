@@ -23,10 +23,13 @@ pub fn explain(
     at: SystemTime,
 ) -> (String, LogEvent) {
     let status = event.status.name();
-    let relation = match (result.bound, event.status) {
-        (Bound::Ceiling, BreachStatus::Firing) => "above its ceiling",
-        (Bound::Floor, BreachStatus::Firing) => "below its floor",
-        (_, BreachStatus::Resolved) => "within its bound",
+    // What this window measured, whatever the transition (a breach may fire on a good
+    // window of a bad hour, or resolve on a bad one).
+    let relation = match (result.bound, result.good) {
+        (Bound::Ceiling, Some(false)) => "above its ceiling",
+        (Bound::Floor, Some(false)) => "below its floor",
+        (_, Some(true)) => "within its bound",
+        (_, None) => "for its bound",
     };
     let burn: Vec<String> = event
         .burn_rates
@@ -47,11 +50,6 @@ pub fn explain(
     let observed = event
         .observed
         .map_or_else(|| "no data".to_string(), |v| v.to_string());
-    let relation = if event.observed.is_none() {
-        "for its bound"
-    } else {
-        relation
-    };
     let mut line = format!(
         "budget {:?} {status} for workload {:?}: {} = {observed} {relation} {} ; burn rate {}; verdict: {verdict_text}; breach id {}",
         event.budget,
