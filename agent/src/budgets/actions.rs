@@ -163,34 +163,89 @@ pub async fn run_command(
     }
 }
 
-/// The one HTTP client of the actions: no redirects (a POST must not turn into a GET to
-/// another host), connection pool shared.
-fn webhook_client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("envelope/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default()
-    })
+/// Addresses a webhook may not reach unless its action says `allow_link_local = true`:
+/// link-local ranges, where clouds serve instance metadata and credentials (169.254.169.254,
+/// fd00:ec2::254), and Alibaba's metadata address.
+pub fn forbidden_target(ip: std::net::IpAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let v4 = match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    };
+    if let Some(v4) = v4 {
+        return v4.is_link_local() || v4 == Ipv4Addr::new(100, 100, 100, 200);
+    }
+    let IpAddr::V6(v6) = ip else { return false };
+    (v6.segments()[0] & 0xffc0) == 0xfe80
+        || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
 }
 
-/// POSTs `body` as JSON to `url`.
-pub async fn post_webhook(url: &str, body: &serde_json::Value, timeout: Duration) -> ActionOutcome {
-    match webhook_client()
-        .post(url)
-        .timeout(timeout)
-        .json(body)
-        .send()
-        .await
-    {
+/// Resolves the webhook's host once, refuses forbidden addresses, and pins the connection to
+/// the address that was checked (a second lookup could answer differently).
+async fn checked_client(
+    url: &str,
+    timeout: Duration,
+    allow_link_local: bool,
+) -> Result<reqwest::Client, String> {
+    let parsed = url::Url::parse(url).map_err(|error| format!("not a URL: {error}"))?;
+    let host = parsed.host_str().ok_or("the URL has no host")?.to_string();
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addresses: Vec<std::net::SocketAddr> = match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![std::net::SocketAddr::new(ip, port)],
+        Err(_) => tokio::time::timeout(timeout, tokio::net::lookup_host((bare, port)))
+            .await
+            .map_err(|_| format!("resolving {host} timed out"))?
+            .map_err(|error| format!("cannot resolve {host}: {error}"))?
+            .collect(),
+    };
+    let Some(address) = addresses.first().copied() else {
+        return Err(format!("{host} resolves to no address"));
+    };
+    if !allow_link_local && let Some(bad) = addresses.iter().find(|a| forbidden_target(a.ip())) {
+        return Err(format!(
+            "refused: {host} is {}, a link-local or cloud-metadata address; set allow_link_local = true on this action if that is intended",
+            bad.ip()
+        ));
+    }
+    reqwest::Client::builder()
+        // No redirects: a POST must not turn into a GET to another host, nor carry its
+        // headers there.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("envelope/", env!("CARGO_PKG_VERSION")))
+        .resolve(bare, address)
+        .build()
+        .map_err(|error| format!("cannot set up the HTTP client: {error}"))
+}
+
+/// POSTs `body` as JSON to `url` with `headers`.
+pub async fn post_webhook(
+    url: &str,
+    headers: &[(String, String)],
+    allow_link_local: bool,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> ActionOutcome {
+    let client = match checked_client(url, timeout, allow_link_local).await {
+        Ok(client) => client,
+        Err(error) => return ActionOutcome::Failed { error },
+    };
+    let mut request = client.post(url).timeout(timeout).json(body);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    match request.send().await {
         Ok(response) => ActionOutcome::Done {
             code: i32::from(response.status().as_u16()),
             output: String::new(),
         },
+        // reqwest's message names the URL; show it without credentials.
         Err(error) => ActionOutcome::Failed {
-            error: format!("{error}"),
+            error: format!(
+                "{}: {}",
+                crate::config::redacted_url(url),
+                error.without_url()
+            ),
         },
     }
 }
@@ -250,9 +305,14 @@ pub fn spawn(
             Action::Command { argv, timeout } => {
                 run_command(&argv, &breach_environment(&event, &workload), timeout).await
             }
-            Action::Webhook { url, timeout } => {
+            Action::Webhook {
+                url,
+                timeout,
+                headers,
+                allow_link_local,
+            } => {
                 let body = serde_json::json!({ "workload": workload, "event": event });
-                post_webhook(&url, &body, timeout).await
+                post_webhook(&url, &headers, allow_link_local, &body, timeout).await
             }
         }
     })
@@ -422,9 +482,13 @@ mod tests {
             let (stream, _) = listener.accept().unwrap();
             let mut reader = BufReader::new(stream);
             let mut length = 0;
+            let mut authorization = String::new();
             loop {
                 let mut line = String::new();
                 reader.read_line(&mut line).unwrap();
+                if line.to_ascii_lowercase().starts_with("authorization:") {
+                    authorization = line["authorization:".len()..].trim().to_string();
+                }
                 if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                     length = value.trim().parse().unwrap();
                 }
@@ -438,12 +502,14 @@ mod tests {
                 .get_mut()
                 .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
                 .unwrap();
-            String::from_utf8(body).unwrap()
+            (String::from_utf8(body).unwrap(), authorization)
         });
         let outcome = spawn(
             Action::Webhook {
                 url,
                 timeout: Duration::from_secs(5),
+                headers: vec![("authorization".into(), "Bearer s3cret".into())],
+                allow_link_local: false,
             },
             event(),
             "trainer".into(),
@@ -457,7 +523,9 @@ mod tests {
                 output: String::new()
             }
         );
-        let body: serde_json::Value = serde_json::from_str(&server.join().unwrap()).unwrap();
+        let (body, authorization) = server.join().unwrap();
+        assert_eq!(authorization, "Bearer s3cret");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["workload"], "trainer");
         assert_eq!(body["event"]["breach_id"], "storage p95@1800000000");
         assert_eq!(body["event"]["status"], "firing");
@@ -473,15 +541,59 @@ mod tests {
             .unwrap()
             .port();
         let outcome = post_webhook(
-            &format!("http://127.0.0.1:{port}/"),
+            &format!("http://user:pw@127.0.0.1:{port}/?token=t0ken"),
+            &[],
+            false,
             &serde_json::json!({}),
             Duration::from_secs(2),
         )
         .await;
-        assert!(
-            matches!(outcome, ActionOutcome::Failed { .. }),
-            "{outcome:?}"
-        );
+        let ActionOutcome::Failed { error } = outcome else {
+            panic!("{outcome:?}")
+        };
+        // The error names the webhook without its credentials.
+        assert!(!error.contains("pw") && !error.contains("t0ken"), "{error}");
+        assert!(error.contains("127.0.0.1"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn metadata_and_link_local_targets_are_refused_unless_allowed() {
+        for url in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[fe80::1]:8080/hook",
+            "http://[::ffff:169.254.169.254]/",
+            "http://[fd00:ec2::254]/",
+            "http://100.100.100.200/",
+        ] {
+            let outcome = post_webhook(
+                url,
+                &[],
+                false,
+                &serde_json::json!({}),
+                Duration::from_secs(2),
+            )
+            .await;
+            let ActionOutcome::Failed { error } = &outcome else {
+                panic!("{url}: {outcome:?}")
+            };
+            assert!(error.starts_with("refused: "), "{url}: {error}");
+            assert!(error.contains("allow_link_local = true"), "{error}");
+        }
+        // Allowed explicitly: it is tried (whatever answers, or fails to, it is not refused).
+        let outcome = post_webhook(
+            "http://169.254.0.1:9/",
+            &[],
+            true,
+            &serde_json::json!({}),
+            Duration::from_millis(300),
+        )
+        .await;
+        if let ActionOutcome::Failed { error } = &outcome {
+            assert!(!error.starts_with("refused: "), "{error}");
+        }
+        assert!(!forbidden_target("10.0.0.7".parse().unwrap()));
+        assert!(!forbidden_target("2001:db8::1".parse().unwrap()));
+        assert!(!forbidden_target("127.0.0.1".parse().unwrap()));
     }
 
     #[test]

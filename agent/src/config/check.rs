@@ -203,7 +203,7 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
     let mut budget_names = HashSet::new();
     let mut budgets = Vec::with_capacity(file.budgets.len());
     for entry in &file.budgets {
-        let budget = check_budget(&checker, entry, &names, &pricing)?;
+        let budget = check_budget(&checker, entry, &names, &pricing, alerting.https_only)?;
         if !budget_names.insert(budget.name.clone()) {
             return Err(checker.at(
                 entry.name.span(),
@@ -386,6 +386,7 @@ fn check_alerting(checker: &Checker<'_>, alerting: &file::AlertingEntry) -> Chec
         )?,
     };
     Ok(Alerting {
+        https_only: alerting.https_only.unwrap_or(false),
         burn_rate_windows,
         enter_after: hysteresis("enter_after", &alerting.enter_after, defaults.enter_after)?,
         leave_after: hysteresis("leave_after", &alerting.leave_after, defaults.leave_after)?,
@@ -557,6 +558,7 @@ fn check_budget(
     entry: &file::BudgetEntry,
     workloads: &HashSet<&str>,
     pricing: &Pricing,
+    https_only: bool,
 ) -> Checked<Budget> {
     let name = entry.name.get_ref().clone();
     if name.trim().is_empty() || name.len() > 200 {
@@ -677,7 +679,7 @@ fn check_budget(
     };
     let mut actions = Vec::with_capacity(entry.actions.len());
     for action in &entry.actions {
-        actions.push(check_action(checker, &context, action)?);
+        actions.push(check_action(checker, &context, action, https_only)?);
     }
     Ok(Budget {
         name,
@@ -698,8 +700,15 @@ fn check_action(
     checker: &Checker<'_>,
     context: &str,
     action: &Spanned<file::ActionEntry>,
+    https_only: bool,
 ) -> Checked<Action> {
     let entry = action.get_ref();
+    if entry.command.is_some() && (!entry.headers.is_empty() || entry.allow_link_local.is_some()) {
+        return Err(checker.at(
+            action.span(),
+            format!("{context}headers and allow_link_local apply to webhooks only"),
+        ));
+    }
     let timeout = match &entry.timeout {
         None => Duration::from_secs(10),
         Some(value) => checker.duration(
@@ -729,8 +738,29 @@ fn check_action(
             if !(text.starts_with("http://") || text.starts_with("https://")) {
                 return Err(checker.at(url.span(), format!("{context}webhook {text:?} must start with http:// or https://")));
             }
+            if https_only && !text.starts_with("https://") {
+                return Err(checker.at(
+                    url.span(),
+                    format!(
+                        "{context}webhook {:?} is not https:// and [alerting] https_only = true",
+                        super::redacted_url(text)
+                    ),
+                ));
+            }
             let url = checker.url(context, "webhook", url)?;
-            Ok(Action::Webhook { url, timeout })
+            let mut headers = Vec::with_capacity(entry.headers.len());
+            for (name, value) in &entry.headers {
+                if let Some(problem) = header_problem(name, value.get_ref()) {
+                    return Err(checker.at(value.span(), format!("{context}webhook {problem}")));
+                }
+                headers.push((name.to_ascii_lowercase(), value.get_ref().clone()));
+            }
+            Ok(Action::Webhook {
+                url,
+                timeout,
+                headers,
+                allow_link_local: entry.allow_link_local.unwrap_or(false),
+            })
         }
         _ => Err(checker.at(
             action.span(),

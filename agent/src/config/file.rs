@@ -64,6 +64,11 @@ pub struct ActionEntry {
     pub command: Option<Spanned<Vec<String>>>,
     pub webhook: Option<Text>,
     pub timeout: Option<Text>,
+    /// Webhooks: headers sent with the POST (tokens belong here, not in the URL).
+    #[serde(default)]
+    pub headers: BTreeMap<String, Text>,
+    /// Webhooks: allow a link-local or cloud-metadata address (refused by default).
+    pub allow_link_local: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +85,8 @@ pub struct AlertingEntry {
     pub enter_after: Option<Spanned<i64>>,
     pub leave_after: Option<Spanned<i64>>,
     pub action_min_interval: Option<Text>,
+    /// Refuse webhooks that are not https://.
+    pub https_only: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

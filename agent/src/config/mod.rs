@@ -96,14 +96,36 @@ pub enum Action {
     Webhook {
         url: String,
         timeout: Duration,
+        /// Sent with the POST, e.g. ("authorization", "Bearer ...").
+        headers: Vec<(String, String)>,
+        /// Whether a link-local or cloud-metadata address may be the target.
+        allow_link_local: bool,
     },
+}
+
+/// A URL as logs may show it: user and password, and the query, replaced by `***` (tokens
+/// often live there).
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                let _ = parsed.set_username("***");
+                let _ = parsed.set_password(None);
+            }
+            if parsed.query().is_some() {
+                parsed.set_query(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(an unparsable URL)".to_string(),
+    }
 }
 
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Action::Command { argv, .. } => write!(f, "command {argv:?}"),
-            Action::Webhook { url, .. } => write!(f, "webhook {url}"),
+            Action::Webhook { url, .. } => write!(f, "webhook {}", redacted_url(url)),
         }
     }
 }
@@ -125,6 +147,8 @@ pub struct Alerting {
     pub leave_after: u32,
     /// Least time between two actions of one budget in one direction.
     pub action_min_interval: Duration,
+    /// Webhooks must be https://.
+    pub https_only: bool,
 }
 
 impl Default for Alerting {
@@ -134,6 +158,7 @@ impl Default for Alerting {
             enter_after: 2,
             leave_after: 3,
             action_min_interval: Duration::from_secs(300),
+            https_only: false,
         }
     }
 }

@@ -502,3 +502,64 @@ fn a_peer_is_kept_as_the_report_writes_it() {
         assert_eq!(config.budgets[0].peer.as_deref(), Some(kept), "{written}");
     }
 }
+
+#[test]
+fn webhooks_take_headers_and_https_only_and_urls_are_redacted_in_messages() {
+    let base = "[[budget]]\nname = \"b\"\nworkload = \"*\"\nmetric = \"retransmits\"\nmax = 1.0\n";
+    let config = parse_config(
+        "w.toml",
+        &format!("{base}actions = [{{ webhook = \"https://hooks.example.com/e\", headers = {{ Authorization = \"Bearer x\" }}, allow_link_local = true }}]\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        config.budgets[0].actions[0],
+        Action::Webhook {
+            url: "https://hooks.example.com/e".into(),
+            timeout: std::time::Duration::from_secs(10),
+            headers: vec![("authorization".into(), "Bearer x".into())],
+            allow_link_local: true,
+        }
+    );
+    let error = parse_config(
+        "w.toml",
+        &format!("[alerting]\nhttps_only = true\n{base}actions = [{{ webhook = \"http://u:p@hooks.example.com/e?token=t\" }}]\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("is not https:// and [alerting] https_only = true"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("token=t") && !error.contains("u:p@"),
+        "{error}"
+    );
+    let error = parse_config(
+        "w.toml",
+        &format!("{base}actions = [{{ command = [\"/bin/true\"], headers = {{ a = \"b\" }} }}]\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("apply to webhooks only"), "{error}");
+    let error = parse_config(
+        "w.toml",
+        &format!("{base}actions = [{{ webhook = \"https://h/e\", headers = {{ a = \"b\\r\\nc: d\" }} }}]\n"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("a CR or LF would inject headers"), "{error}");
+    assert_eq!(
+        redacted_url("https://user:secret@hooks.example.com/x?token=abc"),
+        "https://***@hooks.example.com/x?***"
+    );
+    assert_eq!(
+        Action::Webhook {
+            url: "https://h.example/x?key=1".into(),
+            timeout: std::time::Duration::from_secs(1),
+            headers: Vec::new(),
+            allow_link_local: false,
+        }
+        .to_string(),
+        "webhook https://h.example/x?***"
+    );
+}
