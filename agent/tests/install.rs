@@ -365,3 +365,66 @@ fn the_unit_exposure_stays_within_its_target() {
         "exposure {exposure} is above the target {EXPOSURE_TARGET}:\n{stdout}"
     );
 }
+
+/// Issue 16: `--root` never writes or deletes outside the staging tree, whatever links are
+/// planted in it, and a fresh tree gets standard 0755 directories above the state directory.
+#[test]
+fn a_staging_tree_with_planted_links_is_refused_and_nothing_outside_changes() {
+    let outside = Staging::new("outside");
+    let victim = outside.0.join("victim");
+    std::fs::write(&victim, "do not touch").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = tree(&outside.0);
+    for planted in ["etc/envelope", "usr/bin", "var"] {
+        let staging = Staging::new("planted");
+        let link = staging.0.join(planted);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside.0, &link).unwrap();
+        let output = envelope(&["install", "--root", staging.root()]);
+        assert!(
+            !output.status.success(),
+            "{planted}: installed through a link"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("is a symbolic link: --root refuses links inside the staging tree"),
+            "{planted}: {stderr}"
+        );
+        let output = envelope(&["uninstall", "--purge", "--root", staging.root()]);
+        assert!(
+            !output.status.success(),
+            "{planted}: uninstalled through a link"
+        );
+        assert_eq!(
+            tree(&outside.0),
+            before,
+            "{planted}: something outside changed"
+        );
+    }
+    // The old fixed temporary name, planted as a link: not followed (unique O_EXCL names now).
+    let staging = Staging::new("temp-link");
+    std::fs::create_dir_all(staging.0.join("usr/bin")).unwrap();
+    std::os::unix::fs::symlink(
+        &victim,
+        staging.0.join("usr/bin/.envelope.envelope-install"),
+    )
+    .unwrap();
+    succeed(&["install", "--root", staging.root()]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "do not touch");
+    assert_eq!(mode(&victim), 0o600, "the victim was made executable");
+    // `..` in the root is refused.
+    let dotted = format!(
+        "{}/../{}",
+        staging.root(),
+        staging.0.file_name().unwrap().to_str().unwrap()
+    );
+    let output = envelope(&["install", "--root", &dotted]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("contains `..`"));
+    // A fresh tree: var/ and var/lib/ are 0755 like any system's, the state directory 0750.
+    let fresh = Staging::new("fresh");
+    succeed(&["install", "--root", fresh.root()]);
+    assert_eq!(mode(&fresh.0.join("var")), 0o755);
+    assert_eq!(mode(&fresh.0.join("var/lib")), 0o755);
+    assert_eq!(mode(&fresh.0.join(STATE_DIR)), 0o750);
+}

@@ -131,6 +131,41 @@ fn is_real_root(root: &Path) -> bool {
     root == Path::new("/")
 }
 
+/// `root/relative`, refusing (in a staging tree) a path that leaves the tree: `..` in the
+/// root, or a symbolic link among the directories leading to the file, which could point
+/// anywhere (`DIR/etc/envelope -> /etc`). The file itself may be a link: it is replaced or
+/// removed, never followed. On "/", the system's own links (merged /usr) are trusted.
+fn beneath(root: &Path, relative: &str) -> anyhow::Result<PathBuf> {
+    if is_real_root(root) {
+        return Ok(root.join(relative));
+    }
+    if root
+        .components()
+        .any(|component| component == std::path::Component::ParentDir)
+    {
+        bail!(
+            "--root {} contains `..`; give the staging directory's path without it",
+            root.display()
+        );
+    }
+    let mut directory = root.to_path_buf();
+    let components: Vec<&str> = relative.split('/').filter(|c| !c.is_empty()).collect();
+    for component in &components[..components.len().saturating_sub(1)] {
+        directory.push(component);
+        if directory
+            .symlink_metadata()
+            .is_ok_and(|metadata| metadata.file_type().is_symlink())
+        {
+            bail!(
+                "{} is a symbolic link: --root refuses links inside the staging tree (it could \
+                 point outside it); remove it or stage into a fresh directory",
+                directory.display()
+            );
+        }
+    }
+    Ok(root.join(relative))
+}
+
 /// Refuses a real install or uninstall without root, saying what to do instead.
 fn require_root(root: &Path, command: &str) -> anyhow::Result<()> {
     if is_real_root(root) && !nix::unistd::geteuid().is_root() {
@@ -182,7 +217,7 @@ fn place(file: &PlannedFile, target: &Path) -> anyhow::Result<()> {
 
 /// Places one planned file and says what happened.
 fn install_file(root: &Path, file: &PlannedFile) -> anyhow::Result<Outcome> {
-    let target = root.join(file.path);
+    let target = beneath(root, file.path)?;
     if !target.exists() {
         place(file, &target)?;
         return Ok(Outcome::Created);
@@ -216,12 +251,19 @@ fn install_file(root: &Path, file: &PlannedFile) -> anyhow::Result<Outcome> {
 /// The state directory, unless it exists already (as a directory, or as systemd's link to
 /// /var/lib/private/envelope once the dynamic-user service has run).
 fn create_state_dir(root: &Path) -> anyhow::Result<Outcome> {
-    let state = root.join(STATE_DIR);
-    if state.symlink_metadata().is_ok() || root.join(PRIVATE_STATE_DIR).exists() {
+    let state = beneath(root, STATE_DIR)?;
+    if state.symlink_metadata().is_ok() || beneath(root, PRIVATE_STATE_DIR)?.exists() {
         return Ok(Outcome::Unchanged);
     }
+    // The standard directories above it (var/, var/lib/) as every system has them: 0755.
+    if let Some(parent) = state.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
     fs::DirBuilder::new()
-        .recursive(true)
         .mode(0o750)
         .create(&state)
         .with_context(|| format!("cannot create {}", state.display()))?;
@@ -323,7 +365,7 @@ pub fn uninstall(options: &UninstallOptions) -> anyhow::Result<Report> {
         paths.extend([CONFIG_PATH, STATE_DIR, PRIVATE_STATE_DIR]);
     }
     for relative in paths {
-        let path = root.join(relative);
+        let path = beneath(root, relative)?;
         let outcome = remove(&path)?;
         if outcome == Outcome::Removed && !real {
             prune_empty_parents(root, &path);
@@ -333,8 +375,12 @@ pub fn uninstall(options: &UninstallOptions) -> anyhow::Result<Report> {
     if options.purge {
         // The configuration directory holds only what install put there (and `envelope
         // config rollback` files); remove it when nothing else is left.
-        let directory = root.join(CONFIG_DIR);
-        if fs::remove_dir(&directory).is_ok() {
+        let directory = beneath(root, CONFIG_DIR)?;
+        if directory
+            .symlink_metadata()
+            .is_ok_and(|metadata| metadata.is_dir())
+            && fs::remove_dir(&directory).is_ok()
+        {
             if !real {
                 prune_empty_parents(root, &directory);
             }
