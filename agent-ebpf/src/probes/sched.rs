@@ -257,6 +257,15 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         }
     }
     let _ = THREAD_SYSCALLS.remove(&thread);
+    // The process is gone when its leader exits: its tracking entry goes with it. Children
+    // tracked at fork are in no userspace set, so nothing else would remove them, and under
+    // process churn the map filled up and stopped admitting new processes (the soak test
+    // found it). A leader that exits before its other threads is tracked again by the next
+    // userspace refresh (every second).
+    let tgid = (pid_tgid >> 32) as u32;
+    if thread == tgid {
+        let _ = TRACKED_PROCESSES.remove(&tgid);
+    }
     0
 }
 
