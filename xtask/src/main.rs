@@ -46,6 +46,13 @@ enum Task {
     /// Run the benchmark (root): probe cost, agent cost, workload slowdown and accuracy against
     /// a reference tracer; writes BENCHMARKS.md and target/bench/results.json. Takes ~5 min.
     Bench,
+    /// The soak test for longer (root): `envelope run` under storage, network, process and
+    /// connection churn with reloads and a collector outage; prints RSS, fds, threads and map
+    /// entries every 5 s and fails on growth (tests/tests/soak.rs). Default 30 minutes.
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
     /// Build the container image from Containerfile with buildah, podman or docker (the first
     /// that works), tagged as the DaemonSet expects unless --tag says otherwise.
     Image {
@@ -186,6 +193,20 @@ fn main() -> anyhow::Result<()> {
                     .args(["--ignored", "--nocapture", "--test-threads=1"]),
             )?;
             eprintln!("xtask: results in BENCHMARKS.md and target/bench/results.json");
+        }
+        Task::Soak { minutes } => {
+            if !is_root() {
+                bail!("the soak test loads probes and reads with O_DIRECT: run it as root");
+            }
+            toolchain::ensure_ebpf_toolchain()?;
+            toolchain::ensure_test_tools(true)?;
+            eprintln!("xtask: soaking envelope for {minutes} minutes");
+            run_checked(
+                Command::new(env!("CARGO"))
+                    .env("ENVELOPE_SOAK_SECONDS", (minutes * 60).to_string())
+                    .args(["test", "-p", "integration-tests", "--test", "soak", "--"])
+                    .args(["--nocapture", "--test-threads=1"]),
+            )?;
         }
         Task::Image { tag } => {
             image::build_image(&workspace_root(), &tag.unwrap_or_else(image::default_tag))?;

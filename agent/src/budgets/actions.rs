@@ -556,6 +556,42 @@ mod tests {
         assert!(error.contains("127.0.0.1"), "{error}");
     }
 
+    /// A redirect is not followed: the POST (and its headers) never reach the other host.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_webhook_redirect_is_not_followed() {
+        let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = format!("http://{}/stolen", elsewhere.local_addr().unwrap());
+        elsewhere.set_nonblocking(true).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"
+            );
+            stream.write_all(answer.as_bytes()).unwrap();
+        });
+        let outcome = post_webhook(
+            &url,
+            &[("authorization".into(), "Bearer s3cret".into())],
+            false,
+            &serde_json::json!({}),
+            Duration::from_secs(5),
+        )
+        .await;
+        server.join().unwrap();
+        assert_eq!(
+            outcome,
+            ActionOutcome::Done {
+                code: 307,
+                output: String::new()
+            }
+        );
+        assert!(elsewhere.accept().is_err(), "the redirect was followed");
+    }
+
     #[tokio::test]
     async fn metadata_and_link_local_targets_are_refused_unless_allowed() {
         for url in [
