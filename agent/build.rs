@@ -1,5 +1,5 @@
 //! Builds the kernel probes (agent-ebpf) for the bpf target and leaves the object in OUT_DIR,
-//! where `sources::ebpf` embeds it. `cargo xtask build-ebpf` is the documented way to run
+//! where `kernel::probes` embeds it. `cargo xtask build-ebpf` is the documented way to run
 //! this with its prerequisites set up; AYA_BUILD_SKIP=1 skips it (an empty object is
 //! embedded, and the agent then says the probes were not built).
 use std::{env, fs, path::PathBuf};
