@@ -10,8 +10,20 @@ use integration_tests::{
 };
 use opentelemetry_proto::tonic::metrics::v1::{Metric, metric::Data, number_data_point};
 
-/// A configuration with one storage budget on the `dd` workload at `max_ms`.
+/// A configuration with one storage budget on the `dd` workload at `max_ms`; its action
+/// appends `$ENVELOPE_STATUS` to `actions.log` in `dir`.
 fn storage_config(dir: &Path, endpoint: &str, max_ms: f64) -> String {
+    storage_config_with(dir, endpoint, max_ms, "2s", "$ENVELOPE_STATUS")
+}
+
+/// The same with the burn window pair's short window and what the action logs.
+fn storage_config_with(
+    dir: &Path,
+    endpoint: &str,
+    max_ms: f64,
+    short: &str,
+    logged: &str,
+) -> String {
     format!(
         r#"
 [agent]
@@ -23,7 +35,7 @@ endpoint = "{endpoint}"
 timeout = "2s"
 
 [alerting]
-windows = [{{ long = "10s", short = "2s", factor = 1.0 }}]
+windows = [{{ long = "10s", short = "{short}", factor = 1.0 }}]
 enter_after = 2
 leave_after = 2
 
@@ -37,7 +49,7 @@ workload = "reader"
 metric = "storage_p95_ms"
 max = {max_ms}
 objective = 0.5
-actions = [{{ command = ["sh", "-c", "echo $ENVELOPE_STATUS >> {actions}"] }}]
+actions = [{{ command = ["sh", "-c", "echo \"{logged}\" >> {actions}"] }}]
 "#,
         state = dir.join("state").display(),
         actions = dir.join("actions.log").display(),
@@ -298,36 +310,12 @@ fn a_breach_fired_while_busy_resolves_when_the_workload_goes_quiet() {
     let actions = dir.0.join("actions.log");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[agent]
-window = "1s"
-state_dir = "{state}"
-
-[export]
-endpoint = "{endpoint}"
-timeout = "2s"
-
-[alerting]
-windows = [{{ long = "10s", short = "4s", factor = 1.0 }}]
-enter_after = 2
-leave_after = 2
-
-[[workload]]
-name = "reader"
-process = ["dd"]
-
-[[budget]]
-name = "reader storage p95"
-workload = "reader"
-metric = "storage_p95_ms"
-max = 0.0001
-objective = 0.5
-actions = [{{ command = ["sh", "-c", "echo \"$ENVELOPE_STATUS: $ENVELOPE_REASON\" >> {actions}"] }}]
-"#,
-            state = dir.0.join("state").display(),
-            endpoint = receiver.endpoint(),
-            actions = actions.display(),
+        storage_config_with(
+            &dir.0,
+            &receiver.endpoint(),
+            0.0001,
+            "4s",
+            "$ENVELOPE_STATUS: $ENVELOPE_REASON",
         ),
     )
     .unwrap();

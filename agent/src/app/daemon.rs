@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -26,7 +26,7 @@ use crate::{
     export::{
         events::explain,
         metrics::{BudgetView, Limits, MetricsState},
-        otlp::{LogEvent, OtlpExporter, OtlpSettings, metrics_request},
+        otlp::{LogEvent, OtlpExporter, OtlpSettings, metrics_request, unix_ns},
     },
     host::system::LiveSystem,
     model::vocabulary::{BreachStatus, NoDataPolicy},
@@ -87,11 +87,6 @@ pub fn prepare(options: &RunOptions) -> anyhow::Result<Prepared> {
         config,
         exporter,
     })
-}
-
-fn unix_ns(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// What the daemon carries from one window to the next.
@@ -328,9 +323,9 @@ impl Daemon {
         if !due {
             return;
         }
-        let series = self
-            .metrics
-            .series(&window.cumulative, &LiveSystem, &window.gpu, views);
+        let series =
+            self.metrics
+                .series(self.step.latest_snapshot(), &LiveSystem, &window.gpu, views);
         let request = metrics_request(
             exporter.settings(),
             &series,

@@ -38,8 +38,6 @@ pub struct Window {
     /// When the window ended.
     pub at: SystemTime,
     pub elapsed: Duration,
-    /// Cumulative counts since the probes loaded (for cumulative exports).
-    pub cumulative: KernelSnapshot,
     pub summary: WindowSummary,
     pub gpu: GpuSummary,
     /// Workloads judged, those losing most first (only the focused one, when focused).
@@ -103,6 +101,11 @@ impl WindowStep {
             started: Instant::now(),
             top,
         })
+    }
+
+    /// Cumulative counts since the probes loaded, as of the last window's end.
+    pub fn latest_snapshot(&self) -> &KernelSnapshot {
+        &self.previous
     }
 
     pub fn probe_statuses(&self) -> &[ProbeStatus] {
@@ -184,11 +187,12 @@ impl WindowStep {
         let at_s = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let budgets = budgets::evaluate_window(config, &workloads, at_s);
         let (node, workloads) = attribution::judge(workloads);
-        self.previous = cumulative.clone();
+        // Kept as the next window's start, and lent to the cumulative export
+        // (`latest_snapshot`): no copy of the maps per window.
+        self.previous = cumulative;
         Window {
             at,
             elapsed,
-            cumulative,
             summary,
             gpu,
             workloads,

@@ -1,18 +1,13 @@
 //! Breach events as people and collectors read them: one log line, and the same as an OTLP
 //! log record with its attributes (`envelope.budget.breach`).
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use super::otlp::LogEvent;
+use super::otlp::{LogEvent, unix_ns};
 use crate::{
     analysis::attribution::Verdict,
     budgets::{BreachEvent, BudgetResult},
     model::vocabulary::{Bound, BreachStatus},
 };
-
-fn unix_ns(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
 /// The breach event as one line for the log, and as an OTLP log event.
 pub fn explain(
@@ -104,7 +99,7 @@ pub fn explain(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
     use crate::model::vocabulary::{Bottleneck, BudgetMetric};

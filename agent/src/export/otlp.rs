@@ -193,6 +193,12 @@ impl OtlpSettings {
     }
 }
 
+/// OTLP timestamps: nanoseconds since the Unix epoch (0 for a clock before it).
+pub fn unix_ns(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn string_attribute(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.to_string(),
