@@ -10,6 +10,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std as alloc;
 
+pub mod btf;
 pub mod histogram;
 pub mod network;
 pub mod sched;
@@ -53,9 +54,12 @@ mod tests {
 /// Name of the global variable that carries tracepoint field offsets into the programs.
 pub const TRACEPOINT_OFFSETS_GLOBAL: &str = "TRACEPOINT_OFFSETS";
 
+/// Name of the global variable that carries kernel struct member offsets (from BTF).
+pub const BTF_OFFSETS_GLOBAL: &str = "BTF_OFFSETS";
+
 #[cfg(feature = "user")]
 mod pod {
-    use super::{histogram::*, network::*, sched::*, storage::*, tracepoint::*};
+    use super::{btf::*, histogram::*, network::*, sched::*, storage::*, tracepoint::*};
     // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and carry
     // explicit padding fields, so every byte pattern is a valid value.
     unsafe impl aya::Pod for LatencyHistogram {}
@@ -72,6 +76,7 @@ mod pod {
     unsafe impl aya::Pod for SocketOwner {}
     unsafe impl aya::Pod for ConnectStart {}
     unsafe impl aya::Pod for TracepointOffsets {}
+    unsafe impl aya::Pod for BtfOffsets {}
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for ProcessTime {}
     unsafe impl aya::Pod for TrackedProcess {}

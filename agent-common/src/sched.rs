@@ -74,6 +74,33 @@ pub const EXIT_ZOMBIE: u64 = 0x20;
 /// What sched_switch reports for a task that was preempted (TASK_REPORT_MAX).
 pub const PREEMPTED: u64 = 0x100;
 
+/// The task state a classic `sched_switch` tracepoint reports, from what the raw tracepoint
+/// gets: whether the task was preempted, the `prev_state` it is leaving in and its
+/// `exit_state` (the kernel's `__trace_sched_switch_state`). The states of `TASK_REPORT`
+/// (0x7f) reduce to their highest bit; an idle kernel thread (`TASK_IDLE`: uninterruptible
+/// and no-load) reports 0x80, a sleeping lock on PREEMPT_RT (`TASK_RTLOCK_WAIT`) reports
+/// uninterruptible.
+#[inline(always)]
+pub const fn reported_switch_state(preempted: bool, prev_state: u32, exit_state: u32) -> u64 {
+    const TASK_REPORT: u32 = 0x7f;
+    const TASK_NOLOAD: u32 = 0x400;
+    const TASK_RTLOCK_WAIT: u32 = 0x1000;
+    if preempted {
+        return PREEMPTED;
+    }
+    let mut state = (prev_state | exit_state) & TASK_REPORT;
+    if prev_state == TASK_UNINTERRUPTIBLE as u32 | TASK_NOLOAD {
+        state = TASK_REPORT + 1;
+    }
+    if prev_state & TASK_RTLOCK_WAIT != 0 {
+        state = TASK_UNINTERRUPTIBLE as u32;
+    }
+    if state == 0 {
+        return 0;
+    }
+    1u64 << (31 - state.leading_zeros())
+}
+
 /// How recent I/O or socket activity must be to explain a sleep.
 pub const RECENT_ACTIVITY_NS: u64 = 2_000_000_000;
 
@@ -163,6 +190,34 @@ pub const fn classify_switch_out(
 #[cfg(test)]
 mod tests {
     use super::{activity::*, syscall::*, *};
+
+    #[test]
+    fn raw_switch_states_read_like_the_classic_tracepoint_reports_them() {
+        // (preempted, prev_state, exit_state) -> what sched:sched_switch prints.
+        assert_eq!(reported_switch_state(true, 0x1, 0), PREEMPTED);
+        assert_eq!(reported_switch_state(false, 0, 0), 0);
+        assert_eq!(reported_switch_state(false, 0x1, 0), TASK_INTERRUPTIBLE);
+        assert_eq!(reported_switch_state(false, 0x2, 0), TASK_UNINTERRUPTIBLE);
+        // TASK_KILLABLE (wakekill | uninterruptible) is D.
+        assert_eq!(reported_switch_state(false, 0x102, 0), TASK_UNINTERRUPTIBLE);
+        // TASK_IDLE: not uninterruptible for the report.
+        assert_eq!(reported_switch_state(false, 0x402, 0), 0x80);
+        // The final switch of an exiting task: TASK_DEAD with its exit state.
+        assert_eq!(reported_switch_state(false, 0x80, 0x20), EXIT_ZOMBIE);
+        assert_eq!(reported_switch_state(false, 0x80, 0x10), EXIT_DEAD);
+        // Stopped (__TASK_STOPPED 0x4) is reported as such, and is not a sleep we classify.
+        assert_eq!(reported_switch_state(false, 0x4, 0), 0x4);
+        assert_eq!(
+            classify_switch_out(
+                reported_switch_state(false, 0x80, 0x20),
+                0,
+                false,
+                false,
+                false
+            ),
+            EXITED
+        );
+    }
 
     #[test]
     fn the_system_call_matters_only_when_it_is_needed() {

@@ -50,6 +50,21 @@ impl IoOperation {
         }
     }
 
+    /// Decodes the operation in the low bits of a request's `cmd_flags` (`enum req_op`), what
+    /// the BTF probes read where the classic tracepoints print `rwbs`. Agrees with
+    /// [`from_rwbs`](Self::from_rwbs) for every operation `blk_fill_rwbs` names: secure erase
+    /// (5) is a discard, as its "DE" is.
+    #[inline(always)]
+    pub const fn from_req_op(cmd_flags: u32) -> IoOperation {
+        match cmd_flags & crate::btf::REQ_OP_MASK {
+            crate::btf::req_op::READ => IoOperation::Read,
+            crate::btf::req_op::WRITE => IoOperation::Write,
+            crate::btf::req_op::FLUSH => IoOperation::Flush,
+            crate::btf::req_op::DISCARD | 5 => IoOperation::Discard,
+            _ => IoOperation::Other,
+        }
+    }
+
     pub const fn from_u8(value: u8) -> IoOperation {
         match value {
             0 => IoOperation::Read,
@@ -420,6 +435,13 @@ mod tests {
         assert_eq!(IoOperation::from_rwbs(&rwbs("F")), IoOperation::Flush);
         assert_eq!(IoOperation::from_rwbs(&rwbs("D")), IoOperation::Discard);
         assert_eq!(IoOperation::from_rwbs(&rwbs("DE")), IoOperation::Discard);
+        // The same operations from cmd_flags (op in the low 8 bits, flags above).
+        assert_eq!(IoOperation::from_req_op(0), IoOperation::Read);
+        assert_eq!(IoOperation::from_req_op(1 | 1 << 11), IoOperation::Write);
+        assert_eq!(IoOperation::from_req_op(2), IoOperation::Flush);
+        assert_eq!(IoOperation::from_req_op(3), IoOperation::Discard);
+        assert_eq!(IoOperation::from_req_op(5), IoOperation::Discard);
+        assert_eq!(IoOperation::from_req_op(9), IoOperation::Other);
         assert_eq!(IoOperation::from_rwbs(&rwbs("N")), IoOperation::Other);
         assert_eq!(IoOperation::from_rwbs(&rwbs("")), IoOperation::Other);
     }

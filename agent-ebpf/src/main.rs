@@ -3,6 +3,10 @@
 //! interval.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic adds on map values (see probes/shared.rs `add`): the BPF target has no
+// compare-and-swap, so `AtomicU64::fetch_add` is not offered, but the instruction exists.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod probes;

@@ -39,6 +39,24 @@ impl Drop for Load {
     }
 }
 
+/// The scenario ran on the kind of probes it meant to: classic tracepoints where
+/// `ENVELOPE_PROBES=tracepoint` says so, BTF raw tracepoints otherwise (kernels with BTF),
+/// except sched_switch on the sys_enter fallback. And none missed an event.
+fn assert_probe_kinds(report: &serde_json::Value, environment: &[(&str, &Path)]) {
+    let set = |name: &str| environment.iter().any(|(key, _)| *key == name);
+    let has_btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    for probe in report["probes"].as_array().unwrap() {
+        let name = probe["tracepoint"].as_str().unwrap();
+        let classic = set("ENVELOPE_PROBES")
+            || !has_btf
+            || name == "raw_syscalls:sys_enter"
+            || (name == "sched:sched_switch" && set("ENVELOPE_SYSCALL_PROBE"));
+        let expected = if classic { "tracepoint" } else { "btf" };
+        assert_eq!(probe["kind"], expected, "{probe:#}");
+        assert_eq!(probe["attached"], true, "{probe:#}");
+    }
+}
+
 /// Only one scenario at a time: each measures the whole node.
 static SCENARIOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -53,13 +71,26 @@ fn direct_reads_in_a_loop_are_a_storage_bottleneck_on_their_device() {
     storage_scenario(&[]);
 }
 
-/// Both scenarios with every tracepoint field read through bpf_probe_read_kernel: the path
-/// the probes take on kernels whose tracepoint layouts differ from the compiled one.
+/// Both scenarios with every probe on its classic tracepoint (kernels without BTF), and every
+/// tracepoint field read through bpf_probe_read_kernel: the path the probes take on kernels
+/// whose tracepoint layouts differ from the compiled one.
 #[test]
 fn fields_read_through_the_helper_give_the_same_verdicts() {
-    let helper = [("ENVELOPE_TRACEPOINT_READS", Path::new("helper"))];
+    let helper = [
+        ("ENVELOPE_PROBES", Path::new("tracepoint")),
+        ("ENVELOPE_TRACEPOINT_READS", Path::new("helper")),
+    ];
     storage_scenario(&helper);
     network_scenario(5205, &helper);
+}
+
+/// Both scenarios on classic tracepoints with direct field loads (the other scenarios run on
+/// BTF raw tracepoints wherever the kernel has BTF).
+#[test]
+fn classic_tracepoints_give_the_same_verdicts() {
+    let classic = [("ENVELOPE_PROBES", Path::new("tracepoint"))];
+    storage_scenario(&classic);
+    network_scenario(5206, &classic);
 }
 
 fn storage_scenario(environment: &[(&str, &Path)]) {
@@ -88,6 +119,7 @@ fn storage_scenario(environment: &[(&str, &Path)]) {
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (code, report) = diagnose_json(4, &["--config", config.to_str().unwrap()], environment);
+    assert_probe_kinds(&report, environment);
     let _ = std::fs::remove_file(&config);
     let dd = workload(&report, "bulk-reader");
     // Budgets evaluated on the same window: the P95 ceiling holds, the stall share does not.
@@ -187,6 +219,7 @@ fn network_scenario(port: u16, environment: &[(&str, &Path)]) {
     std::thread::sleep(Duration::from_millis(500));
     let me = std::process::id().to_string();
     let (code, report) = diagnose_json(4, &["--pid", &me], environment);
+    assert_probe_kinds(&report, environment);
     client.join().unwrap();
     server.join().unwrap();
     let syscall_probe = report["probes"]

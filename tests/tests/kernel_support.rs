@@ -2,7 +2,19 @@
 use std::path::Path;
 
 use agent_common::tracepoint::TracepointOffsets;
-use envelope::kernel::{preflight, probes::KernelProbes, tracefs};
+use envelope::kernel::{
+    preflight,
+    probes::{KernelProbes, ProbeKind, ProbeOptions},
+    tracefs,
+};
+
+/// Every probe on its classic tracepoint, the path these tracefs tests are about.
+fn classic() -> ProbeOptions {
+    ProbeOptions {
+        all_classic: true,
+        classic: Vec::new(),
+    }
+}
 use integration_tests::{root_or_skip, unique_name};
 
 /// The built-in offsets are the fallback for a tracepoint whose format cannot be read; they
@@ -27,7 +39,8 @@ fn built_in_offsets_match_the_live_format_files() {
 }
 
 /// A kernel without one tracepoint loses that probe, not the agent: with tcp_probe's format
-/// hidden, every other probe attaches and the missing one says why.
+/// hidden (and the classic path forced), every other probe attaches and the missing one says
+/// why.
 #[test]
 fn a_missing_tracepoint_turns_off_only_its_probe() {
     if !root_or_skip("a_missing_tracepoint_turns_off_only_its_probe") {
@@ -48,7 +61,7 @@ fn a_missing_tracepoint_turns_off_only_its_probe() {
         )
         .unwrap();
     }
-    let loaded = KernelProbes::load(&fake_root);
+    let loaded = KernelProbes::load_with(&fake_root, &classic());
     let _ = std::fs::remove_dir_all(&fake_root);
     let probes = loaded.expect("the agent still loads");
     for status in probes.statuses() {
@@ -77,7 +90,7 @@ fn no_usable_tracepoint_is_a_clear_error() {
         return;
     }
     preflight::run().expect("preflight");
-    let error = KernelProbes::load(Path::new("/nonexistent-tracefs"))
+    let error = KernelProbes::load_with(Path::new("/nonexistent-tracefs"), &classic())
         .err()
         .expect("must fail");
     let message = error.to_string();
@@ -86,4 +99,68 @@ fn no_usable_tracepoint_is_a_clear_error() {
         message.contains("block:block_rq_complete: this kernel has no such tracepoint"),
         "{message}"
     );
+}
+
+/// BTF raw tracepoints need no tracefs: with none at all, every probe attaches as `btf`, and
+/// the maps read. Skipped on kernels without BTF.
+#[test]
+fn btf_probes_attach_without_tracefs() {
+    if !root_or_skip("btf_probes_attach_without_tracefs") {
+        return;
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("skipped: this kernel has no BTF");
+        return;
+    }
+    preflight::run().expect("preflight");
+    let probes =
+        KernelProbes::load_with(Path::new("/nonexistent-tracefs"), &ProbeOptions::default())
+            .expect("BTF probes load without tracefs");
+    for status in probes.statuses() {
+        assert!(
+            status.attached,
+            "{}: {:?}",
+            status.tracepoint, status.problem
+        );
+        assert_eq!(
+            status.kind,
+            ProbeKind::Btf,
+            "{}: {:?}",
+            status.tracepoint,
+            status.btf_problem
+        );
+        assert_eq!(status.btf_problem, None);
+    }
+    assert_eq!(probes.statuses().len(), tracefs::TRACEPOINTS.len());
+    assert!(probes.snapshot().is_ok());
+}
+
+/// The choice is per probe: one kept classic, the rest BTF, all attached and sharing maps.
+#[test]
+fn one_probe_can_stay_classic_while_the_rest_are_btf() {
+    if !root_or_skip("one_probe_can_stay_classic_while_the_rest_are_btf") {
+        return;
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("skipped: this kernel has no BTF");
+        return;
+    }
+    let report = preflight::run().expect("preflight");
+    let options = ProbeOptions {
+        all_classic: false,
+        classic: vec!["tcp_probe".to_string()],
+    };
+    let probes = KernelProbes::load_with(Path::new(&report.tracefs), &options).expect("load");
+    for status in probes.statuses() {
+        assert!(status.attached, "{}", status.tracepoint);
+        if status.tracepoint == "tcp:tcp_probe" {
+            assert_eq!(status.kind, ProbeKind::Tracepoint);
+            assert_eq!(
+                status.btf_problem.as_deref(),
+                Some("kept classic by the caller")
+            );
+        } else {
+            assert_eq!(status.kind, ProbeKind::Btf, "{}", status.tracepoint);
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::storage::IoOperation;
+use agent_common::storage::{IoOperation, StorageCounters};
 use envelope::analysis::window::{StorageOperationSummary, WindowSummary};
 use integration_tests::{
     AlignedBuffer, ScratchFile, load_probes, root_or_skip, tool_or_skip, window_since,
@@ -15,21 +15,49 @@ const BLOCK: usize = 4096;
 
 /// Direct reads (or writes) of one block at pseudo-random offsets; returns each call's time.
 fn direct_io(file: &ScratchFile, operations: usize, write: bool) -> Vec<Duration> {
-    let handle = std::fs::OpenOptions::new()
+    let blocks = std::fs::metadata(&file.path).unwrap().len() as usize / BLOCK;
+    direct_io_in(file, operations, write, 0..blocks, 0x9E37_79B9_7F4A_7C15)
+}
+
+/// [`direct_io`] within a range of blocks, from a seed: concurrent readers given disjoint
+/// ranges never have the same sector in flight twice (the probes match a completion to its
+/// start by device and sector, so two in flight at once are one request to them).
+fn direct_io_in(
+    file: &ScratchFile,
+    operations: usize,
+    write: bool,
+    blocks: std::ops::Range<usize>,
+    seed: u64,
+) -> Vec<Duration> {
+    direct_io_with(&open_direct(file, write), operations, write, blocks, seed)
+}
+
+fn open_direct(file: &ScratchFile, write: bool) -> std::fs::File {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(write)
         .custom_flags(libc::O_DIRECT)
         .open(&file.path)
-        .expect("open O_DIRECT");
-    let blocks = std::fs::metadata(&file.path).unwrap().len() as usize / BLOCK;
+        .expect("open O_DIRECT")
+}
+
+/// [`direct_io_in`] on a file already open with O_DIRECT.
+fn direct_io_with(
+    handle: &std::fs::File,
+    operations: usize,
+    write: bool,
+    blocks: std::ops::Range<usize>,
+    seed: u64,
+) -> Vec<Duration> {
     let mut buffer = AlignedBuffer::new(BLOCK);
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut seed = seed;
     (0..operations)
         .map(|_| {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let offset = ((seed >> 33) as usize % blocks * BLOCK) as u64;
+            let block = blocks.start + (seed >> 33) as usize % blocks.len();
+            let offset = (block * BLOCK) as u64;
             let started = Instant::now();
             if write {
                 handle
@@ -169,6 +197,214 @@ fn direct_reads_are_counted_exactly_and_timed_like_the_caller_sees_them() {
         .find(|p| p.pid == std::process::id())
         .expect("this process listed");
     assert_eq!(me.read_bytes, (READS * BLOCK) as u64);
+}
+
+/// Events the probes skipped so far (the kernel's recursion_misses), per probe.
+fn missed_events(probes: &envelope::kernel::probes::KernelProbes) -> Vec<(String, u64)> {
+    probes
+        .statuses()
+        .into_iter()
+        .map(|status| (status.tracepoint, status.missed_events))
+        .collect()
+}
+
+/// What one window of queue-depth-32 reads beside TCP traffic showed.
+struct DepthWindow {
+    reads: u64,
+    delta: envelope::model::KernelSnapshot,
+    /// The kernel's own count of reads completed on the device in the window
+    /// (/sys/dev/block/M:m/stat), independent of any tracepoint.
+    disk_reads: u64,
+}
+
+/// 32 threads of 4 KiB random direct reads (queue depth 32), each in its own part of the file
+/// (two reads of one sector in flight at once would be one request to the probes), while TCP
+/// ping-pong on loopback keeps the network and scheduler probes busy on the same CPUs.
+/// Asserts that no probe missed an event. None when the probes are not all BTF raw
+/// tracepoints (printed).
+fn reads_at_queue_depth_32(test: &str) -> Option<DepthWindow> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let probes = load_probes();
+    let classic: Vec<String> = probes
+        .statuses()
+        .into_iter()
+        .filter(|s| s.kind != envelope::kernel::probes::ProbeKind::Btf)
+        .map(|s| s.tracepoint)
+        .collect();
+    if !classic.is_empty() {
+        eprintln!(
+            "skipped {test}: classic tracepoints ({}) miss events by design (and report them); \
+             this test is about the BTF probes (kernel without BTF, or ENVELOPE_PROBES=tracepoint)",
+            classic.join(", ")
+        );
+        return None;
+    }
+    let file = ScratchFile::create(64 << 20);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let address = listener.local_addr().unwrap();
+            let echo = std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut buffer = [0u8; 64];
+                while stream.read_exact(&mut buffer).is_ok() {
+                    if stream.write_all(&buffer).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut client = std::net::TcpStream::connect(address).unwrap();
+            client.set_nodelay(true).unwrap();
+            let mut buffer = [7u8; 64];
+            let mut round_trips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client.write_all(&buffer).unwrap();
+                client.read_exact(&mut buffer).unwrap();
+                round_trips += 1;
+            }
+            drop(client);
+            echo.join().unwrap();
+            round_trips
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let missed_before = missed_events(&probes);
+    let (major, minor) = file.device();
+    let disk_reads = || -> u64 {
+        std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))
+            .ok()
+            .and_then(|stat| stat.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    const THREADS: usize = 32;
+    const READS_PER_THREAD: usize = 400;
+    let blocks_per_thread = (64 << 20) / BLOCK / THREADS;
+    // The readers start, open the file and wait; the window covers only their reads.
+    let start = std::sync::Barrier::new(THREADS + 1);
+    let done = std::sync::Barrier::new(THREADS + 1);
+    let mut window = None;
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (file, start, done) = (&file, &start, &done);
+            let blocks = thread * blocks_per_thread..(thread + 1) * blocks_per_thread;
+            scope.spawn(move || {
+                let handle = open_direct(file, false);
+                start.wait();
+                direct_io_with(
+                    &handle,
+                    READS_PER_THREAD,
+                    false,
+                    blocks,
+                    0x5EED + thread as u64,
+                );
+                done.wait();
+            });
+        }
+        let disk_before = disk_reads();
+        let before = probes.snapshot().unwrap();
+        start.wait();
+        done.wait();
+        let (delta, _) = window_since(&probes, &before, Duration::from_secs(1));
+        window = Some((delta, disk_reads() - disk_before));
+    });
+    let (delta, disk_reads) = window.unwrap();
+    let missed_after = missed_events(&probes);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let round_trips = traffic.join().unwrap();
+    assert!(
+        round_trips > 1000,
+        "only {round_trips} TCP round trips beside the reads"
+    );
+    let missed: Vec<(String, u64)> = missed_after
+        .iter()
+        .zip(&missed_before)
+        .map(|((name, after), (_, before))| (name.clone(), after - before))
+        .filter(|(_, count)| *count > 0)
+        .collect();
+    assert!(missed.is_empty(), "probes missed events: {missed:?}");
+    Some(DepthWindow {
+        reads: (THREADS * READS_PER_THREAD) as u64,
+        delta,
+        disk_reads,
+    })
+}
+
+/// On classic tracepoints a block completion arriving while another probe ran on its CPU was
+/// skipped (22 to 614 of these 12,800 reads, reported as missed events); BTF raw tracepoints
+/// guard recursion per program, so no probe misses one. What the probes saw is consistent:
+/// every read completion they saw was timed and charged to its submitter, 4 KiB each.
+#[test]
+fn no_probe_misses_events_at_queue_depth_32_beside_tcp_traffic() {
+    let Some(window) = reads_at_queue_depth_32("no_probe_misses_events_at_queue_depth_32") else {
+        return;
+    };
+    let (ops, bytes, _) = charged_to_me(&window.delta, IoOperation::Read);
+    let seen: StorageCounters = window
+        .delta
+        .storage_counters
+        .iter()
+        .filter(|(key, _)| key.operation == IoOperation::Read as u8)
+        .fold(StorageCounters::default(), |mut total, (_, counters)| {
+            total.completed_requests += counters.completed_requests;
+            total.untimed_completions += counters.untimed_completions;
+            total
+        });
+    assert_eq!(bytes, ops * BLOCK as u64, "{ops} reads charged");
+    assert!(
+        ops <= window.reads + 4,
+        "{ops} reads charged, {} issued",
+        window.reads
+    );
+    // Every read completion the tracepoint delivered was matched to its start and charged to
+    // the process that queued it (this one, or another reader on the machine). One may be
+    // untimed: when the kernel skips a block_bio_queue the way it skips block_rq_complete
+    // (see the ignored test below), that read's completion has no start to match.
+    let charged_to_anyone: u64 = window
+        .delta
+        .process_io
+        .iter()
+        .filter(|(key, _)| key.operation == IoOperation::Read as u8)
+        .map(|(_, stats)| stats.completed_requests)
+        .sum();
+    assert_eq!(
+        charged_to_anyone + seen.untimed_completions,
+        seen.completed_requests,
+        "read completions seen and charged disagree"
+    );
+    assert!(
+        seen.untimed_completions <= 1,
+        "{} of {} read completions untimed; {ops} charged to this process",
+        seen.untimed_completions,
+        seen.completed_requests
+    );
+    assert!(ops > 0);
+}
+
+/// Every read issued is seen, byte for byte. Not in CI: on the 6.18.44 Firecracker VM this
+/// project runs on, about 1 window in 10 the `block_rq_complete` tracepoint itself is not hit
+/// for 3 to 770 of the 12,800 reads that /sys/block/vda/stat counts as completed: a classic
+/// and a BTF program attached side by side both miss the same completions (their run counts,
+/// with kernel.bpf_stats_enabled=1, agree and fall short; neither counts a recursion miss).
+/// Run it with `cargo test -p integration-tests --test storage -- --ignored`.
+#[test]
+#[ignore = "the kernel under test skips block_rq_complete for some completions (see the doc comment)"]
+fn every_read_at_queue_depth_32_is_seen_byte_for_byte() {
+    let Some(window) = reads_at_queue_depth_32("every_read_at_queue_depth_32_is_seen") else {
+        return;
+    };
+    let (ops, bytes, _) = charged_to_me(&window.delta, IoOperation::Read);
+    assert!(
+        (window.reads..=window.reads + 4).contains(&ops),
+        "{ops} reads charged to this process, {} issued, {} completed per the kernel's disk stats",
+        window.reads,
+        window.disk_reads
+    );
+    assert_eq!(bytes, ops * BLOCK as u64);
 }
 
 #[test]

@@ -235,6 +235,19 @@ fn main() -> anyhow::Result<()> {
                     .args(&cargo_args)
                     .args(["--", "--test-threads=1"]),
             )?;
+            // The probes above ran as BTF raw tracepoints (where the kernel has BTF); the
+            // storage and network measurements again on classic tracepoints, the path kernels
+            // without BTF take. (The attribution scenarios cover both inside their own tests.)
+            if is_root() && cargo_args.is_empty() {
+                eprintln!("xtask: the storage and network tests again on classic tracepoints");
+                run_checked(
+                    Command::new(env!("CARGO"))
+                        .env("ENVELOPE_PROBES", "tracepoint")
+                        .args(["test", "-p", "integration-tests"])
+                        .args(["--test", "storage", "--test", "network"])
+                        .args(["--", "--test-threads=1"]),
+                )?;
+            }
         }
     }
     Ok(())

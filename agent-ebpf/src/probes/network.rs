@@ -9,13 +9,19 @@ use agent_common::{
     },
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{LruHashMap, LruPerCpuHashMap},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 
-use super::shared::{compiled_offset, field, field_at, get_or_insert, offset, record_latency};
+use super::shared::{
+    add, compiled_offset, field, field_at, get_or_insert, member, offset, offset_of_member,
+    record_latency,
+};
 
 /// Bounded by LRU: peers that stop talking age out. Userspace may resize at load time.
 #[map]
@@ -91,6 +97,49 @@ fn remember_owner(socket: u64, tgid: u32) {
     let _ = SOCKET_OWNERS.insert(&socket, &owner, 0);
 }
 
+// Every probe comes twice, a BTF raw tracepoint and the classic tracepoint (see storage.rs);
+// both hand the same fields to one handler.
+
+/// The remote end of a socket as the BTF probes read it from `struct sock` (what the classic
+/// tracepoints copy into their records): family, address, port in host order.
+#[inline(always)]
+fn remote_end(socket: *const u8) -> Result<(u16, [u8; 16], u16), i64> {
+    let family: u16 = member!(socket, sock_family);
+    let mut address = [0u8; 16];
+    if family == AF_INET {
+        let v4: [u8; 4] = member!(socket, sock_daddr);
+        address[0] = v4[0];
+        address[1] = v4[1];
+        address[2] = v4[2];
+        address[3] = v4[3];
+    } else if family == AF_INET6 {
+        address = member!(socket, sock_v6_daddr);
+    } else {
+        return Err(0);
+    }
+    let port_network_order: u16 = member!(socket, sock_dport);
+    Ok((family, address, u16::from_be(port_network_order)))
+}
+
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcp_probe_btf(ctx: BtfTracePointContext) -> i32 {
+    let socket: *const u8 = ctx.arg(0);
+    // tcp_sock keeps the smoothed RTT shifted left by 3; the classic record shifts it back.
+    // The argument is typed `struct sock *`, so the verifier refuses a plain load past the
+    // end of `struct sock`: this one member is read through the helper.
+    let srtt_offset = offset_of_member!(tcp_srtt_us);
+    // SAFETY: reads 4 bytes of kernel memory through the helper, which fails cleanly.
+    let srtt_us_shifted: u32 =
+        unsafe { bpf_probe_read_kernel(socket.add(srtt_offset) as *const u32) }.unwrap_or(0);
+    let srtt_us = srtt_us_shifted >> 3;
+    if srtt_us != 0 {
+        if let Ok((family, address, port)) = remote_end(socket) {
+            on_rtt_sample(socket as u64, family, address, port, srtt_us);
+        }
+    }
+    0
+}
+
 #[tracepoint(category = "tcp", name = "tcp_probe")]
 pub fn tcp_probe(ctx: TracePointContext) -> u32 {
     let _ = try_tcp_probe(&ctx);
@@ -114,6 +163,12 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
     )?;
     let port: u16 = field!(ctx, tcp_probe_dport)?;
     let socket: u64 = field!(ctx, tcp_probe_skaddr)?;
+    on_rtt_sample(socket, family, address, port, srtt_us);
+    Ok(())
+}
+
+#[inline(always)]
+fn on_rtt_sample(socket: u64, family: u16, address: [u8; 16], port: u16, srtt_us: u32) {
     let key = PeerKey {
         address,
         family,
@@ -122,7 +177,15 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i64> {
     };
     record_latency!(PEER_RTT, &key, srtt_us as u64 * 1000);
     // The histogram's count is the number of RTT samples: no counter lookup per ACK.
-    Ok(())
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    let socket: *const u8 = ctx.arg(0);
+    if let Ok((family, address, port)) = remote_end(socket) {
+        on_retransmit(socket as u64, family, address, port);
+    }
+    0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
@@ -148,6 +211,12 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
     )?;
     let port: u16 = field!(ctx, retransmit_dport)?;
     let socket: u64 = field!(ctx, retransmit_skaddr)?;
+    on_retransmit(socket, family, address, port);
+    Ok(())
+}
+
+#[inline(always)]
+fn on_retransmit(socket: u64, family: u16, address: [u8; 16], port: u16) {
     let key = PeerKey {
         address,
         family,
@@ -156,9 +225,20 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
     };
     if let Some(counters) = get_or_insert!(PEER_COUNTERS, &key, Some(&ZERO_COUNTERS)) {
         // SAFETY: this CPU's slot of a per-CPU value.
-        unsafe { (*counters).retransmits += 1 };
+        unsafe { add(&raw mut (*counters).retransmits, 1) };
     }
-    Ok(())
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let socket: *const u8 = ctx.arg(0);
+    let old_state: i32 = ctx.arg(1);
+    let new_state: i32 = ctx.arg(2);
+    let protocol: u16 = member!(socket, sock_protocol);
+    if protocol == IPPROTO_TCP {
+        let _ = on_state_change(socket as u64, old_state, new_state, || remote_end(socket));
+    }
+    0
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -176,7 +256,30 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let old_state: i32 = field!(ctx, set_state_oldstate)?;
     let new_state: i32 = field!(ctx, set_state_newstate)?;
     let socket: u64 = field!(ctx, set_state_skaddr)?;
+    on_state_change(socket, old_state, new_state, || {
+        let family: u16 = field!(ctx, set_state_family)?;
+        let address = read_address(
+            ctx,
+            family,
+            (offset!(set_state_daddr), compiled_offset!(set_state_daddr)),
+            (
+                offset!(set_state_daddr_v6),
+                compiled_offset!(set_state_daddr_v6),
+            ),
+        )?;
+        let port: u16 = field!(ctx, set_state_dport)?;
+        Ok((family, address, port))
+    })
+}
 
+/// A TCP socket changed state. `remote_end` is read only when a connect finishes.
+#[inline(always)]
+fn on_state_change(
+    socket: u64,
+    old_state: i32,
+    new_state: i32,
+    remote_end: impl Fn() -> Result<(u16, [u8; 16], u16), i64>,
+) -> Result<(), i64> {
     if new_state == tcp_state::SYN_SENT {
         // connect() runs in the caller's context: the owner and the start time are known here.
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -197,17 +300,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             return Ok(());
         };
         let _ = CONNECTS_IN_FLIGHT.remove(&socket);
-        let family: u16 = field!(ctx, set_state_family)?;
-        let address = read_address(
-            ctx,
-            family,
-            (offset!(set_state_daddr), compiled_offset!(set_state_daddr)),
-            (
-                offset!(set_state_daddr_v6),
-                compiled_offset!(set_state_daddr_v6),
-            ),
-        )?;
-        let port: u16 = field!(ctx, set_state_dport)?;
+        let (family, address, port) = remote_end()?;
         let key = PeerKey {
             address,
             family,
@@ -228,9 +321,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             // SAFETY: this CPU's slot of a per-CPU value.
             unsafe {
                 if established {
-                    (*counters).connects_established += 1;
+                    add(&raw mut (*counters).connects_established, 1);
                 } else if new_state == tcp_state::CLOSE {
-                    (*counters).connects_failed += 1;
+                    add(&raw mut (*counters).connects_failed, 1);
                 }
             }
         }
@@ -240,6 +333,26 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         let _ = SOCKET_OWNERS.remove(&socket);
     }
     Ok(())
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
+    on_socket_io(ctx.arg(0));
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
+    on_socket_io(ctx.arg(0));
+    0
+}
+
+#[inline(always)]
+fn on_socket_io(socket: *const u8) {
+    let protocol: u16 = member!(socket, sock_protocol);
+    if protocol == IPPROTO_TCP {
+        note_socket_user(socket as u64);
+    }
 }
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
@@ -254,17 +367,21 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// send/recv syscalls run in the owner's context: this is how accepted (server-side) sockets
-/// get an owner.
 #[inline(always)]
 fn try_sock_length(ctx: &TracePointContext) -> Result<(), i64> {
     let protocol: u16 = field!(ctx, sock_length_protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let socket: u64 = field!(ctx, sock_length_sk)?;
+    note_socket_user(field!(ctx, sock_length_sk)?);
+    Ok(())
+}
+
+/// send/recv syscalls run in the owner's context: this is how accepted (server-side) sockets
+/// get an owner.
+#[inline(always)]
+fn note_socket_user(socket: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     remember_owner(socket, tgid);
     super::sched::note_socket_activity(tgid);
-    Ok(())
 }

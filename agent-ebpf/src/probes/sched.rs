@@ -4,19 +4,19 @@
 //! per process in per-CPU maps.
 use agent_common::sched::{
     ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity, classify_switch_out,
-    needs_syscall, tracked,
+    needs_syscall, reported_switch_state, tracked,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, LruHashMap, LruPerCpuHashMap},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 
-use super::shared::{field, get_or_insert};
+use super::shared::{add, field, get_or_insert, member};
 
 /// tgid -> flags (userspace) and when it last queued I/O / used a socket (the probes).
 #[map]
@@ -89,7 +89,7 @@ fn account(tgid: u32, what: u32, ns: u64) {
         let index = what as usize;
         if index < activity::COUNT {
             // SAFETY: this CPU's slot of a per-CPU value; index checked.
-            unsafe { (*time).ns[index] += ns };
+            unsafe { add(&raw mut (*time).ns[index], ns) };
         }
     }
 }
@@ -127,48 +127,94 @@ fn syscall_from_registers() -> u64 {
     }
 }
 
+// Every probe comes twice, a BTF raw tracepoint and the classic tracepoint (see storage.rs);
+// both hand the same fields to one handler.
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
+    // (bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int
+    // prev_state); `prev` is the current task.
+    let preempted: u64 = ctx.arg(0);
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    let prev_state: u32 = ctx.arg(3);
+    let _ = on_switch(
+        || {
+            let exit_state: u32 = member!(prev, task_exit_state);
+            Ok(reported_switch_state(
+                preempted as u8 != 0,
+                prev_state,
+                exit_state,
+            ))
+        },
+        || Ok(member!(next, task_pid)),
+        |_| syscall_from_registers(),
+    );
+    0
+}
+
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
-    let _ = try_sched_switch(&ctx, |_| syscall_from_registers());
+    let _ = on_switch(
+        || {
+            // `long` in the record; typed here, or inference would pick `!` for the read.
+            let state: i64 = field!(&ctx, switch_prev_state)?;
+            Ok(state as u64)
+        },
+        || Ok(field!(&ctx, switch_next_pid)?),
+        |_| syscall_from_registers(),
+    );
     0
 }
 
 /// The fallback for kernels without `bpf_task_pt_regs`: the system call `sys_enter` noted.
 #[tracepoint(category = "sched", name = "sched_switch")]
 pub fn sched_switch_by_map(ctx: TracePointContext) -> u32 {
-    let _ = try_sched_switch(&ctx, |thread| {
-        // SAFETY: copied out at once.
-        unsafe { THREAD_SYSCALLS.get(&thread) }
-            .copied()
-            .unwrap_or(u64::MAX)
-    });
+    let _ = on_switch(
+        || {
+            // `long` in the record; typed here, or inference would pick `!` for the read.
+            let state: i64 = field!(&ctx, switch_prev_state)?;
+            Ok(state as u64)
+        },
+        || Ok(field!(&ctx, switch_next_pid)?),
+        |thread| {
+            // SAFETY: copied out at once.
+            unsafe { THREAD_SYSCALLS.get(&thread) }
+                .copied()
+                .unwrap_or(u64::MAX)
+        },
+    );
     0
 }
 
+/// A context switch: the current thread leaves the CPU (in the state `prev_state` gives, as
+/// the classic tracepoint reports it), the thread `next_pid` gets it. The fields are read
+/// only when a tracked thread is involved.
 #[inline(always)]
-fn try_sched_switch(
-    ctx: &TracePointContext,
+fn on_switch(
+    prev_state: impl Fn() -> Result<u64, i64>,
+    next_pid: impl Fn() -> Result<i32, i64>,
     current_syscall: impl Fn(u32) -> u64,
 ) -> Result<(), i64> {
     // sched_switch runs in the context of the thread leaving the CPU. The clock is read only
     // when a tracked thread is involved: most switches on a node are not.
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let mut now = 0;
     if let Some(process) = tracked_process(tgid) {
         // SAFETY: plain helper call.
         now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: pointer from a successful lookup; copied out at once.
         let process = unsafe { *process };
-        let prev: i32 = field!(ctx, switch_prev_pid)?;
-        let task_state: i64 = field!(ctx, switch_prev_state)?;
-        let prev = prev as u32;
-        let syscall = if needs_syscall(task_state as u64) {
+        let prev = pid_tgid as u32;
+        let task_state = prev_state()?;
+        let syscall = if needs_syscall(task_state) {
             current_syscall(prev)
         } else {
             u64::MAX
         };
         let next_activity = classify_switch_out(
-            task_state as u64,
+            task_state,
             syscall,
             recent(process.last_io_queued_ns, now),
             recent(process.last_socket_activity_ns, now),
@@ -191,7 +237,7 @@ fn try_sched_switch(
             }
         }
     }
-    let next: i32 = field!(ctx, switch_next_pid)?;
+    let next = next_pid()?;
     if next != 0 {
         if let Some(state) = THREAD_STATES.get_ptr_mut(&(next as u32)) {
             if now == 0 {
@@ -204,22 +250,39 @@ fn try_sched_switch(
     Ok(())
 }
 
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup_btf(ctx: BtfTracePointContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    on_wakeup(member!(task, task_pid));
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new_btf(ctx: BtfTracePointContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    on_wakeup(member!(task, task_pid));
+    0
+}
+
 #[tracepoint(category = "sched", name = "sched_wakeup")]
 pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    let _ = try_sched_wakeup(&ctx);
+    if let Ok(pid) = field!(&ctx, wakeup_pid) {
+        on_wakeup(pid);
+    }
     0
 }
 
 #[tracepoint(category = "sched", name = "sched_wakeup_new")]
 pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
-    let _ = try_sched_wakeup(&ctx);
+    if let Ok(pid) = field!(&ctx, wakeup_pid) {
+        on_wakeup(pid);
+    }
     0
 }
 
 /// A sleeping thread became runnable: its sleep ends, its wait for a CPU begins.
 #[inline(always)]
-fn try_sched_wakeup(ctx: &TracePointContext) -> Result<(), i64> {
-    let pid: i32 = field!(ctx, wakeup_pid)?;
+fn on_wakeup(pid: i32) {
     if let Some(state) = THREAD_STATES.get_ptr_mut(&(pid as u32)) {
         // SAFETY: pointer from a successful lookup.
         let asleep = unsafe { (*state).activity } >= activity::STORAGE;
@@ -230,11 +293,23 @@ fn try_sched_wakeup(ctx: &TracePointContext) -> Result<(), i64> {
             });
         }
     }
-    Ok(())
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit_btf(_ctx: BtfTracePointContext) -> i32 {
+    on_exit();
+    0
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    on_exit();
+    0
+}
+
+/// The current thread exits.
+#[inline(always)]
+fn on_exit() {
     let pid_tgid = bpf_get_current_pid_tgid();
     let thread = pid_tgid as u32;
     if let Some(state) = THREAD_STATES.get_ptr_mut(&thread) {
@@ -266,22 +341,33 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if thread == tgid {
         let _ = TRACKED_PROCESSES.remove(&tgid);
     }
-    0
 }
 
 /// A tracked process's children are tracked from their first instant, with its flags, so
 /// short-lived workers are not missed between userspace's refreshes of the tracked set.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork_btf(ctx: BtfTracePointContext) -> i32 {
+    let child: *const u8 = ctx.arg(1);
+    on_fork(|| Ok(member!(child, task_pid)));
+    0
+}
+
 #[tracepoint(category = "sched", name = "sched_process_fork")]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    on_fork(|| Ok(field!(&ctx, fork_child_pid)?));
+    0
+}
+
+/// The current process forked `child_pid`; read only when the parent is tracked.
+#[inline(always)]
+fn on_fork(child_pid: impl Fn() -> Result<i32, i64>) {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: copied out at once.
     if let Some(flags) = unsafe { TRACKED_PROCESSES.get(&parent) }.map(|parent| parent.flags) {
-        let child: Result<i32, _> = field!(&ctx, fork_child_pid);
-        if let Ok(child) = child {
+        if let Ok(child) = child_pid() {
             let _ = TRACKED_PROCESSES.insert(&(child as u32), &TrackedProcess::new(flags), 0);
         }
     }
-    0
 }
 
 /// Fallback only (see `sched_switch_by_map`): fires on every system call of the node.

@@ -1,5 +1,7 @@
-//! Helpers shared by the probe families: tracepoint offsets, histogram recording, context.
+//! Helpers shared by the probe families: tracepoint offsets, kernel struct member reads,
+//! histogram recording, context.
 use agent_common::{
+    btf::BtfOffsets,
     histogram::{HISTOGRAM_BUCKETS, LatencyHistogram, bucket_index},
     tracepoint::TracepointOffsets,
 };
@@ -93,6 +95,46 @@ pub unsafe fn read_ctx<T: Copy>(
     }
 }
 
+/// Kernel struct member offsets for the BTF raw tracepoints, overwritten by userspace at load
+/// time from the running kernel's BTF.
+#[unsafe(no_mangle)]
+pub static BTF_OFFSETS: BtfOffsets = BtfOffsets::LINUX_6_18;
+
+/// Reads a kernel struct member through a pointer a BTF raw tracepoint was given (or one read
+/// from such a member): `let dev: u32 = member!(bdev, block_device_dev);`.
+///
+/// A plain load: the offset is a constant to the verifier (read-only data, frozen before the
+/// programs load), which checks the access against the kernel's BTF and turns it into a
+/// fault-tolerant load (a NULL or stale pointer reads as zero). No helper call per field,
+/// unlike the classic tracepoints' fallback path.
+macro_rules! member {
+    ($pointer:expr, $field:ident) => {
+        $crate::probes::shared::read_member(
+            $pointer,
+            $crate::probes::shared::offset_of_member!($field),
+        )
+    };
+}
+pub(crate) use member;
+
+/// The live offset of a member, from [`BTF_OFFSETS`].
+macro_rules! offset_of_member {
+    ($field:ident) => {
+        $crate::probes::shared::read_offset(core::ptr::addr_of!(
+            $crate::probes::shared::BTF_OFFSETS.$field
+        ))
+    };
+}
+pub(crate) use offset_of_member;
+
+/// See [`member!`].
+#[inline(always)]
+pub fn read_member<T: Copy>(pointer: *const u8, offset: usize) -> T {
+    // SAFETY: `pointer` is a BTF-typed kernel pointer and `offset` a member's offset in its
+    // type, both checked by the verifier; the load cannot fault (see `member!`).
+    unsafe { core::ptr::read_volatile(pointer.add(offset) as *const T) }
+}
+
 /// A zeroed histogram to insert from: 4 KiB does not fit on the 512-byte eBPF stack.
 #[map]
 static ZERO_HISTOGRAM: PerCpuArray<LatencyHistogram> = PerCpuArray::with_max_entries(1, 0);
@@ -106,6 +148,24 @@ pub fn zero_histogram() -> Option<&'static LatencyHistogram> {
     ZERO_HISTOGRAM.get(0)
 }
 
+/// Adds `value` to a counter in a map value, atomically (one `lock add` instruction).
+///
+/// Per-CPU values are not enough on their own: BTF raw tracepoints may nest on one CPU (a
+/// block completion in a hard interrupt arriving while another completion's program runs in
+/// a soft interrupt), and a plain read-modify-write interrupted between its load and store
+/// loses the inner update. Classic tracepoints never nested, they skipped the inner event
+/// instead (the missed events this design removes). On a value only this CPU writes the
+/// locked add costs a few nanoseconds.
+#[inline(always)]
+pub fn add(counter: *mut u64, value: u64) {
+    // SAFETY: `counter` points into a map value from a successful lookup.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, value,
+        );
+    }
+}
+
 /// Adds one sample to a histogram that lives in a per-CPU map value.
 #[inline(always)]
 pub fn add_sample(histogram: *mut LatencyHistogram, value_ns: u64) {
@@ -113,10 +173,10 @@ pub fn add_sample(histogram: *mut LatencyHistogram, value_ns: u64) {
     // SAFETY: the pointer comes from a successful map lookup and is this CPU's slot.
     unsafe {
         if index < HISTOGRAM_BUCKETS {
-            (*histogram).buckets[index] += 1;
+            add(&raw mut (*histogram).buckets[index], 1);
         }
-        (*histogram).count += 1;
-        (*histogram).sum_ns += value_ns;
+        add(&raw mut (*histogram).count, 1);
+        add(&raw mut (*histogram).sum_ns, value_ns);
     }
 }
 

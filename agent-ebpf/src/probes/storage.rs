@@ -15,12 +15,12 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_get_current_comm,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 
-use super::shared::{add_sample, field, get_or_insert};
+use super::shared::{add, add_sample, field, get_or_insert, member};
 
 /// Not preallocated: a 4 KiB histogram per CPU exists only for (device, direction, stage)
 /// keys that saw I/O, instead of for every possible key on every CPU.
@@ -96,16 +96,28 @@ const ZERO_PROCESS_IO: ProcessIoStats = ProcessIoStats {
     comm: [0; 16],
 };
 
+// Every probe comes twice: a BTF raw tracepoint (`tp_btf`, the kernel's own arguments, its
+// own recursion guard) and the classic tracepoint (a trace record, used where BTF or a member
+// is missing). Both read the same fields and hand them to one handler.
+
+#[btf_tracepoint(function = "block_bio_queue")]
+pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
+    let bio: *const u8 = ctx.arg(0);
+    let bdev: *const u8 = member!(bio, bio_bdev);
+    on_bio_queue(member!(bdev, block_device_dev), member!(bio, bio_sector));
+    0
+}
+
 #[tracepoint(category = "block", name = "block_bio_queue")]
 pub fn block_bio_queue(ctx: TracePointContext) -> u32 {
-    let _ = try_block_bio_queue(&ctx);
+    if let (Ok(dev), Ok(sector)) = (field!(&ctx, bio_queue_dev), field!(&ctx, bio_queue_sector)) {
+        on_bio_queue(dev, sector);
+    }
     0
 }
 
 #[inline(always)]
-fn try_block_bio_queue(ctx: &TracePointContext) -> Result<(), i64> {
-    let dev: u32 = field!(ctx, bio_queue_dev)?;
-    let sector: u64 = field!(ctx, bio_queue_sector)?;
+fn on_bio_queue(dev: u32, sector: u64) {
     let key = InflightRequestKey::new(dev, sector);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -114,7 +126,7 @@ fn try_block_bio_queue(ctx: &TracePointContext) -> Result<(), i64> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     super::sched::note_io_queued(tgid, now);
     let Some(slot) = claim_slot(key, now) else {
-        return Ok(());
+        return;
     };
     // Filled in place: no request built on the stack and copied (every instruction counts on
     // a path taken for each bio).
@@ -130,45 +142,80 @@ fn try_block_bio_queue(ctx: &TracePointContext) -> Result<(), i64> {
             request.comm[0] = 0;
         }
     }
-    Ok(())
 }
 
 /// A bio too large for the device is split: the front keeps the original sector, the rest
 /// continues at `new_sector` as its own request. Both inherit the submitter and queue time,
 /// so the second request is timed from when the application queued it too.
+#[btf_tracepoint(function = "block_split")]
+pub fn block_split_btf(ctx: BtfTracePointContext) -> i32 {
+    let bio: *const u8 = ctx.arg(0);
+    let new_sector: u32 = ctx.arg(1);
+    let bdev: *const u8 = member!(bio, bio_bdev);
+    on_split(
+        member!(bdev, block_device_dev),
+        member!(bio, bio_sector),
+        new_sector as u64,
+    );
+    0
+}
+
 #[tracepoint(category = "block", name = "block_split")]
 pub fn block_split(ctx: TracePointContext) -> u32 {
-    let _ = try_block_split(&ctx);
+    if let (Ok(dev), Ok(sector), Ok(new_sector)) = (
+        field!(&ctx, split_dev),
+        field!(&ctx, split_sector),
+        field!(&ctx, split_new_sector),
+    ) {
+        on_split(dev, sector, new_sector);
+    }
     0
 }
 
 #[inline(always)]
-fn try_block_split(ctx: &TracePointContext) -> Result<(), i64> {
-    let dev: u32 = field!(ctx, split_dev)?;
-    let sector: u64 = field!(ctx, split_sector)?;
-    let new_sector: u64 = field!(ctx, split_new_sector)?;
+fn on_split(dev: u32, sector: u64, new_sector: u64) {
     let key = InflightRequestKey::new(dev, sector);
     let Some(slot) = find_request(&key) else {
-        return Ok(());
+        return;
     };
     // SAFETY: copied out at once.
     let request = unsafe { (*slot).request };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     place_request(InflightRequestKey::new(dev, new_sector), request, now);
-    Ok(())
+}
+
+/// The whole disk a request is for, encoded as the classic tracepoints do
+/// (`disk_devt(rq->q->disk)`, MINORBITS 20); 0 when the queue has no disk.
+#[inline(always)]
+fn request_dev(request: *const u8) -> u32 {
+    let queue: *const u8 = member!(request, request_queue);
+    let disk: *const u8 = member!(queue, queue_disk);
+    if disk.is_null() {
+        return 0;
+    }
+    let major: u32 = member!(disk, disk_major);
+    let first_minor: u32 = member!(disk, disk_first_minor);
+    major << 20 | first_minor
+}
+
+#[btf_tracepoint(function = "block_rq_issue")]
+pub fn block_rq_issue_btf(ctx: BtfTracePointContext) -> i32 {
+    let request: *const u8 = ctx.arg(0);
+    on_rq_issue(request_dev(request), member!(request, request_sector));
+    0
 }
 
 #[tracepoint(category = "block", name = "block_rq_issue")]
 pub fn block_rq_issue(ctx: TracePointContext) -> u32 {
-    let _ = try_block_rq_issue(&ctx);
+    if let (Ok(dev), Ok(sector)) = (field!(&ctx, rq_issue_dev), field!(&ctx, rq_issue_sector)) {
+        on_rq_issue(dev, sector);
+    }
     0
 }
 
 #[inline(always)]
-fn try_block_rq_issue(ctx: &TracePointContext) -> Result<(), i64> {
-    let dev: u32 = field!(ctx, rq_issue_dev)?;
-    let sector: u64 = field!(ctx, rq_issue_sector)?;
+fn on_rq_issue(dev: u32, sector: u64) {
     let key = InflightRequestKey::new(dev, sector);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -185,7 +232,33 @@ fn try_block_rq_issue(ctx: &TracePointContext) -> Result<(), i64> {
             place_request(key, request, now);
         }
     }
-    Ok(())
+}
+
+/// One completed request as both kinds of probe see it.
+struct Completion {
+    dev: u32,
+    sector: u64,
+    bytes: u64,
+    failed: bool,
+    operation: u8,
+}
+
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn block_rq_complete_btf(ctx: BtfTracePointContext) -> i32 {
+    let request: *const u8 = ctx.arg(0);
+    // blk_status_t is a u8; the argument slot is 64 bits wide.
+    let status: u64 = ctx.arg(1);
+    let bytes: u32 = ctx.arg(2);
+    let cmd_flags: u32 = member!(request, request_cmd_flags);
+    let _ = on_rq_complete(Completion {
+        dev: request_dev(request),
+        sector: member!(request, request_sector),
+        // The classic tracepoint reports nr_bytes >> 9 sectors: the same rounding.
+        bytes: (bytes as u64 >> 9) << 9,
+        failed: status as u8 != 0,
+        operation: IoOperation::from_req_op(cmd_flags) as u8,
+    });
+    0
 }
 
 #[tracepoint(category = "block", name = "block_rq_complete")]
@@ -196,13 +269,27 @@ pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
-    let dev: u32 = field!(ctx, rq_complete_dev)?;
-    let sector: u64 = field!(ctx, rq_complete_sector)?;
     let nr_sector: u32 = field!(ctx, rq_complete_nr_sector)?;
     let error: i32 = field!(ctx, rq_complete_error)?;
     let rwbs: [u8; 8] = field!(ctx, rq_complete_rwbs)?;
-    let operation = IoOperation::from_rwbs(&rwbs) as u8;
-    let bytes = (nr_sector as u64) << 9;
+    on_rq_complete(Completion {
+        dev: field!(ctx, rq_complete_dev)?,
+        sector: field!(ctx, rq_complete_sector)?,
+        bytes: (nr_sector as u64) << 9,
+        failed: error != 0,
+        operation: IoOperation::from_rwbs(&rwbs) as u8,
+    })
+}
+
+#[inline(always)]
+fn on_rq_complete(completion: Completion) -> Result<(), i64> {
+    let Completion {
+        dev,
+        sector,
+        bytes,
+        failed,
+        operation,
+    } = completion;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
 
@@ -246,14 +333,14 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // SAFETY: this CPU's slot of a per-CPU value.
     unsafe {
-        let counters = &mut (*stats).counters;
-        counters.completed_requests += 1;
-        counters.completed_bytes += bytes;
-        if error != 0 {
-            counters.errors += 1;
+        let counters = &raw mut (*stats).counters;
+        add(&raw mut (*counters).completed_requests, 1);
+        add(&raw mut (*counters).completed_bytes, bytes);
+        if failed {
+            add(&raw mut (*counters).errors, 1);
         }
         if !timed {
-            counters.untimed_completions += 1;
+            add(&raw mut (*counters).untimed_completions, 1);
         }
     }
     Ok(())
@@ -271,9 +358,9 @@ fn charge_process(request: &InflightRequest, dev: u32, operation: u8, bytes: u64
     if let Some(stats) = get_or_insert!(PROCESS_IO, &key, Some(&ZERO_PROCESS_IO)) {
         // SAFETY: this CPU's slot of a per-CPU value.
         unsafe {
-            (*stats).completed_requests += 1;
-            (*stats).completed_bytes += bytes;
-            (*stats).latency_sum_ns += latency_ns;
+            add(&raw mut (*stats).completed_requests, 1);
+            add(&raw mut (*stats).completed_bytes, bytes);
+            add(&raw mut (*stats).latency_sum_ns, latency_ns);
             (*stats).comm = request.comm;
         }
     }

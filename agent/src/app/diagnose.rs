@@ -86,7 +86,7 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         options.top,
     )?;
     let interrupted = wait_for_window(options.duration, || step.refresh_tracking()).await?;
-    let probes = step.probe_statuses().to_vec();
+    let probes = step.probe_statuses();
     let preflight = step.preflight.clone();
     let focus = Focus {
         workload: options.workload.clone(),

@@ -27,7 +27,7 @@ use crate::{
     },
     kernel::{
         preflight::{self, PreflightReport},
-        probes::{KernelProbes, ProbeStatus},
+        probes::{KernelProbes, ProbeKind, ProbeStatus},
     },
     model::{KernelSnapshot, gpu::GpuSample},
 };
@@ -108,7 +108,8 @@ impl WindowStep {
         &self.previous
     }
 
-    pub fn probe_statuses(&self) -> &[ProbeStatus] {
+    /// Every probe, with the events it has missed so far.
+    pub fn probe_statuses(&self) -> Vec<ProbeStatus> {
         self.probes.statuses()
     }
 
@@ -217,6 +218,13 @@ fn load_probes() -> anyhow::Result<(PreflightReport, KernelProbes)> {
             probe.feeds,
             probe.problem.as_deref().unwrap_or("unknown reason")
         );
+    }
+    // Classic tracepoints work, but skip events while another probe runs on the same CPU
+    // (the missed events are reported): say once why BTF was not used.
+    for probe in probes.statuses().iter().filter(|p| p.attached) {
+        if let (ProbeKind::Tracepoint, Some(why)) = (probe.kind, &probe.btf_problem) {
+            tracing::info!("probe {} is a classic tracepoint: {why}", probe.tracepoint);
+        }
     }
     Ok((preflight, probes))
 }

@@ -104,6 +104,7 @@ metrics! {
     GPU_PCIE_THROUGHPUT = "envelope.gpu.pcie.throughput", "By/s", "PCIe throughput per direction (transmit, receive)";
     GPU_PROCESS_MEMORY = "envelope.gpu.process.memory.usage", "By", "GPU memory held by a process";
     GPU_PROCESS_UTILIZATION = "envelope.gpu.process.utilization", "1", "SM utilization of a process, 0..1";
+    PROBE_MISSED_EVENTS = "envelope.probe.missed_events", "{event}", "Events a probe skipped because another run of it was in progress on that CPU (the kernel's recursion_misses): I/Os, packets or context switches nothing was recorded for";
     BUDGET_STATE = "envelope.budget.state", "", "1 while the budget's breach is firing, 0 when it is within its envelope";
     BUDGET_NO_DATA = "envelope.budget.no_data", "", "1 when the budget's latest window had nothing to measure (its workload idle or gone), else 0";
     BUDGET_OBSERVED = "envelope.budget.observed", "", "The budget's metric in the latest window, in the metric's own unit (see envelope.budget.metric)";
@@ -280,6 +281,7 @@ impl MetricsState {
         self.attribution_series(&mut out);
         self.gpu_series(gpu, &mut out);
         budget_series(budgets, &mut out);
+        probe_series(kernel, &mut out);
         out
     }
 
@@ -574,6 +576,17 @@ impl MetricsState {
                 value: Value::Gauge(utilization),
             });
         }
+    }
+}
+
+/// One counter per attached probe, zero included: a dashboard can alert on any increase.
+fn probe_series(kernel: &KernelSnapshot, out: &mut Vec<Series>) {
+    for (probe, missed) in &kernel.missed_events {
+        out.push(Series {
+            metric: &PROBE_MISSED_EVENTS,
+            attributes: vec![("envelope.probe", probe.clone())],
+            value: Value::Counter(*missed as f64),
+        });
     }
 }
 

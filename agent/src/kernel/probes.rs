@@ -3,7 +3,7 @@
 use std::{collections::HashMap, fs, hash::Hash, path::Path};
 
 use agent_common::{
-    TRACEPOINT_OFFSETS_GLOBAL,
+    BTF_OFFSETS_GLOBAL, TRACEPOINT_OFFSETS_GLOBAL,
     histogram::LatencyHistogram,
     map_names,
     network::{PeerCounters, PeerKey},
@@ -15,13 +15,16 @@ use agent_common::{
 };
 use anyhow::Context as _;
 use aya::{
-    Ebpf, EbpfLoader, Pod,
+    Btf, Ebpf, EbpfLoader, Pod,
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::{TracePoint, trace_point::TracePointLink},
+    programs::{BtfTracePoint, TracePoint, tp_btf::BtfTracePointLink, trace_point::TracePointLink},
 };
 use serde::Serialize;
 
-use super::tracefs::{self, TracepointProblem};
+use super::{
+    btf::{self, BtfProbes},
+    tracefs::{self, TracepointProblem},
+};
 use crate::model::{
     Histogram, KernelSnapshot,
     snapshot::{Counters, merge_per_cpu},
@@ -31,6 +34,19 @@ use crate::model::{
 static PROBES_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/envelope-probes"));
 
+/// How a probe is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// A BTF raw tracepoint (`tp_btf`): the kernel's own arguments, no trace record filled
+    /// first, and a recursion guard of its own, so another probe running on the same CPU
+    /// does not make it skip events.
+    Btf,
+    /// A classic tracepoint: where the kernel has no BTF, or the BTF lacks what the probe
+    /// reads, or `ENVELOPE_PROBES=tracepoint`.
+    Tracepoint,
+}
+
 /// Whether one probe is running.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ProbeStatus {
@@ -39,8 +55,60 @@ pub struct ProbeStatus {
     /// What it measures, for messages when it is missing.
     pub feeds: &'static str,
     pub attached: bool,
+    /// How it is attached (meaningful when attached).
+    pub kind: ProbeKind,
+    /// Events the kernel skipped for this probe since it was attached: it was already running
+    /// on that CPU (the program's `recursion_misses`). Each one is an I/O, a packet or a
+    /// context switch nothing was recorded for.
+    pub missed_events: u64,
+    /// Times the program ran since it was attached, while the kernel's BPF statistics are on
+    /// (`sysctl kernel.bpf_stats_enabled=1`, which costs two clock reads per run); None when
+    /// they are off.
+    pub runs: Option<u64>,
     /// Why it is not attached (None when attached).
     pub problem: Option<String>,
+    /// Why it runs as a classic tracepoint rather than a BTF one (None when BTF).
+    pub btf_problem: Option<String>,
+    /// The program in the eBPF object, to read its statistics.
+    #[serde(skip)]
+    pub(crate) program: Option<String>,
+}
+
+/// Which probes may run as BTF raw tracepoints.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeOptions {
+    /// Every probe on its classic tracepoint (`ENVELOPE_PROBES=tracepoint`): to compare the
+    /// two, or to work around a kernel whose BTF misleads.
+    pub all_classic: bool,
+    /// These tracepoints (by name, `tcp_probe`) on their classic tracepoint.
+    pub classic: Vec<String>,
+}
+
+impl ProbeOptions {
+    /// `ENVELOPE_PROBES=tracepoint` keeps every probe classic;
+    /// `ENVELOPE_PROBES=tracepoint:tcp_probe,sched_switch` keeps the ones named.
+    pub fn from_environment() -> Self {
+        let value = std::env::var("ENVELOPE_PROBES").unwrap_or_default();
+        match value.split_once(':') {
+            Some(("tracepoint", names)) => Self {
+                all_classic: false,
+                classic: names
+                    .split(',')
+                    .map(|name| name.trim().to_string())
+                    .collect(),
+            },
+            _ => Self {
+                all_classic: value == "tracepoint",
+                classic: Vec::new(),
+            },
+        }
+    }
+}
+
+/// An attached program, whichever kind.
+enum ProbeLink {
+    Tracepoint(TracePointLink),
+    Btf(BtfTracePointLink),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +136,7 @@ pub enum ProbeLoadError {
 pub struct KernelProbes {
     /// Owned here rather than by their programs so they can be detached all at once (see
     /// `Drop`); declared before `ebpf` so they go first.
-    links: Vec<TracePointLink>,
+    links: Vec<ProbeLink>,
     ebpf: Ebpf,
     statuses: Vec<ProbeStatus>,
 }
@@ -99,8 +167,14 @@ fn is_permission_error(text: &str) -> bool {
 }
 
 impl KernelProbes {
-    /// Loads and attaches every probe whose tracepoint this kernel has.
+    /// Loads and attaches every probe this kernel supports, as BTF raw tracepoints where it
+    /// can (`ENVELOPE_PROBES=tracepoint` keeps them all classic).
     pub fn load(tracefs_root: &Path) -> Result<Self, ProbeLoadError> {
+        Self::load_with(tracefs_root, &ProbeOptions::from_environment())
+    }
+
+    /// [`load`](Self::load) with the choice of probe kinds made by the caller.
+    pub fn load_with(tracefs_root: &Path, options: &ProbeOptions) -> Result<Self, ProbeLoadError> {
         if PROBES_OBJECT.is_empty() {
             return Err(ProbeLoadError::NotBuiltIn);
         }
@@ -110,16 +184,24 @@ impl KernelProbes {
         if std::env::var_os("ENVELOPE_TRACEPOINT_READS").is_some_and(|value| value == "helper") {
             offsets.force_helper_reads = 1;
         }
+        let (mut btf_probes, kernel_btf) = read_kernel_btf(options.all_classic);
+        for name in &options.classic {
+            if let Some(spec) = btf::BTF_PROBES.iter().find(|spec| spec.tracepoint == name) {
+                btf_probes
+                    .unusable
+                    .insert(spec.tracepoint, "kept classic by the caller".to_string());
+            }
+        }
         // One value per device and direction (5); at least room for 16 disks. The map is not
         // preallocated, so unused room costs nothing.
         let storage_keys = (block_device_count().max(16) * 5).min(65_536);
         let peer_histograms = peer_histogram_entries(nr_cpus());
         let mut ebpf = EbpfLoader::new()
-            // The programs carry no CO-RE relocations (Rust eBPF has none; field offsets come
-            // from the format files above), so the kernel's BTF is not needed to load them,
-            // and parsing it (about 6 MB) was a third of a short `diagnose`'s wall time.
+            // The programs carry no CO-RE relocations (Rust eBPF has none; offsets come from the
+            // format files and the BTF read above), so the loader need not parse the BTF again.
             .btf(None)
             .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
+            .override_global(BTF_OFFSETS_GLOBAL, &btf_probes.offsets, true)
             .map_max_entries(map_names::STORAGE_DEVICES, storage_keys)
             .map_max_entries(map_names::PEER_RTT, peer_histograms)
             .map_max_entries(map_names::PEER_CONNECT_LATENCY, peer_histograms)
@@ -142,6 +224,43 @@ impl KernelProbes {
         let mut links = Vec::new();
         for (spec, usable) in availability {
             let tracepoint = spec.qualified_name();
+            // The BTF raw tracepoint first: it needs no tracefs and loses no events to other
+            // probes. Where it cannot run, the classic tracepoint, and the reason is kept.
+            let btf_problem = match (&kernel_btf, btf_probes.usable(spec.name)) {
+                _ if spec.name == "sched_switch" && force_sys_enter => {
+                    Some("ENVELOPE_SYSCALL_PROBE=sys_enter".to_string())
+                }
+                (Ok(kernel_btf), Ok(())) => {
+                    match attach_btf(
+                        &mut ebpf,
+                        &format!("{}_btf", spec.name),
+                        spec.name,
+                        kernel_btf,
+                    ) {
+                        Ok(link) => {
+                            links.push(ProbeLink::Btf(link));
+                            statuses.push(ProbeStatus {
+                                tracepoint,
+                                feeds: spec.feeds,
+                                attached: true,
+                                kind: ProbeKind::Btf,
+                                missed_events: 0,
+                                runs: None,
+                                problem: None,
+                                btf_problem: None,
+                                program: Some(format!("{}_btf", spec.name)),
+                            });
+                            continue;
+                        }
+                        Err(problem) => Some(problem),
+                    }
+                }
+                (Err(problem), _) => Some(problem.clone()),
+                (_, Err(problem)) => Some(problem.to_string()),
+            };
+            if let Some(problem) = &btf_problem {
+                tracing::debug!("{tracepoint} runs as a classic tracepoint: {problem}");
+            }
             let tracepoint_usable = usable.is_ok();
             let result = usable
                 .map_err(|problem: TracepointProblem| problem.to_string())
@@ -151,6 +270,7 @@ impl KernelProbes {
                     }
                     attach(&mut ebpf, spec.name, spec.category, spec.name)
                 });
+            let mut program = spec.name.to_string();
             // sched_switch reads the system call a thread sleeps in from its saved registers
             // (bpf_task_pt_regs, Linux 5.15+). Where the verifier refuses that, the fallback
             // notes every system call in raw_syscalls:sys_enter, which costs far more.
@@ -160,13 +280,14 @@ impl KernelProbes {
                         "sched_switch cannot read system calls from registers here ({refused}); \
                          falling back to raw_syscalls:sys_enter"
                     );
+                    program = "sched_switch_by_map".to_string();
                     let fallback =
                         attach(&mut ebpf, "sched_switch_by_map", "sched", "sched_switch");
                     if fallback.is_ok() {
                         let syscalls = attach(&mut ebpf, "sys_enter", "raw_syscalls", "sys_enter");
                         let (attached, problem) = match syscalls {
                             Ok(link) => {
-                                links.push(link);
+                                links.push(ProbeLink::Tracepoint(link));
                                 (true, None)
                             }
                             Err(problem) => (false, Some(problem)),
@@ -175,7 +296,12 @@ impl KernelProbes {
                             tracepoint: "raw_syscalls:sys_enter".to_string(),
                             feeds: "which system call a thread sleeps in (network or GPU waits)",
                             attached,
+                            kind: ProbeKind::Tracepoint,
+                            missed_events: 0,
+                            runs: None,
                             problem,
+                            btf_problem: Some("only the classic sched_switch needs it".into()),
+                            program: Some("sys_enter".to_string()),
                         });
                     }
                     fallback
@@ -184,7 +310,7 @@ impl KernelProbes {
             };
             let (attached, problem) = match result {
                 Ok(link) => {
-                    links.push(link);
+                    links.push(ProbeLink::Tracepoint(link));
                     (true, None)
                 }
                 Err(problem) => (false, Some(problem)),
@@ -193,7 +319,12 @@ impl KernelProbes {
                 tracepoint,
                 feeds: spec.feeds,
                 attached,
+                kind: ProbeKind::Tracepoint,
+                missed_events: 0,
+                runs: None,
                 problem,
+                btf_problem,
+                program: attached.then_some(program),
             });
         }
         if statuses.iter().all(|status| !status.attached) {
@@ -221,8 +352,51 @@ impl KernelProbes {
         })
     }
 
-    pub fn statuses(&self) -> &[ProbeStatus] {
-        &self.statuses
+    /// Every probe, with the events it missed so far (read from the kernel now).
+    pub fn statuses(&self) -> Vec<ProbeStatus> {
+        let mut statuses = self.statuses.clone();
+        for status in &mut statuses {
+            if let Some(info) = status.program.as_deref().and_then(|p| self.program_info(p)) {
+                status.missed_events = info.recursion_misses;
+                status.runs = (info.run_time_ns > 0 || info.run_cnt > 0).then_some(info.run_cnt);
+            }
+        }
+        statuses
+    }
+
+    /// The kernel's statistics of one program, for `recursion_misses` (times the kernel
+    /// skipped it because it was already running on that CPU) and the run count. aya 0.14's
+    /// `ProgramInfo` does not expose the first, so this asks the kernel directly
+    /// (`BPF_OBJ_GET_INFO_BY_FD`).
+    fn program_info(&self, program: &str) -> Option<aya_obj::generated::bpf_prog_info> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let program = self.ebpf.program(program)?;
+        let fd = program.fd().ok()?;
+        // SAFETY: a plain-old-data struct of integers; zero is "no buffers" for the kernel.
+        let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+        #[repr(C)]
+        struct InfoByFd {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut attr = InfoByFd {
+            bpf_fd: fd.as_fd().as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: &raw mut info as u64,
+        };
+        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+        // SAFETY: `attr` is the command's layout and points at `info`, both live for the call;
+        // the kernel writes at most `info_len` bytes.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &raw mut attr,
+                std::mem::size_of::<InfoByFd>() as libc::c_uint,
+            )
+        };
+        (result == 0).then_some(info)
     }
 
     /// Reads every map once. Cost: one map walk per map, no per-event work.
@@ -238,6 +412,12 @@ impl KernelProbes {
                 .read_histograms::<PeerKey>(map_names::PEER_CONNECT_LATENCY)?,
             peer_counters: self.read_counters::<PeerKey, PeerCounters>(map_names::PEER_COUNTERS)?,
             process_time: self.read_process_time()?,
+            missed_events: self
+                .statuses()
+                .into_iter()
+                .filter(|status| status.attached)
+                .map(|status| (status.tracepoint, status.missed_events))
+                .collect(),
         })
     }
 
@@ -393,7 +573,10 @@ impl Drop for KernelProbes {
             for link in links {
                 if std::thread::Builder::new()
                     .name("envelope-detach".into())
-                    .spawn_scoped(scope, move || drop(link))
+                    .spawn_scoped(scope, move || match link {
+                        ProbeLink::Tracepoint(link) => drop(link),
+                        ProbeLink::Btf(link) => drop(link),
+                    })
                     .is_err()
                 {
                     // No thread to spare: the link was dropped with the failed closure.
@@ -402,6 +585,49 @@ impl Drop for KernelProbes {
         });
         tracing::debug!("{count} probes detached in {:?}", started.elapsed());
     }
+}
+
+/// The kernel's BTF, read twice at once on two threads: btfparse finds the member offsets
+/// (aya 0.14 keeps its own BTF lookups private), aya needs its own parse to load `tp_btf`
+/// programs. `ENVELOPE_PROBES=tracepoint` skips both and keeps every classic tracepoint.
+fn read_kernel_btf(all_classic: bool) -> (BtfProbes, Result<Btf, String>) {
+    if all_classic {
+        let reason = "ENVELOPE_PROBES=tracepoint";
+        return (BtfProbes::none(reason), Err(reason.to_string()));
+    }
+    let path = Path::new(btf::VMLINUX_BTF);
+    std::thread::scope(|scope| {
+        let for_aya = scope.spawn(|| {
+            Btf::from_sys_fs().map_err(|error| format!("aya cannot read the kernel BTF: {error}"))
+        });
+        let probes = btf::inspect(path);
+        let kernel_btf = for_aya
+            .join()
+            .unwrap_or_else(|_| Err("reading the kernel BTF panicked".to_string()));
+        (probes, kernel_btf)
+    })
+}
+
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    program_name: &str,
+    tracepoint: &str,
+    btf: &Btf,
+) -> Result<BtfTracePointLink, String> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(program_name)
+        .ok_or_else(|| format!("the eBPF object has no program {program_name}"))?
+        .try_into()
+        .map_err(|error| format!("{error}"))?;
+    program
+        .load(tracepoint, btf)
+        .map_err(|error| format!("the verifier refused the BTF program: {error:#}"))?;
+    let link = program
+        .attach()
+        .map_err(|error| format!("attaching the BTF program failed: {error:#}"))?;
+    program
+        .take_link(link)
+        .map_err(|error| format!("attaching the BTF program failed: {error:#}"))
 }
 
 fn attach(

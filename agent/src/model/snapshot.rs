@@ -1,7 +1,10 @@
 //! What the probes have counted since they were loaded ([`KernelSnapshot`], produced by
 //! `kernel::probes`), and the difference of two snapshots: what happened in a window.
 
-use std::{collections::HashMap, hash::Hash};
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::Hash,
+};
 
 use super::Histogram;
 use agent_common::{
@@ -22,6 +25,9 @@ pub struct KernelSnapshot {
     /// Per tracked process (tgid): nanoseconds by activity, including intervals still open
     /// when the snapshot was taken.
     pub process_time: HashMap<u32, ProcessTime>,
+    /// Per probe ("category:name" of its tracepoint): events the kernel skipped for it, since
+    /// it was attached (its program's `recursion_misses`).
+    pub missed_events: BTreeMap<String, u64>,
 }
 
 /// Per-CPU values that add up, and that can be subtracted to get a window's share.
@@ -174,6 +180,14 @@ impl KernelSnapshot {
             ),
             peer_counters: counters_since(&self.peer_counters, &earlier.peer_counters),
             process_time: counters_since(&self.process_time, &earlier.process_time),
+            missed_events: self
+                .missed_events
+                .iter()
+                .map(|(probe, count)| {
+                    let before = earlier.missed_events.get(probe).copied().unwrap_or(0);
+                    (probe.clone(), count.saturating_sub(before))
+                })
+                .collect(),
         }
     }
 }

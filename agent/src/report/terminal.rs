@@ -196,6 +196,26 @@ pub fn render(report: &DiagnoseReport) -> String {
             ),
         );
     }
+    let missed: Vec<String> = report
+        .probes
+        .iter()
+        .filter(|p| p.missed_events > 0)
+        .map(|p| format!("{} {}", p.tracepoint, p.missed_events))
+        .collect();
+    if !missed.is_empty() {
+        // Only classic tracepoints skip events while another probe runs on their CPU.
+        wrapped(
+            &mut out,
+            "",
+            INDENT,
+            &format!(
+                "warning: probes missed events, so the counts below are short by as many: {}. \
+                 Classic tracepoints skip an event while another probe runs on the same CPU; \
+                 a kernel with BTF (CONFIG_DEBUG_INFO_BTF) avoids it",
+                missed.join(", ")
+            ),
+        );
+    }
     render_storage(&mut out, report);
     render_gpu(&mut out, report);
     render_network(&mut out, report);
@@ -492,7 +512,7 @@ mod tests {
             },
         },
         budgets::BudgetResult,
-        kernel::probes::ProbeStatus,
+        kernel::probes::{ProbeKind, ProbeStatus},
         model::vocabulary::{Bottleneck, BudgetMetric},
         report::{JSON_SCHEMA_VERSION, WorkloadReport},
     };
@@ -600,7 +620,12 @@ mod tests {
                     tracepoint: format!("block:probe_{i}"),
                     feeds: "storage latency per device and the submitting process",
                     attached: i % 2 == 0,
+                    kind: ProbeKind::Btf,
+                    missed_events: if i == 2 { 581 } else { 0 },
+                    runs: None,
                     problem: None,
+                    btf_problem: None,
+                    program: None,
                 })
                 .collect(),
             warnings: Vec::new(),
@@ -746,6 +771,19 @@ mod tests {
         );
         // Column alignment: every row of the peer table starts its RTT column at one place.
         assert!(text.contains("10.0.0.7:443"), "{text}");
+    }
+
+    #[test]
+    fn missed_events_are_a_warning_that_names_the_probe_and_the_count() {
+        let text = render(&report());
+        let joined = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            joined.contains("warning: probes missed events, so the counts below are short by as many: block:probe_2 581."),
+            "{text}"
+        );
+        let mut quiet = report();
+        quiet.probes.iter_mut().for_each(|p| p.missed_events = 0);
+        assert!(!render(&quiet).contains("missed events"));
     }
 
     #[test]
