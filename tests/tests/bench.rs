@@ -158,8 +158,16 @@ impl Load {
     }
 }
 
-/// Per BPF program (name as the kernel truncates it): (run time ns, run count).
+/// Per BPF program: (run time ns, run count).
 fn bpf_stats() -> BTreeMap<(u64, String), (u64, u64)> {
+    bpf_stats_with_misses()
+        .into_iter()
+        .map(|(key, (time, count, _))| (key, (time, count)))
+        .collect()
+}
+
+/// Per BPF program: (run time ns, run count, runs the kernel skipped: recursion_misses).
+fn bpf_stats_with_misses() -> BTreeMap<(u64, String), (u64, u64, u64)> {
     let programs = run_json(Command::new("bpftool").args(["prog", "show", "--json"]));
     programs
         .as_array()
@@ -168,10 +176,11 @@ fn bpf_stats() -> BTreeMap<(u64, String), (u64, u64)> {
         .filter_map(|p| {
             Some((
                 (p["id"].as_u64()?, p["name"].as_str()?.to_string()),
-                // bpftool leaves both out for a program that has not run yet.
+                // bpftool leaves these out while they are zero.
                 (
                     p["run_time_ns"].as_u64().unwrap_or(0),
                     p["run_cnt"].as_u64().unwrap_or(0),
+                    p["recursion_misses"].as_u64().unwrap_or(0),
                 ),
             ))
         })
@@ -217,6 +226,9 @@ fn cost_per_event(
 enum Observer {
     None,
     Envelope,
+    /// envelope with every probe on its classic tracepoint (`ENVELOPE_PROBES=tracepoint`),
+    /// the path kernels without BTF take.
+    EnvelopeClassic,
     Reference,
     /// Empty programs on every tracepoint envelope and the reference use: what any program
     /// there costs on this machine (the statistics' own clock reads and the dispatch
@@ -229,6 +241,7 @@ impl Observer {
         match self {
             Observer::None => "no agent",
             Observer::Envelope => "envelope run",
+            Observer::EnvelopeClassic => "envelope run, classic tracepoints",
             Observer::Reference => "bpftrace (bcc-style log2)",
             Observer::Floor => "empty programs (floor)",
         }
@@ -239,6 +252,7 @@ impl Observer {
         match self {
             Observer::None => "none",
             Observer::Envelope => "envelope",
+            Observer::EnvelopeClassic => "envelope_classic",
             Observer::Reference => "reference",
             Observer::Floor => "floor",
         }
@@ -312,6 +326,259 @@ fn primitive_cost(script: &str, file: &Path) -> (f64, u64) {
     cost
 }
 
+/// A fixed amount of work, timed under each observer: what the workload pays for being
+/// observed, including what the kernel does before any program runs (filling a trace record,
+/// dispatching to the program) and work in interrupt context, which BPF run-time statistics
+/// do not show.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum FixedWork {
+    /// 4 KiB direct reads, 8 threads (queue depth 8): block probes, and a context switch per
+    /// read.
+    DirectReads,
+    /// 1-byte ping-pong between two threads over pipes: context switches and wake-ups only.
+    PipeRoundTrips,
+    /// 64-byte request/response pairs over one loopback TCP connection: socket, TCP and
+    /// scheduler probes.
+    TcpPairs,
+}
+
+const FIXED_WORK: [FixedWork; 3] = [
+    FixedWork::DirectReads,
+    FixedWork::PipeRoundTrips,
+    FixedWork::TcpPairs,
+];
+
+impl FixedWork {
+    fn key(self) -> &'static str {
+        match self {
+            FixedWork::DirectReads => "direct_reads",
+            FixedWork::PipeRoundTrips => "pipe_round_trips",
+            FixedWork::TcpPairs => "tcp_pairs",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            FixedWork::DirectReads => "4 KiB direct read (8 threads)",
+            FixedWork::PipeRoundTrips => "pipe round trip (2 threads)",
+            FixedWork::TcpPairs => "TCP request/response on loopback",
+        }
+    }
+
+    /// Operations per run.
+    fn operations(self) -> u64 {
+        match self {
+            FixedWork::DirectReads => 8 * 6000,
+            FixedWork::PipeRoundTrips => 200_000,
+            FixedWork::TcpPairs => 20_000,
+        }
+    }
+}
+
+/// One timed run of fixed work.
+#[derive(Clone, Copy, Debug)]
+struct WholeCost {
+    /// CPU time of the whole machine (user, system, interrupts; idle and I/O wait left out,
+    /// from /proc/stat) per operation, in microseconds.
+    cpu_us_per_op: f64,
+    /// Runs of the observer's programs per operation.
+    events_per_op: f64,
+    /// Runs the kernel skipped for the observer's programs (recursion_misses).
+    lost_events: u64,
+}
+
+/// Busy CPU time of the whole machine so far, in seconds (every CPU's user, nice, system, irq,
+/// softirq and steal from /proc/stat).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| cpu.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Runs `work` once in a child process (this test binary's `bench_fixed_work`) and measures
+/// the machine's CPU time and the observer's program runs while it ran.
+fn whole_cost(
+    work: FixedWork,
+    file: &Path,
+    programs: &std::collections::HashSet<u64>,
+) -> WholeCost {
+    let stats_before = bpf_stats_with_misses();
+    let busy_before = machine_busy_seconds();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "bench_fixed_work",
+            "--test-threads=1",
+        ])
+        .env("ENVELOPE_BENCH_WORK", work.key())
+        .env("ENVELOPE_BENCH_FILE", file)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run the fixed work");
+    assert!(status.success(), "the fixed work {} failed", work.key());
+    let busy = machine_busy_seconds() - busy_before;
+    let stats_after = bpf_stats_with_misses();
+    let (mut runs, mut lost) = (0, 0);
+    for (key, (_, count, misses)) in &stats_after {
+        if programs.contains(&key.0) {
+            let (_, count0, misses0) = stats_before.get(key).copied().unwrap_or_default();
+            runs += count - count0;
+            lost += misses - misses0;
+        }
+    }
+    let operations = work.operations() as f64;
+    WholeCost {
+        cpu_us_per_op: busy / operations * 1e6,
+        events_per_op: runs as f64 / operations,
+        lost_events: lost,
+    }
+}
+
+/// Per observer and work: medians over the rounds, and what observing added against no
+/// observer, per operation and per event of that observer.
+fn whole_cost_json(whole: &BTreeMap<(&str, &str), Vec<WholeCost>>) -> Value {
+    let med = |values: Vec<f64>| median(&mut values.clone());
+    let mut out = serde_json::Map::new();
+    for work in FIXED_WORK {
+        let Some(none) = whole.get(&(Observer::None.key(), work.key())) else {
+            continue;
+        };
+        let baseline = med(none.iter().map(|w| w.cpu_us_per_op).collect());
+        let mut observers = serde_json::Map::new();
+        for observer in [
+            Observer::None,
+            Observer::Envelope,
+            Observer::EnvelopeClassic,
+            Observer::Reference,
+            Observer::Floor,
+        ] {
+            let Some(runs) = whole.get(&(observer.key(), work.key())) else {
+                continue;
+            };
+            let cpu = med(runs.iter().map(|w| w.cpu_us_per_op).collect());
+            let events = med(runs.iter().map(|w| w.events_per_op).collect());
+            let added = cpu - baseline;
+            observers.insert(
+                observer.key().to_string(),
+                json!({
+                    "cpu_us_per_op": (cpu * 1000.0).round() / 1000.0,
+                    "added_us_per_op": (added * 1000.0).round() / 1000.0,
+                    "events_per_op": (events * 100.0).round() / 100.0,
+                    "added_ns_per_event": (events > 0.0).then(|| (added * 1000.0 / events).round()),
+                    "lost_events": runs.iter().map(|w| w.lost_events).sum::<u64>(),
+                }),
+            );
+        }
+        out.insert(
+            work.key().to_string(),
+            json!({"label": work.label(), "operations": work.operations(), "observers": observers}),
+        );
+    }
+    out.into()
+}
+
+/// The fixed work `whole_cost` times, run as a child process of the benchmark (it does
+/// nothing without ENVELOPE_BENCH_WORK).
+#[test]
+#[ignore = "a child of the benchmark: the fixed work it times"]
+fn bench_fixed_work() {
+    use std::io::Read as _;
+    let Ok(work) = std::env::var("ENVELOPE_BENCH_WORK") else {
+        return;
+    };
+    match work.as_str() {
+        "direct_reads" => {
+            use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+            let path = std::env::var("ENVELOPE_BENCH_FILE").expect("ENVELOPE_BENCH_FILE");
+            let blocks = std::fs::metadata(&path).unwrap().len() / 4096;
+            std::thread::scope(|scope| {
+                for thread in 0..8u64 {
+                    let path = &path;
+                    scope.spawn(move || {
+                        let file = std::fs::OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc::O_DIRECT)
+                            .open(path)
+                            .unwrap();
+                        let mut buffer = integration_tests::AlignedBuffer::new(4096);
+                        let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ thread;
+                        for _ in 0..FixedWork::DirectReads.operations() / 8 {
+                            seed = seed
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            let block = (seed >> 33) % blocks;
+                            file.read_exact_at(buffer.as_mut_slice(), block * 4096)
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+        }
+        "pipe_round_trips" => {
+            let mut ping = [0i32; 2];
+            let mut pong = [0i32; 2];
+            // SAFETY: pipe() fills the two-element arrays.
+            unsafe {
+                assert_eq!(libc::pipe(ping.as_mut_ptr()), 0);
+                assert_eq!(libc::pipe(pong.as_mut_ptr()), 0);
+            }
+            let rounds = FixedWork::PipeRoundTrips.operations();
+            let echo = std::thread::spawn(move || {
+                let mut byte = [0u8; 1];
+                for _ in 0..rounds {
+                    // SAFETY: valid pipe ends and a one-byte buffer.
+                    unsafe {
+                        libc::read(ping[0], byte.as_mut_ptr().cast(), 1);
+                        libc::write(pong[1], byte.as_ptr().cast(), 1);
+                    }
+                }
+            });
+            let mut byte = [7u8; 1];
+            for _ in 0..rounds {
+                // SAFETY: as above.
+                unsafe {
+                    libc::write(ping[1], byte.as_ptr().cast(), 1);
+                    libc::read(pong[0], byte.as_mut_ptr().cast(), 1);
+                }
+            }
+            echo.join().unwrap();
+        }
+        "tcp_pairs" => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let address = listener.local_addr().unwrap();
+            let server = std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                stream.set_nodelay(true).unwrap();
+                let mut request = [0u8; 64];
+                while stream.read_exact(&mut request).is_ok() {
+                    stream.write_all(&request).unwrap();
+                }
+            });
+            let mut client = TcpStream::connect(address).unwrap();
+            client.set_nodelay(true).unwrap();
+            let mut buffer = [7u8; 64];
+            for _ in 0..FixedWork::TcpPairs.operations() {
+                client.write_all(&buffer).unwrap();
+                client.read_exact(&mut buffer).unwrap();
+            }
+            drop(client);
+            server.join().unwrap();
+        }
+        other => panic!("unknown fixed work {other}"),
+    }
+}
+
 /// A running observer process, stopped (and its output kept) on `stop`.
 struct Running {
     child: Option<Child>,
@@ -326,7 +593,7 @@ impl Running {
     fn start(observer: Observer, scratch: &Path) -> Self {
         match observer {
             Observer::None => Self::watch(|_| None),
-            Observer::Envelope => Self::watch(|output| {
+            Observer::Envelope | Observer::EnvelopeClassic => Self::watch(|output| {
                 let config = scratch.join("bench.toml");
                 std::fs::write(
                     &config,
@@ -336,7 +603,13 @@ impl Running {
                     ),
                 )
                 .unwrap();
+                let probes = if observer == Observer::EnvelopeClassic {
+                    "tracepoint"
+                } else {
+                    "default"
+                };
                 let child = Command::new(envelope_release())
+                    .env("ENVELOPE_PROBES", probes)
                     .args(["run", "--config"])
                     .arg(&config)
                     .stdout(Stdio::null())
@@ -540,6 +813,7 @@ fn benchmark() {
     let observers = [
         Observer::None,
         Observer::Envelope,
+        Observer::EnvelopeClassic,
         Observer::Reference,
         Observer::Floor,
     ];
@@ -556,6 +830,7 @@ fn benchmark() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut agent_cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut agent_rss: Vec<f64> = Vec::new();
+    let mut whole: BTreeMap<(&str, &str), Vec<WholeCost>> = BTreeMap::new();
     for round in 0..ROUNDS {
         for observer in observers {
             eprintln!("round {}/{ROUNDS}: {}", round + 1, observer.name());
@@ -599,6 +874,9 @@ fn benchmark() {
                             / (wall.as_nanos() as f64 * cpus as f64)
                             * 100.0,
                     );
+                if observer == Observer::EnvelopeClassic {
+                    continue; // per-program figures: the default path's only
+                }
                 let costs = cost_per_event(&stats_before, &stats_after, &running.programs);
                 let table = match observer {
                     Observer::Envelope => {
@@ -616,6 +894,13 @@ fn benchmark() {
                 for (name, cost) in costs {
                     table.entry(name).or_default().push(cost);
                 }
+            }
+            for work in FIXED_WORK {
+                let measured = whole_cost(work, &file.path, &running.programs);
+                whole
+                    .entry((observer.key(), work.key()))
+                    .or_default()
+                    .push(measured);
             }
             if observer == Observer::Envelope {
                 agent_rss.extend(running.peak_rss_mib());
@@ -744,6 +1029,8 @@ fn benchmark() {
             });
     // bpftrace's programs carry the kernel's 15-character names, envelope's their full ones.
     let floor_of = |floor: &BTreeMap<String, Vec<(f64, u64)>>, name: &str| {
+        // The BTF programs are `<tracepoint>_btf`; the floor is an empty program there.
+        let name = name.strip_suffix("_btf").unwrap_or(name);
         let short: String = name.chars().take(15).collect();
         floor
             .get(&short)
@@ -819,11 +1106,16 @@ fn benchmark() {
     let envelope_of = |load: Load| envelope_cost.get(load.key()).unwrap_or(&empty);
     let floor_of_load = |load: Load| floor_cost.get(load.key()).unwrap_or(&empty);
     let observers_json = |value: &dyn Fn(Observer) -> Value| -> Value {
-        [Observer::Envelope, Observer::Reference, Observer::Floor]
-            .iter()
-            .map(|&observer| (observer.key().to_string(), value(observer)))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
+        [
+            Observer::Envelope,
+            Observer::EnvelopeClassic,
+            Observer::Reference,
+            Observer::Floor,
+        ]
+        .iter()
+        .map(|&observer| (observer.key().to_string(), value(observer)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
     };
     let results = json!({
         "machine": {
@@ -861,6 +1153,7 @@ fn benchmark() {
                 json!(med(probe_cpu.get(&(observer.name(), load.key())).map_or(&[][..], Vec::as_slice)))
             })),
         },
+        "whole_cost": whole_cost_json(&whole),
         "primitives_on_block_rq_issue": primitives,
         "accuracy": {"storage": storage_accuracy, "rtt": rtt_accuracy},
     });
@@ -1002,6 +1295,7 @@ fn render(r: &Value) -> String {
     for observer in [
         Observer::None,
         Observer::Envelope,
+        Observer::EnvelopeClassic,
         Observer::Reference,
         Observer::Floor,
     ] {
@@ -1040,8 +1334,9 @@ fn render(r: &Value) -> String {
         .join(" | ");
     let _ = writeln!(
         w,
-        "\nSlowdown vs no agent, per round against that round's no-agent run, median (range over rounds). Negative = faster than without (noise). Target: at or below 1% and no worse than the reference.\n\n| observer | {header} |\n|---|---|---|---|\n| envelope run | {} |\n| bpftrace (bcc-style log2) | {} |\n| empty programs (floor) | {} |\n",
+        "\nSlowdown vs no agent, per round against that round's no-agent run, median (range over rounds). Negative = faster than without (noise). Target: at or below 1% and no worse than the reference.\n\n| observer | {header} |\n|---|---|---|---|\n| envelope run | {} |\n| envelope run, classic tracepoints | {} |\n| bpftrace (bcc-style log2) | {} |\n| empty programs (floor) | {} |\n",
         row(&|load| range("envelope", load)),
+        row(&|load| range("envelope_classic", load)),
         row(&|load| range("reference", load)),
         row(&|load| range("floor", load)),
     );
@@ -1055,6 +1350,7 @@ fn render(r: &Value) -> String {
         share("reference"),
         share("floor"),
     );
+    render_whole_cost(w, r);
     let _ = writeln!(w, "## Accuracy\n");
     let a = &r["accuracy"];
     let _ = writeln!(
@@ -1143,6 +1439,49 @@ fn render(r: &Value) -> String {
     );
     md.push_str(FINDINGS);
     md
+}
+
+/// The whole-cost table: machine CPU per operation of fixed work under each observer.
+fn render_whole_cost(w: &mut String, r: &Value) {
+    use std::fmt::Write as _;
+    let whole = &r["whole_cost"];
+    if whole.as_object().is_none_or(|o| o.is_empty()) {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "## Whole cost (what the workload pays)\n\nA fixed amount of work, run as its own process under each observer in turn ({} rounds, medians), timed as the whole machine's busy CPU (user, system and interrupt time from /proc/stat). This includes what BPF run-time statistics leave out: the kernel filling a classic tracepoint's record before the program runs, the dispatch to the program, and work in interrupt context. `added` is against no observer in the same rounds; per event divides it by the observer's own program runs per operation. `lost` is the runs the kernel skipped (recursion_misses) over all rounds.\n\n| work | observer | CPU µs/op | added µs/op | events/op | added ns/event | lost events |\n|---|---|---|---|---|---|---|",
+        r["rounds"]
+    );
+    for work in FIXED_WORK {
+        let entry = &whole[work.key()];
+        for observer in [
+            Observer::None,
+            Observer::Envelope,
+            Observer::EnvelopeClassic,
+            Observer::Reference,
+            Observer::Floor,
+        ] {
+            let o = &entry["observers"][observer.key()];
+            if o.is_null() {
+                continue;
+            }
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                work.label(),
+                observer.name(),
+                number(&o["cpu_us_per_op"]),
+                number(&o["added_us_per_op"]),
+                number(&o["events_per_op"]),
+                o["added_ns_per_event"]
+                    .as_f64()
+                    .map_or("–".to_string(), |v| format!("{v:.0}")),
+                o["lost_events"],
+            );
+        }
+    }
+    let _ = writeln!(w);
 }
 
 /// What the numbers mean, and what was done about the missed targets (kept with the code
