@@ -46,6 +46,13 @@ pub enum Command {
         #[arg(long)]
         purge: bool,
     },
+    /// Internal: reads the kernel's BTF and prints what the probes need from it (JSON), in a
+    /// process of its own so the parse's memory (about 60 MB) never counts against the agent.
+    #[command(hide = true, name = "btf-offsets")]
+    BtfOffsets {
+        #[arg(long, value_name = "FILE")]
+        path: std::path::PathBuf,
+    },
     /// Validate a configuration file: errors with line and column and a hint; exit 1 if bad.
     Check {
         /// The configuration to check.

@@ -63,6 +63,8 @@ fn warn_about_unreadable_executables(config: &std::path::Path) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // This binary answers `btf-offsets`: the probes may read the kernel's BTF in a child.
+    envelope::kernel::btf::parse_in_child_process();
     init_logging(cli.verbose, matches!(cli.command, Command::Run(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -136,6 +138,10 @@ fn main() -> ExitCode {
                     "{}",
                     envelope::app::install::render_uninstall(&report, purge)
                 );
+                anyhow::Ok(ExitCode::SUCCESS)
+            }
+            Command::BtfOffsets { path } => {
+                println!("{}", envelope::kernel::btf::inspect(&path).to_json());
                 anyhow::Ok(ExitCode::SUCCESS)
             }
             Command::Check { config } => {

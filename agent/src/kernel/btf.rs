@@ -7,7 +7,11 @@
 //! prototype starts with the arguments it reads and every member it reads is where a plain load
 //! can reach it (byte-aligned, the expected size); otherwise it stays a classic tracepoint,
 //! and [`BtfProbes::unusable`] says why.
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use agent_common::btf::BtfOffsets;
 use btfparse::{Offset, Readable, TypeInformation, TypeVariant};
@@ -207,6 +211,112 @@ impl BtfProbes {
     }
 }
 
+impl BtfProbes {
+    /// The wire form the `btf-offsets` helper prints: the offsets in field order, and the
+    /// unusable probes with their reasons.
+    pub fn to_json(&self) -> String {
+        let offsets: &[u8] = bytes_of(&self.offsets);
+        let offsets: Vec<u16> = offsets
+            .chunks_exact(2)
+            .map(|pair| u16::from_ne_bytes([pair[0], pair[1]]))
+            .collect();
+        let unusable: BTreeMap<&str, &str> = self
+            .unusable
+            .iter()
+            .map(|(name, why)| (*name, why.as_str()))
+            .collect();
+        serde_json::json!({"offsets": offsets, "unusable": unusable}).to_string()
+    }
+
+    /// Reads [`to_json`](Self::to_json)'s output back; None when it is not that.
+    pub fn from_json(text: &str) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Wire {
+            offsets: Vec<u16>,
+            unusable: BTreeMap<String, String>,
+        }
+        let wire: Wire = serde_json::from_str(text).ok()?;
+        let mut offsets = BtfOffsets::LINUX_6_18;
+        let target = bytes_of_mut(&mut offsets);
+        if wire.offsets.len() * 2 != target.len() {
+            return None;
+        }
+        for (pair, value) in target.chunks_exact_mut(2).zip(&wire.offsets) {
+            pair.copy_from_slice(&value.to_ne_bytes());
+        }
+        let mut unusable = HashMap::new();
+        for (name, why) in wire.unusable {
+            let spec = BTF_PROBES.iter().find(|probe| probe.tracepoint == name)?;
+            unusable.insert(spec.tracepoint, why);
+        }
+        Some(Self { offsets, unusable })
+    }
+}
+
+fn bytes_of(offsets: &BtfOffsets) -> &[u8] {
+    // SAFETY: BtfOffsets is repr(C) and made of u16s only: every byte is initialised.
+    unsafe {
+        std::slice::from_raw_parts(
+            (offsets as *const BtfOffsets).cast::<u8>(),
+            std::mem::size_of::<BtfOffsets>(),
+        )
+    }
+}
+
+fn bytes_of_mut(offsets: &mut BtfOffsets) -> &mut [u8] {
+    // SAFETY: as above, and any bit pattern is a valid u16.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            (offsets as *mut BtfOffsets).cast::<u8>(),
+            std::mem::size_of::<BtfOffsets>(),
+        )
+    }
+}
+
+/// Whether [`inspect_kernel`] may run this executable as `envelope btf-offsets`.
+static CHILD_PROCESS: AtomicBool = AtomicBool::new(false);
+
+/// Called by the `envelope` binary: this executable answers `btf-offsets`. Libraries and
+/// tests that load the probes (another executable) parse in process.
+pub fn parse_in_child_process() {
+    CHILD_PROCESS.store(true, Ordering::Relaxed);
+}
+
+/// [`inspect`] for the running agent. Parsing the kernel's BTF takes about 60 MB for a
+/// moment (every type and name of a 6 MB file); in a child process that memory is gone when
+/// it exits instead of staying in the agent's peak and, through the allocator, its resident
+/// set. Falls back to parsing here when the child cannot run.
+pub fn inspect_kernel(path: &Path) -> BtfProbes {
+    if CHILD_PROCESS.load(Ordering::Relaxed) {
+        let output = std::env::current_exe().and_then(|exe| {
+            std::process::Command::new(exe)
+                .arg("btf-offsets")
+                .arg("--path")
+                .arg(path)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+        });
+        match output {
+            Ok(output) if output.status.success() => {
+                if let Some(probes) = BtfProbes::from_json(&String::from_utf8_lossy(&output.stdout))
+                {
+                    return probes;
+                }
+                tracing::debug!("the btf-offsets child printed something else; parsing here");
+            }
+            Ok(output) => tracing::debug!(
+                "the btf-offsets child failed ({}); parsing here",
+                output.status
+            ),
+            Err(error) => {
+                tracing::debug!("cannot run the btf-offsets child ({error}); parsing here")
+            }
+        }
+    }
+    inspect(path)
+}
+
 /// The whole BTF file in memory: btfparse reads through this.
 struct Bytes(Vec<u8>);
 
@@ -351,6 +461,18 @@ fn check_prototype(types: &TypeInformation, probe: &BtfProbeSpec) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_child_process_wire_form_reads_back_the_same() {
+        let mut probes = BtfProbes::none("no BTF here");
+        probes.offsets.sock_protocol = 4242;
+        probes.unusable.remove("tcp_probe");
+        let back = BtfProbes::from_json(&probes.to_json()).expect("reads back");
+        assert_eq!(back.offsets, probes.offsets);
+        assert_eq!(back.unusable, probes.unusable);
+        assert!(BtfProbes::from_json("{\"offsets\": [1, 2], \"unusable\": {}}").is_none());
+        assert!(BtfProbes::from_json("running 0 tests").is_none());
+    }
 
     #[test]
     fn every_member_a_probe_names_exists() {

@@ -184,6 +184,12 @@ impl KernelProbes {
         if std::env::var_os("ENVELOPE_TRACEPOINT_READS").is_some_and(|value| value == "helper") {
             offsets.force_helper_reads = 1;
         }
+        // aya's loader parses the kernel's BTF when it is created (for CO-RE, which these
+        // programs do not use: offsets come from the format files and the BTF read below).
+        // Dropped at once, before the parse the BTF programs need, so the two are never in
+        // memory together.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
         let (mut btf_probes, kernel_btf) = read_kernel_btf(options.all_classic);
         for name in &options.classic {
             if let Some(spec) = btf::BTF_PROBES.iter().find(|spec| spec.tracepoint == name) {
@@ -196,10 +202,7 @@ impl KernelProbes {
         // preallocated, so unused room costs nothing.
         let storage_keys = (block_device_count().max(16) * 5).min(65_536);
         let peer_histograms = peer_histogram_entries(nr_cpus());
-        let mut ebpf = EbpfLoader::new()
-            // The programs carry no CO-RE relocations (Rust eBPF has none; offsets come from the
-            // format files and the BTF read above), so the loader need not parse the BTF again.
-            .btf(None)
+        let mut ebpf = loader
             .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
             .override_global(BTF_OFFSETS_GLOBAL, &btf_probes.offsets, true)
             .map_max_entries(map_names::STORAGE_DEVICES, storage_keys)
@@ -345,6 +348,8 @@ impl KernelProbes {
             return Err(ProbeLoadError::NothingAttached(joined));
         }
         tracing::debug!("{} probes attached", links.len());
+        drop(kernel_btf);
+        release_freed_memory();
         Ok(Self {
             links,
             ebpf,
@@ -587,9 +592,21 @@ impl Drop for KernelProbes {
     }
 }
 
-/// The kernel's BTF, read twice at once on two threads: btfparse finds the member offsets
-/// (aya 0.14 keeps its own BTF lookups private), aya needs its own parse to load `tp_btf`
-/// programs. `ENVELOPE_PROBES=tracepoint` skips both and keeps every classic tracepoint.
+/// Hands memory freed after loading (the kernel BTF's types, the object's copies) back to
+/// the system: glibc keeps freed heap for reuse otherwise, and the agent's resident set would
+/// stay at its start-up peak for its whole life.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The kernel's BTF, read twice at once: btfparse finds the member offsets (aya 0.14 keeps
+/// its own BTF lookups private; in a child process, see [`btf::inspect_kernel`]), aya needs
+/// its own parse to load `tp_btf` programs (on a thread here). `ENVELOPE_PROBES=tracepoint`
+/// skips both and keeps every classic tracepoint.
 fn read_kernel_btf(all_classic: bool) -> (BtfProbes, Result<Btf, String>) {
     if all_classic {
         let reason = "ENVELOPE_PROBES=tracepoint";
@@ -600,7 +617,7 @@ fn read_kernel_btf(all_classic: bool) -> (BtfProbes, Result<Btf, String>) {
         let for_aya = scope.spawn(|| {
             Btf::from_sys_fs().map_err(|error| format!("aya cannot read the kernel BTF: {error}"))
         });
-        let probes = btf::inspect(path);
+        let probes = btf::inspect_kernel(path);
         let kernel_btf = for_aya
             .join()
             .unwrap_or_else(|_| Err("reading the kernel BTF panicked".to_string()));
