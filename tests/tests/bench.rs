@@ -1488,8 +1488,49 @@ fn render_whole_cost(w: &mut String, r: &Value) {
 /// that measures them; update it when the numbers move).
 const FINDINGS: &str = "## Findings
 
-Figures below are from the runs of 2026-11-27 (three full runs after the changes listed); the
-tables above are the latest run.
+### BTF raw tracepoints (runs of 2026-11-29)
+
+Two full runs; the tables above are the second. These runs are on a faster VM than the
+earlier ones below (empty-program floor 32-37 ns per event instead of 76-90), so compare
+within a run, not across.
+
+- Lost events: envelope's probes, now BTF raw tracepoints, lost none in either run, in any
+  load or fixed work (recursion_misses, whole-cost table). The same envelope on classic
+  tracepoints lost 170-399 runs in 5 x 48,000 direct reads, the bpftrace reference (classic
+  tracepoints) 56-106: a classic tracepoint program is skipped whenever any other tracing
+  program runs on that CPU, a raw tracepoint program only when the same program is already
+  running there.
+- Whole cost per event (machine CPU, fixed work, same rounds), BTF against classic: 238-277
+  against 278-516 ns per event of a direct read, 169-539 against 636-647 per event of a pipe
+  round trip, 213-751 against 293-886 per event of a TCP request/response. Lower in all six
+  comparisons: the raw tracepoints skip the trace record the kernel fills and the perf
+  dispatch before a classic program runs, which BPF run-time statistics never showed. The
+  spread between runs is the measurement's: its resolution is the kernel's CPU accounting
+  tick (10 ms on runs of about a second), so differences under ~0.4 us per operation, and
+  the negative figures, are noise. Against the reference per operation: envelope handles
+  5-12 events per operation where the reference handles 0-2 (envelope attributes time and
+  owners; the reference only times block I/O and samples RTT), so it adds more per
+  operation. The CPU share of its programs under fio is 2.8-3.1% of the machine against the
+  reference's 1.6-1.75%: not at or below the reference.
+- BPF run time net of the floor, weighted by events: 141-146 ns under fio, 167-187 ns under
+  iperf3 over loopback, 90-92 ns over the veth pair (the reference: 88-98 ns). The 100 ns
+  target holds on the veth load only. What prevents it elsewhere, by the building blocks
+  measured above (clock ~31 ns, hash lookup ~23 ns, in-place update ~50 ns, insert and
+  delete ~110 ns over the empty program): `sched_switch_btf` (173-435 ns net) looks up the
+  tracked process and the thread's state and updates the per-process time twice;
+  `block_bio_queue_btf` (~200 ns net) reads the clock, the tracked process, the submitter's
+  cgroup id and command name; `block_rq_complete_btf` (~160 ns) one device value with two
+  histograms and the process's I/O. Each counter and bucket is now a locked add (raw
+  tracepoints may nest on one CPU), a few ns each.
+- Peak RSS: the first of these runs measured 79.7 MiB: parsing the kernel's BTF (6 MB,
+  every type and name) took ~60 MB for a moment inside the agent. It now runs in a
+  short-lived child process (`envelope btf-offsets`) and the loader's own parse is dropped
+  before aya's second one: 29.6 MiB peak in the second run, 18 MiB resident after start-up
+  (classic tracepoints: 25 / 9).
+
+### Earlier runs (2026-11-27, classic tracepoints)
+
+Figures below are from the runs of 2026-11-27 (three full runs after the changes listed).
 
 - Accuracy: envelope's log-linear histograms (16 buckets per power of two) land within a few
   percent of fio's own completion percentiles and of the kernel's srtt; the bcc-style log2
