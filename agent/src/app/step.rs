@@ -220,11 +220,16 @@ fn load_probes() -> anyhow::Result<(PreflightReport, KernelProbes)> {
         );
     }
     // Classic tracepoints work, but skip events while another probe runs on the same CPU
-    // (the missed events are reported): say once why BTF was not used.
-    for probe in probes.statuses().iter().filter(|p| p.attached) {
+    // (the missed events are reported): say once why BTF was not used, one line per reason.
+    let mut classic: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    let statuses = probes.statuses();
+    for probe in statuses.iter().filter(|p| p.attached) {
         if let (ProbeKind::Tracepoint, Some(why)) = (probe.kind, &probe.btf_problem) {
-            tracing::info!("probe {} is a classic tracepoint: {why}", probe.tracepoint);
+            classic.entry(why).or_default().push(&probe.tracepoint);
         }
+    }
+    for (why, tracepoints) in classic {
+        tracing::info!("classic tracepoints for {}: {why}", tracepoints.join(", "));
     }
     Ok((preflight, probes))
 }
