@@ -74,11 +74,10 @@ pub struct BtfProbeSpec {
     members: &'static [&'static str],
 }
 
-impl BtfProbeSpec {
-    /// The program in the eBPF object.
-    pub fn program(&self) -> String {
-        format!("{}_btf", self.tracepoint)
-    }
+/// The BTF program of a tracepoint in the eBPF object (`#[btf_tracepoint]` functions are
+/// named `<tracepoint>_btf`).
+pub fn program_name(tracepoint: &str) -> String {
+    format!("{tracepoint}_btf")
 }
 
 const BIO: &[&str] = &["bio_bdev", "block_device_dev", "bio_sector"];

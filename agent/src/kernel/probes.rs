@@ -234,12 +234,8 @@ impl KernelProbes {
                     Some("ENVELOPE_SYSCALL_PROBE=sys_enter".to_string())
                 }
                 (Ok(kernel_btf), Ok(())) => {
-                    match attach_btf(
-                        &mut ebpf,
-                        &format!("{}_btf", spec.name),
-                        spec.name,
-                        kernel_btf,
-                    ) {
+                    let program = btf::program_name(spec.name);
+                    match attach_btf(&mut ebpf, &program, spec.name, kernel_btf) {
                         Ok(link) => {
                             links.push(ProbeLink::Btf(link));
                             statuses.push(ProbeStatus {
@@ -251,7 +247,7 @@ impl KernelProbes {
                                 runs: None,
                                 problem: None,
                                 btf_problem: None,
-                                program: Some(format!("{}_btf", spec.name)),
+                                program: Some(program),
                             });
                             continue;
                         }
@@ -261,9 +257,6 @@ impl KernelProbes {
                 (Err(problem), _) => Some(problem.clone()),
                 (_, Err(problem)) => Some(problem.to_string()),
             };
-            if let Some(problem) = &btf_problem {
-                tracing::debug!("{tracepoint} runs as a classic tracepoint: {problem}");
-            }
             let tracepoint_usable = usable.is_ok();
             let result = usable
                 .map_err(|problem: TracepointProblem| problem.to_string())
