@@ -11,15 +11,20 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BtfOffsets {
-    /// `struct bio`: `bi_bdev` (pointer), `bi_iter.bi_sector`.
+    /// `struct bio`: `bi_bdev` (pointer), `bi_iter.bi_sector`; `bi_iter.bi_size` (bytes
+    /// left), `bi_next` (the next bio of a request), `bi_private` (a split part's original).
     pub bio_bdev: u16,
     pub bio_sector: u16,
+    pub bio_size: u16,
+    pub bio_next: u16,
+    pub bio_private: u16,
     /// `struct block_device`: `bd_dev`.
     pub block_device_dev: u16,
-    /// `struct request`: `q` (pointer), `__sector`, `cmd_flags`.
+    /// `struct request`: `q` (pointer), `__sector`, `cmd_flags`, `bio` (its first bio).
     pub request_queue: u16,
     pub request_sector: u16,
     pub request_cmd_flags: u16,
+    pub request_bio: u16,
     /// `struct request_queue`: `disk` (pointer).
     pub queue_disk: u16,
     /// `struct gendisk`: `major`, `first_minor`.
@@ -44,10 +49,14 @@ impl BtfOffsets {
     pub const LINUX_6_18: BtfOffsets = BtfOffsets {
         bio_bdev: 8,
         bio_sector: 32,
+        bio_size: 40,
+        bio_next: 0,
+        bio_private: 64,
         block_device_dev: 52,
         request_queue: 0,
         request_sector: 48,
         request_cmd_flags: 24,
+        request_bio: 56,
         queue_disk: 104,
         disk_major: 0,
         disk_first_minor: 4,

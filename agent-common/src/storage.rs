@@ -227,14 +227,32 @@ impl Default for InflightRequestKey {
     }
 }
 
-impl InflightSlot {
-    pub fn holds(&self, key: &InflightRequestKey) -> bool {
+/// An entry of a table of things in flight (requests, application I/Os): found by comparing
+/// keys in one of two slots, reusable once free or stale.
+pub trait InflightEntry {
+    type Key;
+    /// Whether this slot holds the entry with `key` (never true for a free slot).
+    fn holds(&self, key: &Self::Key) -> bool;
+    /// Whether the slot is free.
+    fn is_free(&self) -> bool;
+    /// When the entry started (0 when unknown).
+    fn started_ns(&self) -> u64;
+
+    /// Free, or holding an entry too old to be real (its completion was missed).
+    fn is_reusable(&self, now_ns: u64) -> bool {
+        self.is_free() || now_ns.wrapping_sub(self.started_ns()) >= STALE_REQUEST_NS
+    }
+}
+
+impl InflightEntry for InflightSlot {
+    type Key = InflightRequestKey;
+
+    fn holds(&self, key: &InflightRequestKey) -> bool {
         self.key.dev == key.dev && self.key.sector == key.sector && key.dev != 0
     }
 
-    /// Free, or holding a request too old to be real (its completion was missed).
-    pub fn is_reusable(&self, now_ns: u64) -> bool {
-        self.key.dev == 0 || now_ns.wrapping_sub(self.started_ns()) >= STALE_REQUEST_NS
+    fn is_free(&self) -> bool {
+        self.key.dev == 0
     }
 
     fn started_ns(&self) -> u64 {
@@ -246,29 +264,31 @@ impl InflightSlot {
     }
 }
 
-/// The two slots a request with `key` may live in (always two different ones).
+/// The two slots of a table of `INFLIGHT_SLOTS` an entry whose key hashes to `value` may live
+/// in (always two different ones).
 #[inline(always)]
-pub fn candidate_slots(key: &InflightRequestKey) -> [u32; 2] {
-    // Fibonacci hashing: the high bits of the product mix every bit of the sector, so
-    // sequential sectors spread over the table.
-    let mixed = (key.sector ^ ((key.dev as u64) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+pub fn slots_for(value: u64) -> [u32; 2] {
+    // Fibonacci hashing: the high bits of the product mix every bit of the value, so
+    // sequential sectors (and slab-aligned pointers) spread over the table.
+    let mixed = value.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mask = INFLIGHT_SLOTS - 1;
     let first = (mixed >> 48) as u32 & mask;
     let second = (mixed >> 24) as u32 & mask;
     [first, if second == first { first ^ 1 } else { second }]
 }
 
-/// Which of its two candidate slots (0 or 1) a request with `key` goes to: the first if it
+/// The two slots a request with `key` may live in (always two different ones).
+#[inline(always)]
+pub fn candidate_slots(key: &InflightRequestKey) -> [u32; 2] {
+    slots_for(key.sector ^ ((key.dev as u64) << 40))
+}
+
+/// Which of its two candidate slots (0 or 1) an entry with `key` goes to: the first if it
 /// holds the key (the sector was queued again) or is reusable, else the second if it holds
-/// the key or is reusable, else the one whose request started earlier (most likely lost: a
+/// the key or is reusable, else the one whose entry started earlier (most likely lost: a
 /// merged bio or a missed completion).
 #[inline(always)]
-pub fn choose_slot(
-    key: &InflightRequestKey,
-    first: &InflightSlot,
-    second: &InflightSlot,
-    now_ns: u64,
-) -> usize {
+pub fn choose_slot<E: InflightEntry>(key: &E::Key, first: &E, second: &E, now_ns: u64) -> usize {
     if first_slot_will_do(key, first, now_ns) {
         0
     } else if second.holds(key)
@@ -285,9 +305,57 @@ pub fn choose_slot(
 /// TLB miss) only when the first is taken. Lookups try the first slot first too, so a copy
 /// of the key left in the second slot is never found before this one.
 #[inline(always)]
-pub fn first_slot_will_do(key: &InflightRequestKey, first: &InflightSlot, now_ns: u64) -> bool {
+pub fn first_slot_will_do<E: InflightEntry>(key: &E::Key, first: &E, now_ns: u64) -> bool {
     first.holds(key) || first.is_reusable(now_ns)
 }
+
+/// An I/O as the application issued it, followed by pointers (BTF raw tracepoints only; the
+/// classic tracepoints carry none). Its key is the object its submitter waits on, the bios'
+/// `bi_private` (a direct I/O's `dio`, which every bio of one read or write points to), or
+/// the bio itself where that is empty. The block layer may split a bio into several requests
+/// (a device's `max_segments` or `max_sectors`) or merge bios into one request; the
+/// application waits until the last part completes, so that is when the I/O is timed and
+/// charged, once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InflightIo {
+    /// The key's address; 0 marks a free slot.
+    pub key: u64,
+    /// When its first bio was queued.
+    pub queued_ns: u64,
+    /// cgroup v2 id of the task that queued it.
+    pub cgroup_id: u64,
+    /// Bytes the application asked for: its bios' sizes when queued, before any split.
+    pub bytes: u64,
+    /// Parts not yet completed: one per bio queued, plus one per split.
+    pub parts: u64,
+    /// Process (thread group) that queued it.
+    pub tgid: u32,
+    pub _padding: u32,
+    /// Command name at queue time.
+    pub comm: [u8; 16],
+}
+
+impl InflightEntry for InflightIo {
+    type Key = u64;
+
+    fn holds(&self, key: &u64) -> bool {
+        self.key == *key && *key != 0
+    }
+
+    fn is_free(&self) -> bool {
+        self.key == 0
+    }
+
+    fn started_ns(&self) -> u64 {
+        self.queued_ns
+    }
+}
+
+/// Bios of one request the completion probe follows (`request.bio`, then `bi_next`). Direct
+/// and large reads have one or a few; a request merged from more small bios than this times
+/// only the first ones (the rest age out of the table untimed).
+pub const MAX_BIOS_PER_REQUEST: u32 = 32;
 
 /// Key of `PROCESS_IO`: block I/O charged to the process that queued it.
 #[repr(C)]

@@ -164,3 +164,42 @@ fn one_probe_can_stay_classic_while_the_rest_are_btf() {
         }
     }
 }
+
+/// The block probes follow each bio by pointer from queue to completion, which only the BTF
+/// programs can: keeping one classic keeps all four classic, and says which decided it.
+#[test]
+fn the_block_probes_are_all_of_one_kind() {
+    if !root_or_skip("the_block_probes_are_all_of_one_kind") {
+        return;
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        eprintln!("skipped: this kernel has no BTF");
+        return;
+    }
+    let report = preflight::run().expect("preflight");
+    let options = ProbeOptions {
+        all_classic: false,
+        classic: vec!["block_split".to_string()],
+    };
+    let probes = KernelProbes::load_with(Path::new(&report.tracefs), &options).expect("load");
+    for status in probes.statuses() {
+        assert!(status.attached, "{}", status.tracepoint);
+        if status.tracepoint.starts_with("block:") {
+            assert_eq!(status.kind, ProbeKind::Tracepoint, "{}", status.tracepoint);
+            let why = status.btf_problem.as_deref().unwrap_or_default();
+            if status.tracepoint == "block:block_split" {
+                assert_eq!(why, "kept classic by the caller");
+            } else {
+                assert!(
+                    why.starts_with(
+                        "block_split is a classic tracepoint (kept classic by the caller)"
+                    ),
+                    "{}: {why}",
+                    status.tracepoint
+                );
+            }
+        } else if status.tracepoint.starts_with("tcp:") {
+            assert_eq!(status.kind, ProbeKind::Btf, "{}", status.tracepoint);
+        }
+    }
+}

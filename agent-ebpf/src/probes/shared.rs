@@ -135,6 +135,39 @@ pub fn read_member<T: Copy>(pointer: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(pointer.add(offset) as *const T) }
 }
 
+/// Where [`address_of`] turns a kernel pointer into a number: one slot per program that
+/// uses it (see [`AddressSlot`]).
+#[map]
+static ADDRESS_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+/// Which program calls [`address_of`]. A raw tracepoint program never nests on itself (the
+/// kernel's per-program recursion guard), but two programs may nest on one CPU (a completion
+/// in an interrupt while a bio is queued): each has its own slot, so neither can overwrite
+/// the other's address between its store and its load.
+#[repr(u32)]
+pub enum AddressSlot {
+    BioQueue = 0,
+    Split = 1,
+    RequestComplete = 2,
+}
+
+/// The address a BTF-typed kernel pointer holds, as a number to hash and compare (a key).
+///
+/// The verifier refuses arithmetic on such pointers (`ptr as u64` is no conversion to it),
+/// but lets a privileged program store one in a map and read the value back as a plain
+/// number. The same goes for a `void *` member (`bio.bi_private`), which it types as memory
+/// of unknown size.
+#[inline(always)]
+pub fn address_of(pointer: *const u8, slot: AddressSlot) -> Option<u64> {
+    let scratch = ADDRESS_SCRATCH.get_ptr_mut(slot as u32)?;
+    // SAFETY: this CPU's slot of a per-CPU array, only this program's; volatile, so the
+    // value is stored and loaded, not forwarded as the pointer it is.
+    unsafe {
+        core::ptr::write_volatile(scratch, pointer as u64);
+        Some(core::ptr::read_volatile(scratch))
+    }
+}
+
 /// A zeroed histogram to insert from: 4 KiB does not fit on the 512-byte eBPF stack.
 #[map]
 static ZERO_HISTOGRAM: PerCpuArray<LatencyHistogram> = PerCpuArray::with_max_entries(1, 0);

@@ -6,9 +6,10 @@
 //! tracepoints carry no request pointer. In flight they live in a fixed table of slots
 //! (`agent_common::storage::INFLIGHT_SLOTS`): no allocation per request, nothing to leak.
 use agent_common::storage::{
-    INFLIGHT_SLOTS, InflightRequest, InflightRequestKey, InflightSlot, IoOperation, ProcessIoKey,
-    ProcessIoStats, STALE_REQUEST_NS, StorageDeviceKey, StorageDeviceStats, candidate_slots,
-    choose_slot, first_slot_will_do,
+    INFLIGHT_SLOTS, InflightEntry, InflightIo, InflightRequest, InflightRequestKey, InflightSlot,
+    IoOperation, MAX_BIOS_PER_REQUEST, ProcessIoKey, ProcessIoStats, STALE_REQUEST_NS,
+    StorageDeviceKey, StorageDeviceStats, candidate_slots, choose_slot, first_slot_will_do,
+    slots_for,
 };
 use aya_ebpf::{
     helpers::{
@@ -20,7 +21,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 
-use super::shared::{add, add_sample, field, get_or_insert, member};
+use super::shared::{AddressSlot, add, add_sample, address_of, field, get_or_insert, member};
 
 /// Not preallocated: a 4 KiB histogram per CPU exists only for (device, direction, stage)
 /// keys that saw I/O, instead of for every possible key on every CPU.
@@ -40,15 +41,20 @@ static ZERO_DEVICE_STATS: PerCpuArray<StorageDeviceStats> = PerCpuArray::with_ma
 static PROCESS_IO: LruPerCpuHashMap<ProcessIoKey, ProcessIoStats> =
     LruPerCpuHashMap::with_max_entries(4096, 0);
 
+/// Device requests in flight, by (device, start sector): issue and completion times.
 #[map]
 static INFLIGHT_REQUESTS: Array<InflightSlot> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
-/// The slot holding the request with `key`, if it is still there.
+/// Application I/Os in flight, by bio pointer (BTF raw tracepoints only): who queued each,
+/// when, and how many of its parts are still at the device.
+#[map]
+static INFLIGHT_IOS: Array<InflightIo> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// The slot of `table` holding the entry with `key`, if it is still there.
 #[inline(always)]
-fn find_request(key: &InflightRequestKey) -> Option<*mut InflightSlot> {
-    let [first, second] = candidate_slots(key);
-    for index in [first, second] {
-        if let Some(slot) = INFLIGHT_REQUESTS.get_ptr_mut(index) {
+fn find_in<E: InflightEntry>(table: &Array<E>, slots: [u32; 2], key: &E::Key) -> Option<*mut E> {
+    for index in slots {
+        if let Some(slot) = table.get_ptr_mut(index) {
             // SAFETY: pointer from a successful lookup of a preallocated array slot.
             if unsafe { (*slot).holds(key) } {
                 return Some(slot);
@@ -58,26 +64,45 @@ fn find_request(key: &InflightRequestKey) -> Option<*mut InflightSlot> {
     None
 }
 
-/// Picks one of the two slots for a request with `key` (see `choose_slot`) and claims it
-/// with the key; the caller fills in the request there, in place.
+/// Picks one of the two slots for an entry with `key` (see `choose_slot`); the caller
+/// writes the entry there, key included, in place.
 #[inline(always)]
-fn claim_slot(key: InflightRequestKey, now: u64) -> Option<*mut InflightSlot> {
-    let [first_index, second_index] = candidate_slots(&key);
-    let first = INFLIGHT_REQUESTS.get_ptr_mut(first_index)?;
+fn claim_in<E: InflightEntry>(
+    table: &Array<E>,
+    [first_index, second_index]: [u32; 2],
+    key: &E::Key,
+    now: u64,
+) -> Option<*mut E> {
+    let first = table.get_ptr_mut(first_index)?;
     // SAFETY: pointers from successful lookups of preallocated array slots. Another CPU may
-    // write the same slot at the same instant only if two live requests collide there; the
+    // write the same slot at the same instant only if two live entries collide there; the
     // worst outcome is one mistimed sample.
     unsafe {
-        let mut slot = first;
-        if !first_slot_will_do(&key, &*first, now) {
-            let second = INFLIGHT_REQUESTS.get_ptr_mut(second_index)?;
-            if choose_slot(&key, &*first, &*second, now) == 1 {
-                slot = second;
-            }
+        if first_slot_will_do(key, &*first, now) {
+            return Some(first);
         }
-        (*slot).key = key;
-        Some(slot)
+        let second = table.get_ptr_mut(second_index)?;
+        Some(if choose_slot(key, &*first, &*second, now) == 1 {
+            second
+        } else {
+            first
+        })
     }
+}
+
+/// The slot holding the request with `key`, if it is still there.
+#[inline(always)]
+fn find_request(key: &InflightRequestKey) -> Option<*mut InflightSlot> {
+    find_in(&INFLIGHT_REQUESTS, candidate_slots(key), key)
+}
+
+/// Claims a slot for a request with `key`; the caller fills in the request there.
+#[inline(always)]
+fn claim_slot(key: InflightRequestKey, now: u64) -> Option<*mut InflightSlot> {
+    let slot = claim_in(&INFLIGHT_REQUESTS, candidate_slots(&key), &key, now)?;
+    // SAFETY: pointer from a successful lookup.
+    unsafe { (*slot).key = key };
+    Some(slot)
 }
 
 /// Puts a copy of `request` in a slot for `key`.
@@ -100,11 +125,35 @@ const ZERO_PROCESS_IO: ProcessIoStats = ProcessIoStats {
 // own recursion guard) and the classic tracepoint (a trace record, used where BTF or a member
 // is missing). Both read the same fields and hand them to one handler.
 
+/// The BTF probes follow each bio the application queued by its pointer (see
+/// [`InflightIo`]); the request table then only times the device.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
     let bio: *const u8 = ctx.arg(0);
-    let bdev: *const u8 = member!(bio, bio_bdev);
-    on_bio_queue(member!(bdev, block_device_dev), member!(bio, bio_sector));
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    super::sched::note_io_queued(tgid, now);
+    let Some(key) = address_of(bio, AddressSlot::BioQueue) else {
+        return 0;
+    };
+    let size: u32 = member!(bio, bio_size);
+    let Some(slot) = claim_in(&INFLIGHT_IOS, slots_for(key), &key, now) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful lookup of an array slot, filled in place; the comm
+    // helper writes 16 bytes into it.
+    unsafe {
+        (*slot).key = key;
+        (*slot).queued_ns = now;
+        (*slot).cgroup_id = bpf_get_current_cgroup_id();
+        (*slot).tgid = tgid;
+        (*slot).bytes = size as u64;
+        (*slot).parts = 1;
+        if bpf_get_current_comm((*slot).comm.as_mut_ptr().cast(), 16) != 0 {
+            (*slot).comm[0] = 0;
+        }
+    }
     0
 }
 
@@ -144,19 +193,23 @@ fn on_bio_queue(dev: u32, sector: u64) {
     }
 }
 
-/// A bio too large for the device is split: the front keeps the original sector, the rest
-/// continues at `new_sector` as its own request. Both inherit the submitter and queue time,
-/// so the second request is timed from when the application queued it too.
+/// A bio too large for the device is split: the front becomes a new bio chained to the
+/// original (its `bi_private`), the original continues at `new_sector`. The BTF probe counts
+/// one more part for the original; the classic one copies the submitter and queue time to a
+/// request key at `new_sector`, so the second request is timed from when the application
+/// queued it too.
 #[btf_tracepoint(function = "block_split")]
 pub fn block_split_btf(ctx: BtfTracePointContext) -> i32 {
-    let bio: *const u8 = ctx.arg(0);
-    let new_sector: u32 = ctx.arg(1);
-    let bdev: *const u8 = member!(bio, bio_bdev);
-    on_split(
-        member!(bdev, block_device_dev),
-        member!(bio, bio_sector),
-        new_sector as u64,
-    );
+    let split: *const u8 = ctx.arg(0);
+    let original: *const u8 = member!(split, bio_private);
+    let Some(original) = address_of(original, AddressSlot::Split) else {
+        return 0;
+    };
+    if let Some(slot) = find_in(&INFLIGHT_IOS, slots_for(original), &original) {
+        // SAFETY: pointer from a successful lookup; atomic against a part completing on
+        // another CPU.
+        add(unsafe { &raw mut (*slot).parts }, 1);
+    }
     0
 }
 
@@ -250,15 +303,104 @@ pub fn block_rq_complete_btf(ctx: BtfTracePointContext) -> i32 {
     let status: u64 = ctx.arg(1);
     let bytes: u32 = ctx.arg(2);
     let cmd_flags: u32 = member!(request, request_cmd_flags);
-    let _ = on_rq_complete(Completion {
-        dev: request_dev(request),
+    let dev = request_dev(request);
+    let operation = IoOperation::from_req_op(cmd_flags) as u8;
+    if let Ok((stats, now)) = on_rq_complete(Completion {
+        dev,
         sector: member!(request, request_sector),
         // The classic tracepoint reports nr_bytes >> 9 sectors: the same rounding.
         bytes: (bytes as u64 >> 9) << 9,
         failed: status as u8 != 0,
-        operation: IoOperation::from_req_op(cmd_flags) as u8,
-    });
+        operation,
+    }) {
+        complete_ios(request, bytes, dev, operation, stats, now);
+    }
     0
+}
+
+/// The application I/Os whose parts this completion finishes: the request's bios, first to
+/// last, as far as `bytes` covers them whole (a partial completion finishes the rest later).
+#[inline(always)]
+fn complete_ios(
+    request: *const u8,
+    bytes: u32,
+    dev: u32,
+    operation: u8,
+    stats: *mut StorageDeviceStats,
+    now: u64,
+) {
+    let mut bio: *const u8 = member!(request, request_bio);
+    let mut left = bytes;
+    for _ in 0..MAX_BIOS_PER_REQUEST {
+        if bio.is_null() {
+            break;
+        }
+        let size: u32 = member!(bio, bio_size);
+        if size > left {
+            break;
+        }
+        left -= size;
+        complete_part(bio, dev, operation, stats, now);
+        bio = member!(bio, bio_next);
+    }
+}
+
+/// One part of an application I/O is done: the bio it queued, or a part split from it.
+/// The last part times it and charges it to its submitter.
+#[inline(always)]
+fn complete_part(
+    bio: *const u8,
+    dev: u32,
+    operation: u8,
+    stats: *mut StorageDeviceStats,
+    now: u64,
+) {
+    let Some(mut key) = address_of(bio, AddressSlot::RequestComplete) else {
+        return;
+    };
+    let slot = match find_in(&INFLIGHT_IOS, slots_for(key), &key) {
+        Some(slot) => slot,
+        None => {
+            let original: *const u8 = member!(bio, bio_private);
+            key = match address_of(original, AddressSlot::RequestComplete) {
+                Some(original) => original,
+                None => return,
+            };
+            match find_in(&INFLIGHT_IOS, slots_for(key), &key) {
+                Some(slot) => slot,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: pointer from a successful lookup. The decrement is atomic (parts of one I/O
+    // may complete on two CPUs, or nested on one); reading the count back is not (a fetching
+    // add needs BPF atomics of Linux 5.12, the probes run on 5.8), so the slot's key is
+    // checked and cleared at once: only a second last part landing within those few
+    // instructions could time the I/O twice.
+    let io = unsafe {
+        add(&raw mut (*slot).parts, u64::MAX);
+        if core::ptr::read_volatile(&raw const (*slot).parts) != 0 || (*slot).key != key {
+            return;
+        }
+        let io = *slot;
+        (*slot).key = 0;
+        io
+    };
+    let latency_ns = now.wrapping_sub(io.queued_ns);
+    if latency_ns >= STALE_REQUEST_NS {
+        return;
+    }
+    // SAFETY: this CPU's slot of a per-CPU value.
+    add_sample(unsafe { &raw mut (*stats).queued_to_complete }, latency_ns);
+    charge_process(
+        io.tgid,
+        io.cgroup_id,
+        &io.comm,
+        dev,
+        operation,
+        io.bytes,
+        latency_ns,
+    );
 }
 
 #[tracepoint(category = "block", name = "block_rq_complete")]
@@ -278,11 +420,14 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), i64> {
         bytes: (nr_sector as u64) << 9,
         failed: error != 0,
         operation: IoOperation::from_rwbs(&rwbs) as u8,
-    })
+    })?;
+    Ok(())
 }
 
+/// Device-level accounting of a completed request; returns its device's stats and the time,
+/// for the BTF probe to finish application I/Os with.
 #[inline(always)]
-fn on_rq_complete(completion: Completion) -> Result<(), i64> {
+fn on_rq_complete(completion: Completion) -> Result<(*mut StorageDeviceStats, u64), i64> {
     let Completion {
         dev,
         sector,
@@ -327,8 +472,18 @@ fn on_rq_complete(completion: Completion) -> Result<(), i64> {
             );
             timed = true;
         }
-        if timed {
-            charge_process(&request, dev, operation, bytes, queued_latency_ns);
+        // Only the classic probes queue requests by sector (the BTF ones charge each
+        // application I/O when its last part completes, in `complete_part`).
+        if timed && request.queued_ns != 0 {
+            charge_process(
+                request.tgid,
+                request.cgroup_id,
+                &request.comm,
+                dev,
+                operation,
+                bytes,
+                queued_latency_ns,
+            );
         }
     }
     // SAFETY: this CPU's slot of a per-CPU value.
@@ -343,15 +498,23 @@ fn on_rq_complete(completion: Completion) -> Result<(), i64> {
             add(&raw mut (*counters).untimed_completions, 1);
         }
     }
-    Ok(())
+    Ok((stats, now))
 }
 
 #[inline(always)]
-fn charge_process(request: &InflightRequest, dev: u32, operation: u8, bytes: u64, latency_ns: u64) {
+fn charge_process(
+    tgid: u32,
+    cgroup_id: u64,
+    comm: &[u8; 16],
+    dev: u32,
+    operation: u8,
+    bytes: u64,
+    latency_ns: u64,
+) {
     let key = ProcessIoKey {
-        tgid: request.tgid,
+        tgid,
         dev,
-        cgroup_id: request.cgroup_id,
+        cgroup_id,
         operation,
         _padding: [0; 7],
     };
@@ -361,7 +524,7 @@ fn charge_process(request: &InflightRequest, dev: u32, operation: u8, bytes: u64
             add(&raw mut (*stats).completed_requests, 1);
             add(&raw mut (*stats).completed_bytes, bytes);
             add(&raw mut (*stats).latency_sum_ns, latency_ns);
-            (*stats).comm = request.comm;
+            (*stats).comm = *comm;
         }
     }
 }

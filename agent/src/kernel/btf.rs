@@ -46,10 +46,14 @@ macro_rules! member {
 const MEMBERS: &[MemberSpec] = &[
     member!(bio_bdev, "bio", "bi_bdev", 8),
     member!(bio_sector, "bio", "bi_iter.bi_sector", 8),
+    member!(bio_size, "bio", "bi_iter.bi_size", 4),
+    member!(bio_next, "bio", "bi_next", 8),
+    member!(bio_private, "bio", "bi_private", 8),
     member!(block_device_dev, "block_device", "bd_dev", 4),
     member!(request_queue, "request", "q", 8),
     member!(request_sector, "request", "__sector", 8),
     member!(request_cmd_flags, "request", "cmd_flags", 4),
+    member!(request_bio, "request", "bio", 8),
     member!(queue_disk, "request_queue", "disk", 8),
     member!(disk_major, "gendisk", "major", 4),
     member!(disk_first_minor, "gendisk", "first_minor", 4),
@@ -80,7 +84,6 @@ pub fn program_name(tracepoint: &str) -> String {
     format!("{tracepoint}_btf")
 }
 
-const BIO: &[&str] = &["bio_bdev", "block_device_dev", "bio_sector"];
 const REQUEST: &[&str] = &[
     "request_queue",
     "queue_disk",
@@ -94,12 +97,12 @@ pub const BTF_PROBES: &[BtfProbeSpec] = &[
     BtfProbeSpec {
         tracepoint: "block_bio_queue",
         args: &["bio *"],
-        members: BIO,
+        members: &["bio_bdev", "block_device_dev", "bio_sector", "bio_size"],
     },
     BtfProbeSpec {
         tracepoint: "block_split",
         args: &["bio *", "unsigned int"],
-        members: BIO,
+        members: &["bio_private"],
     },
     BtfProbeSpec {
         tracepoint: "block_rq_issue",
@@ -116,6 +119,10 @@ pub const BTF_PROBES: &[BtfProbeSpec] = &[
             "disk_first_minor",
             "request_sector",
             "request_cmd_flags",
+            "request_bio",
+            "bio_next",
+            "bio_size",
+            "bio_private",
         ],
     },
     BtfProbeSpec {
@@ -181,6 +188,32 @@ pub const BTF_PROBES: &[BtfProbeSpec] = &[
         members: &["task_pid"],
     },
 ];
+
+/// The block probes follow each application I/O by its bio pointer from queue to
+/// completion, which only the BTF programs can: these are all BTF or all classic.
+pub const BLOCK_PROBES: [&str; 4] = [
+    "block_bio_queue",
+    "block_split",
+    "block_rq_issue",
+    "block_rq_complete",
+];
+
+/// Where one block probe cannot be BTF, none is (see [`BLOCK_PROBES`]): the others are
+/// marked unusable with the reason.
+pub fn keep_block_probes_together(unusable: &mut HashMap<&'static str, String>) {
+    let first_classic = BLOCK_PROBES
+        .iter()
+        .find_map(|name| Some((*name, unusable.get(name)?.clone())));
+    if let Some((classic, why)) = first_classic {
+        for name in BLOCK_PROBES {
+            unusable.entry(name).or_insert_with(|| {
+                format!(
+                    "{classic} is a classic tracepoint ({why}) and the block probes go together"
+                )
+            });
+        }
+    }
+}
 
 /// What the running kernel's BTF allows.
 #[derive(Debug)]
@@ -484,6 +517,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn one_classic_block_probe_keeps_all_four_classic_and_names_it() {
+        let mut unusable = HashMap::new();
+        unusable.insert("block_split", "kept classic by the caller".to_string());
+        unusable.insert("tcp_probe", "something else".to_string());
+        keep_block_probes_together(&mut unusable);
+        for name in BLOCK_PROBES {
+            let why = unusable.get(name).expect("block probe classic");
+            assert!(why.contains("kept classic by the caller"), "{name}: {why}");
+        }
+        assert_eq!(unusable["block_split"], "kept classic by the caller");
+        assert!(unusable["block_rq_complete"].starts_with("block_split is a classic tracepoint"));
+        assert_eq!(unusable.len(), 5, "{unusable:?}");
+        // None classic: nothing changes.
+        let mut none = HashMap::new();
+        keep_block_probes_together(&mut none);
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -219,6 +219,29 @@ impl KernelProbes {
                 }
             })?;
 
+        // The block probes are attached first, as a group: if one BTF program is refused,
+        // all four stay classic (see btf::BLOCK_PROBES).
+        let mut block_links = HashMap::new();
+        if let Ok(kernel_btf) = &kernel_btf
+            && btf::BLOCK_PROBES
+                .iter()
+                .all(|name| btf_probes.usable(name).is_ok())
+        {
+            for name in btf::BLOCK_PROBES {
+                match attach_btf(&mut ebpf, &btf::program_name(name), name, kernel_btf) {
+                    Ok(link) => {
+                        block_links.insert(name, link);
+                    }
+                    Err(problem) => {
+                        btf_probes.unusable.insert(name, problem);
+                        block_links.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        btf::keep_block_probes_together(&mut btf_probes.unusable);
+
         // ENVELOPE_SYSCALL_PROBE=sys_enter takes the pre-5.15 path on any kernel (to compare
         // the two, or to work around a kernel whose saved registers are not what we expect).
         let force_sys_enter =
@@ -235,7 +258,11 @@ impl KernelProbes {
                 }
                 (Ok(kernel_btf), Ok(())) => {
                     let program = btf::program_name(spec.name);
-                    match attach_btf(&mut ebpf, &program, spec.name, kernel_btf) {
+                    let attached = match block_links.remove(spec.name) {
+                        Some(link) => Ok(link),
+                        None => attach_btf(&mut ebpf, &program, spec.name, kernel_btf),
+                    };
+                    match attached {
                         Ok(link) => {
                             links.push(ProbeLink::Btf(link));
                             statuses.push(ProbeStatus {
