@@ -135,22 +135,33 @@ fn btf_probes_attach_without_tracefs() {
     assert!(probes.snapshot().is_ok());
 }
 
-/// The choice is per probe: one kept classic, the rest BTF, all attached and sharing maps.
-#[test]
-fn one_probe_can_stay_classic_while_the_rest_are_btf() {
-    if !root_or_skip("one_probe_can_stay_classic_while_the_rest_are_btf") {
-        return;
+/// The probes loaded with `tracepoint` kept classic by the caller; None (printed) without
+/// root or kernel BTF.
+fn load_keeping_classic(test: &str, tracepoint: &str) -> Option<KernelProbes> {
+    if !root_or_skip(test) {
+        return None;
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        eprintln!("skipped: this kernel has no BTF");
-        return;
+        eprintln!("skipped {test}: this kernel has no BTF");
+        return None;
     }
     let report = preflight::run().expect("preflight");
     let options = ProbeOptions {
         all_classic: false,
-        classic: vec!["tcp_probe".to_string()],
+        classic: vec![tracepoint.to_string()],
     };
-    let probes = KernelProbes::load_with(Path::new(&report.tracefs), &options).expect("load");
+    Some(KernelProbes::load_with(Path::new(&report.tracefs), &options).expect("load"))
+}
+
+/// The choice is per probe: one kept classic, the rest BTF, all attached and sharing maps.
+#[test]
+fn one_probe_can_stay_classic_while_the_rest_are_btf() {
+    let Some(probes) = load_keeping_classic(
+        "one_probe_can_stay_classic_while_the_rest_are_btf",
+        "tcp_probe",
+    ) else {
+        return;
+    };
     for status in probes.statuses() {
         assert!(status.attached, "{}", status.tracepoint);
         if status.tracepoint == "tcp:tcp_probe" {
@@ -169,19 +180,10 @@ fn one_probe_can_stay_classic_while_the_rest_are_btf() {
 /// programs can: keeping one classic keeps all four classic, and says which decided it.
 #[test]
 fn the_block_probes_are_all_of_one_kind() {
-    if !root_or_skip("the_block_probes_are_all_of_one_kind") {
+    let Some(probes) = load_keeping_classic("the_block_probes_are_all_of_one_kind", "block_split")
+    else {
         return;
-    }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        eprintln!("skipped: this kernel has no BTF");
-        return;
-    }
-    let report = preflight::run().expect("preflight");
-    let options = ProbeOptions {
-        all_classic: false,
-        classic: vec!["block_split".to_string()],
     };
-    let probes = KernelProbes::load_with(Path::new(&report.tracefs), &options).expect("load");
     for status in probes.statuses() {
         assert!(status.attached, "{}", status.tracepoint);
         if status.tracepoint.starts_with("block:") {

@@ -507,6 +507,17 @@ fn direct_writes_are_counted_as_writes() {
     assert_eq!(reads, 0, "overwrites of written blocks read nothing");
 }
 
+/// The read figures of fio's first job (`--output-format=json`), after checking it succeeded.
+fn fio_reads(output: &std::process::Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("fio JSON");
+    report["jobs"][0]["read"].clone()
+}
+
 /// The acceptance check: under a saturating random-read load, the device P95 agrees with
 /// fio's own completion-latency P95. 512 KiB blocks keep the load device-bound (on a small VM,
 /// 4 KiB reads make fio CPU-bound, and its figures then include its own reaping delays) and
@@ -539,15 +550,8 @@ fn p95_agrees_with_fio_under_saturating_random_reads() {
         .arg(format!("--filename={}", file.path.display()))
         .output()
         .expect("run fio");
-    assert!(
-        output.status.success(),
-        "fio failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let (_, summary) = window_since(&probes, &before, started.elapsed());
-
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("fio JSON");
-    let read = &report["jobs"][0]["read"];
+    let read = &fio_reads(&output);
     let fio_p95_ms = read["clat_ns"]["percentile"]["95.000000"]
         .as_f64()
         .expect("fio p95")
@@ -699,14 +703,8 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
     let child = fio(&["--runtime=4", "--time_based"]);
     let fio_pid = child.id();
     let output = child.wait_with_output().expect("fio output");
-    assert!(
-        output.status.success(),
-        "fio failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let (delta, summary) = window_since(&probes, &before, started.elapsed());
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("fio JSON");
-    let read = &report["jobs"][0]["read"];
+    let read = &fio_reads(&output);
     let fio_ios = read["total_ios"].as_u64().expect("fio total_ios");
     let fio_bytes = read["io_bytes"].as_u64().expect("fio io_bytes");
     let fio_ms = |percentile: &str| {

@@ -255,7 +255,11 @@ fn request_dev(request: *const u8) -> u32 {
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_rq_issue_btf(ctx: BtfTracePointContext) -> i32 {
     let request: *const u8 = ctx.arg(0);
-    on_rq_issue(request_dev(request), member!(request, request_sector));
+    let key = InflightRequestKey::new(request_dev(request), member!(request, request_sector));
+    // The BTF probes time the application's bios in their own table: the request table holds
+    // only issue times, so there is nothing to look up first.
+    // SAFETY: plain helper call.
+    place_issued(key, unsafe { bpf_ktime_get_ns() });
     0
 }
 
@@ -275,16 +279,20 @@ fn on_rq_issue(dev: u32, sector: u64) {
     match find_request(&key) {
         // SAFETY: pointer from a successful lookup; a racing writer can only change timestamps.
         Some(slot) => unsafe { (*slot).request.issued_ns = now },
-        None => {
-            // Issued without a queue event (e.g. a flush the block layer generated): the device
-            // time is still measurable, the submitter is not known.
-            let request = InflightRequest {
-                issued_ns: now,
-                ..InflightRequest::default()
-            };
-            place_request(key, request, now);
-        }
+        // Issued without a queue event (e.g. a flush the block layer generated): the device
+        // time is still measurable, the submitter is not known.
+        None => place_issued(key, now),
     }
+}
+
+/// A request issued at `now`, with no queue time.
+#[inline(always)]
+fn place_issued(key: InflightRequestKey, now: u64) {
+    let request = InflightRequest {
+        issued_ns: now,
+        ..InflightRequest::default()
+    };
+    place_request(key, request, now);
 }
 
 /// One completed request as both kinds of probe see it.
