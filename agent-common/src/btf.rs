@@ -11,15 +11,13 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BtfOffsets {
-    /// `struct bio`: `bi_bdev` (pointer), `bi_iter.bi_sector`; `bi_iter.bi_size` (bytes
-    /// left), `bi_next` (the next bio of a request), `bi_private` (a split part's original).
-    pub bio_bdev: u16,
+    /// `struct bio`: `bi_iter.bi_sector`, `bi_iter.bi_size` (bytes left), `bi_next` (the
+    /// next bio of a request), `bi_private` (what its submitter waits on; a split part's
+    /// original).
     pub bio_sector: u16,
     pub bio_size: u16,
     pub bio_next: u16,
     pub bio_private: u16,
-    /// `struct block_device`: `bd_dev`.
-    pub block_device_dev: u16,
     /// `struct request`: `q` (pointer), `__sector`, `cmd_flags`, `bio` (its first bio).
     pub request_queue: u16,
     pub request_sector: u16,
@@ -47,12 +45,10 @@ pub struct BtfOffsets {
 impl BtfOffsets {
     /// Linux 6.18 on x86-64.
     pub const LINUX_6_18: BtfOffsets = BtfOffsets {
-        bio_bdev: 8,
         bio_sector: 32,
         bio_size: 40,
         bio_next: 0,
         bio_private: 64,
-        block_device_dev: 52,
         request_queue: 0,
         request_sector: 48,
         request_cmd_flags: 24,

@@ -310,12 +310,13 @@ pub fn first_slot_will_do<E: InflightEntry>(key: &E::Key, first: &E, now_ns: u64
 }
 
 /// An I/O as the application issued it, followed by pointers (BTF raw tracepoints only; the
-/// classic tracepoints carry none). Its key is the object its submitter waits on, the bios'
-/// `bi_private` (a direct I/O's `dio`, which every bio of one read or write points to), or
-/// the bio itself where that is empty. The block layer may split a bio into several requests
-/// (a device's `max_segments` or `max_sectors`) or merge bios into one request; the
-/// application waits until the last part completes, so that is when the I/O is timed and
-/// charged, once.
+/// classic tracepoints carry none). It is keyed by what its submitter waits on: the bios'
+/// `bi_private` (a direct I/O's `dio`, which every bio of one read or write points to), or the
+/// bio itself where that is empty. The block layer may split a bio into several requests (a
+/// device's `max_sectors_kb` or `max_segments`): each split part points to the bio it was cut
+/// from (`bi_private`, set by `bio_chain`). Or merge bios into one request: the completion
+/// walks the request's bios. The submitter waits until the last part completes, so that is
+/// when the I/O is timed and charged, once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InflightIo {
@@ -327,13 +328,54 @@ pub struct InflightIo {
     pub cgroup_id: u64,
     /// Bytes the application asked for: its bios' sizes when queued, before any split.
     pub bytes: u64,
-    /// Parts not yet completed: one per bio queued, plus one per split.
-    pub parts: u64,
     /// Process (thread group) that queued it.
     pub tgid: u32,
-    pub _padding: u32,
+    /// When its latest bio was queued, in units of 1,024 ns after `queued_ns`.
+    pub last_bio_after: u32,
+    /// Parts not yet completed: one per bio queued, plus one per split.
+    pub parts: u32,
+    /// The sector right after its latest bio, low 32 bits: where its next bio starts.
+    pub next_sector: u32,
     /// Command name at queue time.
     pub comm: [u8; 16],
+}
+
+/// How long after an I/O's latest bio another bio with its key may still belong to it, and
+/// how long after its first. A submitter queues the bios of one I/O back to back, but waits
+/// between them when the device's tags run out (a 4 MiB read cut into 16 requests at queue
+/// depth 32).
+pub const JOIN_GAP_NS: u64 = 100_000_000;
+pub const JOIN_SPAN_NS: u64 = 1_000_000_000;
+
+impl InflightIo {
+    /// Whether a bio with this entry's key, starting at `sector` and queued by `tgid` at
+    /// `now_ns`, is one more bio of the same I/O: it continues where the latest one ended,
+    /// from the same process, soon after. Otherwise the entry is a finished I/O whose last
+    /// completion was missed, its key's memory now reused by a new I/O (a freed `dio`
+    /// allocated again), which must not join it: a random read starts elsewhere, and the
+    /// time limits bound how long a sequential reader's missed completion can hold on.
+    #[inline(always)]
+    pub fn takes_another_bio(&self, tgid: u32, sector: u64, now_ns: u64) -> bool {
+        let latest = self
+            .queued_ns
+            .wrapping_add((self.last_bio_after as u64) << 10);
+        self.tgid == tgid
+            && self.next_sector == sector as u32
+            && now_ns.wrapping_sub(latest) < JOIN_GAP_NS
+            && now_ns.wrapping_sub(self.queued_ns) < JOIN_SPAN_NS
+    }
+
+    /// The sector after a bio of `bytes` starting at `sector`, as `next_sector` holds it.
+    #[inline(always)]
+    pub const fn sector_after(sector: u64, bytes: u32) -> u32 {
+        sector.wrapping_add((bytes >> 9) as u64) as u32
+    }
+
+    /// When a bio joining at `now_ns` was queued, as `last_bio_after` holds it.
+    #[inline(always)]
+    pub fn bio_after(&self, now_ns: u64) -> u32 {
+        (now_ns.wrapping_sub(self.queued_ns) >> 10) as u32
+    }
 }
 
 impl InflightEntry for InflightIo {
@@ -484,6 +526,41 @@ mod tests {
             "{at_1k} of {total} at 1,000 in flight"
         );
         assert!(at_8k * 10 <= total, "{at_8k} of {total} at 8,000 in flight");
+    }
+
+    #[test]
+    fn bios_queued_back_to_back_join_one_io_and_a_stale_entry_takes_none() {
+        let start = 5_000_000_000;
+        let sector = 1_000_000;
+        let mut io = InflightIo {
+            key: 0xffff_8881_0000_1000,
+            queued_ns: start,
+            tgid: 42,
+            parts: 1,
+            next_sector: InflightIo::sector_after(sector, 1 << 20),
+            ..InflightIo::default()
+        };
+        let next = sector + 2048;
+        // The next bio of the same read, 80 us later, from the same process, where the
+        // first ended: joins.
+        assert!(io.takes_another_bio(42, next, start + 80_000));
+        // Not from another sector (a new random read at the reused address) or process.
+        assert!(!io.takes_another_bio(42, next + 8, start + 80_000));
+        assert!(!io.takes_another_bio(43, next, start + 80_000));
+        io.last_bio_after = io.bio_after(start + 80_000);
+        io.next_sector = InflightIo::sector_after(next, 1 << 20);
+        let next = next + 2048;
+        // Gaps count from the latest bio, not the first.
+        assert!(io.takes_another_bio(42, next, start + 80_000 + JOIN_GAP_NS - 2_000));
+        assert!(!io.takes_another_bio(42, next, start + 80_000 + JOIN_GAP_NS + 2_000));
+        // However regular the bios, an I/O stops taking more once it spans JOIN_SPAN_NS.
+        io.last_bio_after = io.bio_after(start + JOIN_SPAN_NS - 10_000_000);
+        assert!(io.takes_another_bio(42, next, start + JOIN_SPAN_NS - 5_000_000));
+        assert!(!io.takes_another_bio(42, next, start + JOIN_SPAN_NS + 5_000_000));
+        // Sectors past 2^32 compare by their low bits.
+        let high = (7u64 << 32) + 100;
+        io.next_sector = InflightIo::sector_after(high, 4096);
+        assert!(io.takes_another_bio(42, high + 8, start + JOIN_SPAN_NS - 5_000_000));
     }
 
     fn rwbs(text: &str) -> [u8; 8] {

@@ -101,7 +101,7 @@ pub unsafe fn read_ctx<T: Copy>(
 pub static BTF_OFFSETS: BtfOffsets = BtfOffsets::LINUX_6_18;
 
 /// Reads a kernel struct member through a pointer a BTF raw tracepoint was given (or one read
-/// from such a member): `let dev: u32 = member!(bdev, block_device_dev);`.
+/// from such a member): `let sector: u64 = member!(bio, bio_sector);`.
 ///
 /// A plain load: the offset is a constant to the verifier (read-only data, frozen before the
 /// programs load), which checks the access against the kernel's BTF and turns it into a
@@ -194,6 +194,17 @@ pub fn add(counter: *mut u64, value: u64) {
     // SAFETY: `counter` points into a map value from a successful lookup.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, value,
+        );
+    }
+}
+
+/// [`add`] for a 32-bit counter (a 4-byte `lock add`).
+#[inline(always)]
+pub fn add32(counter: *mut u32, value: u32) {
+    // SAFETY: `counter` points into a map value from a successful lookup.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
             counter, value,
         );
     }

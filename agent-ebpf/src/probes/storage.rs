@@ -14,14 +14,16 @@ use agent_common::storage::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::bpf_get_current_comm,
+        bpf_probe_read_kernel, generated::bpf_get_current_comm,
     },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, TracePointContext},
 };
 
-use super::shared::{AddressSlot, add, add_sample, address_of, field, get_or_insert, member};
+use super::shared::{
+    AddressSlot, add, add_sample, add32, address_of, field, get_or_insert, member,
+};
 
 /// Not preallocated: a 4 KiB histogram per CPU exists only for (device, direction, stage)
 /// keys that saw I/O, instead of for every possible key on every CPU.
@@ -45,8 +47,8 @@ static PROCESS_IO: LruPerCpuHashMap<ProcessIoKey, ProcessIoStats> =
 #[map]
 static INFLIGHT_REQUESTS: Array<InflightSlot> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
-/// Application I/Os in flight, by bio pointer (BTF raw tracepoints only): who queued each,
-/// when, and how many of its parts are still at the device.
+/// Application I/Os in flight, by pointer (BTF raw tracepoints only, see [`InflightIo`]): who
+/// queued each, when, and how many of its parts are still at the device.
 #[map]
 static INFLIGHT_IOS: Array<InflightIo> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
@@ -125,8 +127,8 @@ const ZERO_PROCESS_IO: ProcessIoStats = ProcessIoStats {
 // own recursion guard) and the classic tracepoint (a trace record, used where BTF or a member
 // is missing). Both read the same fields and hand them to one handler.
 
-/// The BTF probes follow each bio the application queued by its pointer (see
-/// [`InflightIo`]); the request table then only times the device.
+/// The BTF probes follow each I/O the application queued by pointers (see [`InflightIo`]);
+/// the request table then only times the device.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
     let bio: *const u8 = ctx.arg(0);
@@ -134,10 +136,34 @@ pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     super::sched::note_io_queued(tgid, now);
-    let Some(key) = address_of(bio, AddressSlot::BioQueue) else {
+    let waited_on: *const u8 = member!(bio, bio_private);
+    let Some(mut key) = address_of(waited_on, AddressSlot::BioQueue) else {
         return 0;
     };
+    if key == 0 {
+        let Some(bio_address) = address_of(bio, AddressSlot::BioQueue) else {
+            return 0;
+        };
+        key = bio_address;
+    }
     let size: u32 = member!(bio, bio_size);
+    let sector: u64 = member!(bio, bio_sector);
+    // Another bio of an I/O in flight (a direct read larger than one bio holds, or spanning
+    // two extents of its file): one more part. A finished I/O whose completion was missed,
+    // its key's memory reused, is replaced instead (see `takes_another_bio`).
+    if let Some(slot) = find_in(&INFLIGHT_IOS, slots_for(key), &key) {
+        // SAFETY: pointer from a successful lookup; the counts are atomic against a part
+        // completing on another CPU.
+        unsafe {
+            if (*slot).takes_another_bio(tgid, sector, now) {
+                add32(&raw mut (*slot).parts, 1);
+                add(&raw mut (*slot).bytes, size as u64);
+                (*slot).last_bio_after = (*slot).bio_after(now);
+                (*slot).next_sector = InflightIo::sector_after(sector, size);
+                return 0;
+            }
+        }
+    }
     let Some(slot) = claim_in(&INFLIGHT_IOS, slots_for(key), &key, now) else {
         return 0;
     };
@@ -150,11 +176,27 @@ pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
         (*slot).tgid = tgid;
         (*slot).bytes = size as u64;
         (*slot).parts = 1;
+        (*slot).last_bio_after = 0;
+        (*slot).next_sector = InflightIo::sector_after(sector, size);
         if bpf_get_current_comm((*slot).comm.as_mut_ptr().cast(), 16) != 0 {
             (*slot).comm[0] = 0;
         }
     }
     0
+}
+
+/// The key of the I/O that `original`, a bio a split part was cut from, belongs to: its own
+/// `bi_private` where set, else itself (as `block_bio_queue_btf` keys it). `original` is an
+/// address the verifier does not type, so the member is read with a helper (splits and
+/// their parts are the less common path).
+#[inline(always)]
+fn key_of_original(original: u64) -> u64 {
+    let offset = super::shared::offset_of_member!(bio_private);
+    // SAFETY: a fault-tolerant read of kernel memory; a wrong address reads as an error.
+    let waited_on =
+        unsafe { bpf_probe_read_kernel((original as *const u8).add(offset) as *const u64) }
+            .unwrap_or(0);
+    if waited_on != 0 { waited_on } else { original }
 }
 
 #[tracepoint(category = "block", name = "block_bio_queue")]
@@ -195,7 +237,7 @@ fn on_bio_queue(dev: u32, sector: u64) {
 
 /// A bio too large for the device is split: the front becomes a new bio chained to the
 /// original (its `bi_private`), the original continues at `new_sector`. The BTF probe counts
-/// one more part for the original; the classic one copies the submitter and queue time to a
+/// one more part for the I/O; the classic one copies the submitter and queue time to a
 /// request key at `new_sector`, so the second request is timed from when the application
 /// queued it too.
 #[btf_tracepoint(function = "block_split")]
@@ -205,10 +247,11 @@ pub fn block_split_btf(ctx: BtfTracePointContext) -> i32 {
     let Some(original) = address_of(original, AddressSlot::Split) else {
         return 0;
     };
-    if let Some(slot) = find_in(&INFLIGHT_IOS, slots_for(original), &original) {
+    let key = key_of_original(original);
+    if let Some(slot) = find_in(&INFLIGHT_IOS, slots_for(key), &key) {
         // SAFETY: pointer from a successful lookup; atomic against a part completing on
         // another CPU.
-        add(unsafe { &raw mut (*slot).parts }, 1);
+        add32(unsafe { &raw mut (*slot).parts }, 1);
     }
     0
 }
@@ -363,22 +406,30 @@ fn complete_part(
     stats: *mut StorageDeviceStats,
     now: u64,
 ) {
-    let Some(mut key) = address_of(bio, AddressSlot::RequestComplete) else {
+    // Keyed as block_bio_queue_btf keys it: by what the bio points to, or by itself. A split
+    // part points to the bio it was cut from, keyed in turn the same way.
+    let waited_on: *const u8 = member!(bio, bio_private);
+    let Some(waited_on) = address_of(waited_on, AddressSlot::RequestComplete) else {
         return;
     };
-    let slot = match find_in(&INFLIGHT_IOS, slots_for(key), &key) {
-        Some(slot) => slot,
-        None => {
-            let original: *const u8 = member!(bio, bio_private);
-            key = match address_of(original, AddressSlot::RequestComplete) {
-                Some(original) => original,
-                None => return,
-            };
+    let key = if waited_on != 0 {
+        waited_on
+    } else {
+        match address_of(bio, AddressSlot::RequestComplete) {
+            Some(bio_address) => bio_address,
+            None => return,
+        }
+    };
+    let (slot, key) = match find_in(&INFLIGHT_IOS, slots_for(key), &key) {
+        Some(slot) => (slot, key),
+        None if waited_on != 0 => {
+            let key = key_of_original(waited_on);
             match find_in(&INFLIGHT_IOS, slots_for(key), &key) {
-                Some(slot) => slot,
+                Some(slot) => (slot, key),
                 None => return,
             }
         }
+        None => return,
     };
     // SAFETY: pointer from a successful lookup. The decrement is atomic (parts of one I/O
     // may complete on two CPUs, or nested on one); reading the count back is not (a fetching
@@ -386,7 +437,7 @@ fn complete_part(
     // checked and cleared at once: only a second last part landing within those few
     // instructions could time the I/O twice.
     let io = unsafe {
-        add(&raw mut (*slot).parts, u64::MAX);
+        add32(&raw mut (*slot).parts, u32::MAX);
         if core::ptr::read_volatile(&raw const (*slot).parts) != 0 || (*slot).key != key {
             return;
         }

@@ -44,12 +44,10 @@ macro_rules! member {
 }
 
 const MEMBERS: &[MemberSpec] = &[
-    member!(bio_bdev, "bio", "bi_bdev", 8),
     member!(bio_sector, "bio", "bi_iter.bi_sector", 8),
     member!(bio_size, "bio", "bi_iter.bi_size", 4),
     member!(bio_next, "bio", "bi_next", 8),
     member!(bio_private, "bio", "bi_private", 8),
-    member!(block_device_dev, "block_device", "bd_dev", 4),
     member!(request_queue, "request", "q", 8),
     member!(request_sector, "request", "__sector", 8),
     member!(request_cmd_flags, "request", "cmd_flags", 4),
@@ -97,7 +95,7 @@ pub const BTF_PROBES: &[BtfProbeSpec] = &[
     BtfProbeSpec {
         tracepoint: "block_bio_queue",
         args: &["bio *"],
-        members: &["bio_bdev", "block_device_dev", "bio_sector", "bio_size"],
+        members: &["bio_private", "bio_size", "bio_sector"],
     },
     BtfProbeSpec {
         tracepoint: "block_split",
