@@ -663,8 +663,10 @@ impl Drop for MaxRequestSize {
 /// application waits for its whole read: each read fio issued is one sample, timed from its
 /// first bio queued to its last part completed, and charged to fio once with its full size;
 /// nothing is charged to "no submitting process". fio's own completion percentiles are the
-/// reference. Counts are exact but for reads whose request completed where no BPF program
-/// runs on the test VM (see `every_read_at_queue_depth_32_is_seen_byte_for_byte`).
+/// reference. Counts and bytes match fio's within the bounds explained at the assertions:
+/// below only by reads whose request completed where no BPF program runs on the test VM (see
+/// `every_read_at_queue_depth_32_is_seen_byte_for_byte`), above by reads counted twice or
+/// left uncounted by fio.
 #[test]
 fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
     const TEST: &str = "large_reads_are_timed_and_charged_as_the_application_issued_them";
@@ -677,11 +679,14 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
     }
     let file = ScratchFile::create(1 << 30);
     let device = file.device();
+    /// fio's queue depth: the most reads in flight at once.
+    const IN_FLIGHT: u64 = 32;
     let fio = |block_size: &str, extra: &[&str]| {
         // --thread: the reads come from fio's own process, the one spawned here.
         Command::new("fio")
             .args(["--name=envelope-large-reads", "--rw=randread", "--direct=1"])
-            .args(["--ioengine=libaio", "--iodepth=32", "--thread"])
+            .args(["--ioengine=libaio", "--thread"])
+            .arg(format!("--iodepth={IN_FLIGHT}"))
             .args(["--output-format=json"])
             .arg(format!("--bs={block_size}"))
             .args(extra)
@@ -751,8 +756,9 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
         let lost = never_traced.min(fio_ios);
         // Above fio's count by a few percent: a read whose first bio completed before the
         // submitter queued its next (it slept for a tag in between) is two samples (0 to 5.5%
-        // of 4 MiB reads in 30 runs, with the same bytes), and fio reads a few blocks of its
-        // own (up to 400 KB).
+        // of 4 MiB reads in 30 runs, with the same bytes). Bytes may be above fio's by reads
+        // still in flight when its time ran out, which it does not count (one 4 MiB read in a
+        // fresh-clone CI run), and a few blocks fio reads of its own.
         let resumed = fio_ios * 8 / 100;
         assert!(
             (fio_ios - lost..=fio_ios + resumed).contains(&ops),
@@ -760,7 +766,8 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
              {never_traced} completions never traced"
         );
         assert!(
-            (fio_bytes.saturating_sub(lost * read_bytes)..=fio_bytes + (1 << 20)).contains(&bytes),
+            (fio_bytes.saturating_sub(lost * read_bytes)..=fio_bytes + IN_FLIGHT * read_bytes)
+                .contains(&bytes),
             "{bytes} bytes charged to fio, fio read {fio_bytes}, {never_traced} completions never traced"
         );
         let unattributed: Vec<_> = delta
