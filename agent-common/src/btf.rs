@@ -29,11 +29,12 @@ pub struct BtfOffsets {
     pub disk_major: u16,
     pub disk_first_minor: u16,
     /// `struct sock` (its `__sk_common`): `skc_family`, `skc_dport`, `skc_daddr`,
-    /// `skc_v6_daddr`; and `sk_protocol`.
+    /// `skc_v6_daddr`, `skc_num` (the local port, host order); and `sk_protocol`.
     pub sock_family: u16,
     pub sock_dport: u16,
     pub sock_daddr: u16,
     pub sock_v6_daddr: u16,
+    pub sock_num: u16,
     pub sock_protocol: u16,
     /// `struct tcp_sock`: `srtt_us` (smoothed RTT in microseconds, shifted left by 3).
     pub tcp_srtt_us: u16,
@@ -60,6 +61,7 @@ impl BtfOffsets {
         sock_dport: 12,
         sock_daddr: 0,
         sock_v6_daddr: 56,
+        sock_num: 14,
         sock_protocol: 532,
         tcp_srtt_us: 1680,
         task_pid: 1264,

@@ -13,6 +13,7 @@ extern crate std as alloc;
 pub mod btf;
 pub mod histogram;
 pub mod network;
+pub mod requests;
 pub mod sched;
 pub mod storage;
 pub mod tracepoint;
@@ -26,7 +27,11 @@ pub mod map_names {
     pub const PEER_CONNECT_LATENCY: &str = "PEER_CONNECT_LATENCY";
     pub const PEER_COUNTERS: &str = "PEER_COUNTERS";
     pub const CONNECTS_IN_FLIGHT: &str = "CONNECTS_IN_FLIGHT";
-    pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const REQUEST_LATENCY: &str = "REQUEST_LATENCY";
+    pub const REQUEST_FIRST_BYTE: &str = "REQUEST_FIRST_BYTE";
+    pub const REQUEST_COUNTERS: &str = "REQUEST_COUNTERS";
+    pub const REQUEST_TIMING: &str = "REQUEST_TIMING";
     pub const TRACKED_PROCESSES: &str = "TRACKED_PROCESSES";
     pub const THREAD_STATES: &str = "THREAD_STATES";
     pub const THREAD_SYSCALLS: &str = "THREAD_SYSCALLS";
@@ -59,7 +64,7 @@ pub const BTF_OFFSETS_GLOBAL: &str = "BTF_OFFSETS";
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{btf::*, histogram::*, network::*, sched::*, storage::*, tracepoint::*};
+    use super::{btf::*, histogram::*, network::*, requests::*, sched::*, storage::*, tracepoint::*};
     // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and carry
     // explicit padding fields, so every byte pattern is a valid value.
     unsafe impl aya::Pod for LatencyHistogram {}
@@ -73,7 +78,9 @@ mod pod {
     unsafe impl aya::Pod for InflightRequest {}
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for PeerCounters {}
-    unsafe impl aya::Pod for SocketOwner {}
+    unsafe impl aya::Pod for SocketState {}
+    unsafe impl aya::Pod for RequestKey {}
+    unsafe impl aya::Pod for RequestCounters {}
     unsafe impl aya::Pod for ConnectStart {}
     unsafe impl aya::Pod for TracepointOffsets {}
     unsafe impl aya::Pod for BtfOffsets {}

@@ -8,6 +8,8 @@ pub const IPPROTO_TCP: u16 = 6;
 pub mod tcp_state {
     pub const ESTABLISHED: i32 = 1;
     pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
     pub const CLOSE: i32 = 7;
 }
 
@@ -55,16 +57,6 @@ pub struct PeerCounters {
     pub connects_established: u64,
     /// Active opens that went from SYN_SENT straight to CLOSE (refused, timed out, reset).
     pub connects_failed: u64,
-}
-
-/// Which process owns a socket, learned where the kernel runs in that process's context
-/// (connect, send, receive). Keyed by the socket's kernel address.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct SocketOwner {
-    pub cgroup_id: u64,
-    pub tgid: u32,
-    pub _padding: u32,
 }
 
 /// A connect in progress (SYN_SENT seen, ESTABLISHED or CLOSE not yet).

@@ -29,7 +29,10 @@ pub mod tracked {
 pub struct TrackedProcess {
     /// `tracked::*`.
     pub flags: u32,
-    pub _padding: u32,
+    /// Its client sockets with a request sent and no response byte yet (see
+    /// `requests::SocketState::awaits_response`): while there are any, its waits for events
+    /// are waits on the network.
+    pub awaiting_responses: u32,
     /// When it last queued block I/O (bpf_ktime_get_ns), 0 for never.
     pub last_io_queued_ns: u64,
     /// When it last sent or received on a TCP socket, 0 for never.
@@ -40,7 +43,7 @@ impl TrackedProcess {
     pub const fn new(flags: u32) -> Self {
         Self {
             flags,
-            _padding: 0,
+            awaiting_responses: 0,
             last_io_queued_ns: 0,
             last_socket_activity_ns: 0,
         }
@@ -55,6 +58,10 @@ pub struct ThreadState {
     pub tgid: u32,
     /// One of `activity::*`.
     pub activity: u32,
+    /// 1 when the thread's last send or receive was on a client socket with a request open
+    /// (sent, or its response arriving): a read it blocks in next waits for that response.
+    pub reading_response: u32,
+    pub _padding: u32,
 }
 
 /// Per process (key: tgid), per CPU: nanoseconds by activity.
@@ -147,7 +154,7 @@ pub const fn classify_switch_out(
     task_state: u64,
     syscall_id: u64,
     recent_io: bool,
-    recent_socket: bool,
+    network: NetworkWait,
     gpu_user: bool,
 ) -> u32 {
     use syscall::*;
@@ -177,14 +184,64 @@ pub const fn classify_switch_out(
         IO_GETEVENTS | IO_URING_ENTER if recent_io => activity::STORAGE,
         // A thread in accept() waits for the next client: idle, not held back by the network.
         ACCEPT | ACCEPT4 => activity::OTHER_SLEEP,
-        CONNECT | SENDTO | RECVFROM | SENDMSG | RECVMSG | RECVMMSG | SENDMMSG => activity::NETWORK,
+        // Blocked sending or connecting: the network (or the peer) cannot take more yet.
+        CONNECT | SENDTO | SENDMSG | SENDMMSG => activity::NETWORK,
+        WRITE if network.recent_socket => activity::NETWORK,
+        // Blocked receiving: a wait for a response is the network's; a server waiting for
+        // its next request is idle.
+        RECVFROM | RECVMSG | RECVMMSG if network.awaiting_response || network.reading_response => {
+            activity::NETWORK
+        }
+        READ if network.recent_socket
+            && (network.awaiting_response || network.reading_response) =>
+        {
+            activity::NETWORK
+        }
         // The NVIDIA driver blocks in ioctl (and poll) on its device files.
         IOCTL if gpu_user => activity::GPU,
-        READ | WRITE if recent_socket => activity::NETWORK,
-        _ if waits_for_events && recent_socket => activity::NETWORK,
+        _ if waits_for_events && network.awaiting_response => activity::NETWORK,
         _ if waits_for_events && gpu_user => activity::GPU,
         _ => activity::OTHER_SLEEP,
     }
+}
+
+/// What the process and thread were doing on the network when the thread fell asleep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetworkWait {
+    /// The process sent or received on a TCP socket lately.
+    pub recent_socket: bool,
+    /// One of the process's client sockets has a request out and no response byte yet.
+    pub awaiting_response: bool,
+    /// The thread's last send or receive was on a client socket with a request open.
+    pub reading_response: bool,
+}
+
+impl NetworkWait {
+    /// Where requests are timed (`TrackedProcess::awaiting_responses`,
+    /// `ThreadState::reading_response`).
+    pub const fn from_requests(
+        recent_socket: bool,
+        awaiting_response: bool,
+        reading_response: bool,
+    ) -> Self {
+        Self {
+            recent_socket,
+            awaiting_response,
+            reading_response,
+        }
+    }
+
+    /// Where they are not (no kernel BTF for `struct sock`): any socket used lately explains
+    /// a wait for events, and every blocked receive is the network's.
+    pub const fn from_recent_socket(recent_socket: bool) -> Self {
+        Self {
+            recent_socket,
+            awaiting_response: recent_socket,
+            reading_response: true,
+        }
+    }
+
+    pub const NONE: Self = Self::from_requests(false, false, false);
 }
 
 #[cfg(test)]
@@ -212,7 +269,7 @@ mod tests {
                 reported_switch_state(false, 0x80, 0x20),
                 0,
                 false,
-                false,
+                NetworkWait::NONE,
                 false
             ),
             EXITED
@@ -244,7 +301,7 @@ mod tests {
                 let (io, socket, gpu) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
                 let verdicts: Vec<u32> = syscalls
                     .iter()
-                    .map(|&id| classify_switch_out(state, id, io, socket, gpu))
+                    .map(|&id| classify_switch_out(state, id, io, NetworkWait::from_recent_socket(socket), gpu))
                     .collect();
                 if !needs_syscall(state) {
                     assert!(
@@ -261,24 +318,24 @@ mod tests {
     #[test]
     fn preempted_threads_wait_for_a_cpu() {
         assert_eq!(
-            classify_switch_out(0, READ, true, true, true),
+            classify_switch_out(0, READ, true, NetworkWait::from_recent_socket(true), true),
             WAITING_FOR_CPU
         );
         assert_eq!(
-            classify_switch_out(0x100, READ, false, false, false),
+            classify_switch_out(0x100, READ, false, NetworkWait::from_recent_socket(false), false),
             WAITING_FOR_CPU
         );
     }
 
     #[test]
     fn the_final_switch_of_a_dead_thread_ends_it() {
-        assert_eq!(classify_switch_out(EXIT_DEAD, 60, true, true, true), EXITED);
+        assert_eq!(classify_switch_out(EXIT_DEAD, 60, true, NetworkWait::from_recent_socket(true), true), EXITED);
         assert_eq!(
-            classify_switch_out(EXIT_ZOMBIE, 60, false, false, false),
+            classify_switch_out(EXIT_ZOMBIE, 60, false, NetworkWait::from_recent_socket(false), false),
             EXITED
         );
         assert_eq!(
-            classify_switch_out(0x4, 0, false, false, false),
+            classify_switch_out(0x4, 0, false, NetworkWait::from_recent_socket(false), false),
             OTHER_SLEEP
         ); // stopped
     }
@@ -286,15 +343,15 @@ mod tests {
     #[test]
     fn uninterruptible_sleep_with_io_is_storage() {
         assert_eq!(
-            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, true, false, false),
+            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, true, NetworkWait::from_recent_socket(false), false),
             STORAGE
         );
         assert_eq!(
-            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, false, false, false),
+            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, false, NetworkWait::from_recent_socket(false), false),
             OTHER_SLEEP
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, IO_GETEVENTS, true, false, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, IO_GETEVENTS, true, NetworkWait::from_recent_socket(false), false),
             STORAGE
         );
     }
@@ -302,28 +359,61 @@ mod tests {
     #[test]
     fn socket_waits_are_network() {
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, RECVFROM, false, false, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, RECVFROM, false, NetworkWait::from_recent_socket(false), false),
             NETWORK
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, true, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, NetworkWait::from_recent_socket(true), false),
             NETWORK
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, READ, false, true, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, READ, false, NetworkWait::from_recent_socket(true), false),
             NETWORK
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, false, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, NetworkWait::from_recent_socket(false), false),
             OTHER_SLEEP
+        );
+        // Where requests are timed: the same waits with nothing awaited are idle.
+        let idle_server = NetworkWait::from_requests(true, false, false);
+        for wait in [EPOLL_WAIT, READ, RECVFROM, POLL] {
+            assert_eq!(
+                classify_switch_out(TASK_INTERRUPTIBLE, wait, false, idle_server, false),
+                OTHER_SLEEP,
+                "syscall {wait}"
+            );
+        }
+        let client_waiting = NetworkWait::from_requests(true, true, false);
+        for wait in [EPOLL_WAIT, READ, RECVFROM, POLL] {
+            assert_eq!(
+                classify_switch_out(TASK_INTERRUPTIBLE, wait, false, client_waiting, false),
+                NETWORK,
+                "syscall {wait}"
+            );
+        }
+        // A thread reading a response that has started (a download) waits on the network;
+        // an event loop with only answered requests does not.
+        let downloading = NetworkWait::from_requests(true, false, true);
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, RECVFROM, false, downloading, false),
+            NETWORK
+        );
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, downloading, false),
+            OTHER_SLEEP
+        );
+        // Blocked sends are the network's, requests or not.
+        assert_eq!(
+            classify_switch_out(TASK_INTERRUPTIBLE, SENDTO, false, NetworkWait::NONE, false),
+            NETWORK
         );
         // A server waiting for its next client is idle, however busy its sockets were.
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, ACCEPT4, false, true, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, ACCEPT4, false, NetworkWait::from_recent_socket(true), false),
             OTHER_SLEEP
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, CONNECT, false, false, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, CONNECT, false, NetworkWait::from_recent_socket(false), false),
             NETWORK
         );
     }
@@ -331,20 +421,20 @@ mod tests {
     #[test]
     fn driver_waits_of_gpu_users_are_gpu() {
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, false, true),
+            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, NetworkWait::from_recent_socket(false), true),
             GPU
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, POLL, false, false, true),
+            classify_switch_out(TASK_INTERRUPTIBLE, POLL, false, NetworkWait::from_recent_socket(false), true),
             GPU
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, false, false),
+            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, NetworkWait::from_recent_socket(false), false),
             OTHER_SLEEP
         );
         // futex (202) is a lock or condition variable: other sleep, even for GPU users.
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, 202, false, false, true),
+            classify_switch_out(TASK_INTERRUPTIBLE, 202, false, NetworkWait::from_recent_socket(false), true),
             OTHER_SLEEP
         );
     }

@@ -1,11 +1,15 @@
 //! TCP: passive round-trip time per remote endpoint (`tcp:tcp_probe`, the kernel's own
 //! smoothed RTT), retransmits (`tcp:tcp_retransmit_skb`), connect latency and failures
-//! (`sock:inet_sock_set_state`), and which process owns each socket, learned where the
-//! kernel runs in that process's context (connect, send, receive).
+//! (`sock:inet_sock_set_state`), which process owns each socket, learned where the kernel
+//! runs in that process's context (connect, send, receive), and the requests each socket
+//! serves or makes (`agent_common::requests`), timed from the lengths of its sends and
+//! receives.
 use agent_common::{
     histogram::LatencyHistogram,
-    network::{
-        AF_INET, AF_INET6, ConnectStart, IPPROTO_TCP, PeerCounters, PeerKey, SocketOwner, tcp_state,
+    network::{AF_INET, AF_INET6, ConnectStart, IPPROTO_TCP, PeerCounters, PeerKey, tcp_state},
+    requests::{
+        Direction, Ended, MSG_PEEK, ended, RequestCounters, RequestKey, SocketState, request_key, role,
+        role_from_ports,
     },
 };
 use aya_ebpf::{
@@ -14,13 +18,13 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{LruHashMap, LruPerCpuHashMap},
+    maps::{Array, LruHashMap, LruPerCpuHashMap},
     programs::{BtfTracePointContext, TracePointContext},
 };
 
 use super::shared::{
-    add, compiled_offset, field, field_at, get_or_insert, member, offset, offset_of_member,
-    record_latency,
+    BPF_NOEXIST, add, add32, compiled_offset, field, field_at, get_or_insert, member, offset,
+    offset_of_member, record_latency,
 };
 
 /// Bounded by LRU: peers that stop talking age out. Userspace may resize at load time.
@@ -40,14 +44,49 @@ static PEER_COUNTERS: LruPerCpuHashMap<PeerKey, PeerCounters> =
 #[map]
 static CONNECTS_IN_FLIGHT: LruHashMap<u64, ConnectStart> = LruHashMap::with_max_entries(4096, 0);
 
-/// Socket address -> owning process.
+/// Socket address -> owning process, role and the request in progress. Closed sockets are
+/// removed; LRU for those whose close was not seen.
 #[map]
-static SOCKET_OWNERS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(16384, 0);
+static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(16384, 0);
+
+/// Request latency (first request byte -> last response byte) per server port or upstream,
+/// per process. Bounded like the peer maps (userspace sizes them at load).
+#[map]
+static REQUEST_LATENCY: LruPerCpuHashMap<RequestKey, LatencyHistogram> =
+    LruPerCpuHashMap::with_max_entries(512, 0);
+
+/// Time to the first response byte, same keys.
+#[map]
+static REQUEST_FIRST_BYTE: LruPerCpuHashMap<RequestKey, LatencyHistogram> =
+    LruPerCpuHashMap::with_max_entries(512, 0);
+
+#[map]
+static REQUEST_COUNTERS: LruPerCpuHashMap<RequestKey, RequestCounters> =
+    LruPerCpuHashMap::with_max_entries(1024, 0);
+
+/// Element 0 is 1 once userspace has both socket probes running as BTF programs, the ones
+/// that time requests; the scheduler probe then tells waits for a response from idle waits.
+#[map]
+static REQUEST_TIMING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether requests are timed (see [`REQUEST_TIMING`]).
+#[inline(always)]
+pub fn requests_timed() -> bool {
+    REQUEST_TIMING.get(0).is_some_and(|on| *on != 0)
+}
 
 const ZERO_COUNTERS: PeerCounters = PeerCounters {
     retransmits: 0,
     connects_established: 0,
     connects_failed: 0,
+};
+
+const ZERO_REQUEST_COUNTERS: RequestCounters = RequestCounters {
+    requests: 0,
+    untimed: 0,
+    bytes_in: 0,
+    bytes_out: 0,
+    connections: 0,
 };
 
 /// Reads an IPv4 or IPv6 address into a peer key's 16-byte form. Each address is given as
@@ -77,24 +116,115 @@ fn read_address(
 #[inline(always)]
 fn owner_tgid(socket: u64) -> u32 {
     // SAFETY: the value is copied out at once.
-    unsafe { SOCKET_OWNERS.get(&socket) }.map_or(0, |owner| owner.tgid)
+    unsafe { SOCKETS.get(&socket) }.map_or(0, |state| state.key.tgid)
+}
+
+/// The socket's state, created (with `role`) when missing.
+#[inline(always)]
+fn socket_state(socket: u64, role: u8) -> Option<*mut SocketState> {
+    if let Some(state) = SOCKETS.get_ptr_mut(&socket) {
+        return Some(state);
+    }
+    let _ = SOCKETS.insert(&socket, &SocketState::new(role), BPF_NOEXIST);
+    SOCKETS.get_ptr_mut(&socket)
+}
+
+/// `tgid` (the current process) owns `state`'s socket.
+#[inline(always)]
+fn set_owner(state: *mut SocketState, tgid: u32) {
+    // SAFETY: pointer from a successful lookup; plain stores.
+    unsafe {
+        if (*state).key.tgid == tgid {
+            return; // the common case: a lookup, no write
+        }
+        // A socket handed to another process (fork, fd passing): its wait moves with it.
+        stop_counting_wait(state);
+        (*state).key.tgid = tgid;
+        (*state).cgroup_id = bpf_get_current_cgroup_id();
+    }
+}
+
+/// Keeps the owner's `awaiting_responses` equal to its client sockets with a request out
+/// and no response byte (only tracked processes have the counter).
+#[inline(always)]
+fn sync_counted_wait(state: *mut SocketState) {
+    // SAFETY: pointer from a successful lookup.
+    let (awaits, counted, tgid) = unsafe {
+        (
+            (*state).awaits_response(),
+            (*state).counted_waiting != 0,
+            (*state).key.tgid,
+        )
+    };
+    if awaits == counted {
+        return;
+    }
+    if !awaits {
+        stop_counting_wait(state);
+    } else if let Some(process) = super::sched::tracked_process(tgid) {
+        // SAFETY: pointers from successful lookups.
+        unsafe {
+            add32(&raw mut (*process).awaiting_responses, 1);
+            (*state).counted_waiting = 1;
+        }
+    }
 }
 
 #[inline(always)]
-fn remember_owner(socket: u64, tgid: u32) {
-    // SAFETY: the value is copied out at once.
-    if let Some(owner) = unsafe { SOCKET_OWNERS.get(&socket) } {
-        if owner.tgid == tgid {
-            return; // the common case: a lookup, no write
+fn stop_counting_wait(state: *mut SocketState) {
+    // SAFETY: pointer from a successful lookup.
+    unsafe {
+        if (*state).counted_waiting == 0 {
+            return;
+        }
+        (*state).counted_waiting = 0;
+        if let Some(process) = super::sched::tracked_process((*state).key.tgid) {
+            // A process tracked again by userspace after it counted starts at 0: never
+            // below that. A decrement racing this check can at worst leave it at 0 late.
+            if (*process).awaiting_responses > 0 {
+                add32(&raw mut (*process).awaiting_responses, u32::MAX);
+            }
         }
     }
-    let owner = SocketOwner {
-        // SAFETY: plain helper call.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        tgid,
-        _padding: 0,
+}
+
+/// A request ended on the socket: into its server port's or upstream's aggregation.
+#[inline(always)]
+fn record_request(key: &RequestKey, ended: &Ended) {
+    if ended.outcome == ended::NOTHING {
+        return;
+    }
+    let Some(counters) = get_or_insert!(REQUEST_COUNTERS, key, Some(&ZERO_REQUEST_COUNTERS))
+    else {
+        return;
     };
-    let _ = SOCKET_OWNERS.insert(&socket, &owner, 0);
+    if ended.outcome == ended::TIMED {
+        record_latency!(REQUEST_LATENCY, key, ended.latency_ns);
+        record_latency!(REQUEST_FIRST_BYTE, key, ended.first_byte_ns);
+        // SAFETY: this CPU's slot of a per-CPU value.
+        unsafe {
+            add(&raw mut (*counters).requests, 1);
+            add(&raw mut (*counters).bytes_in, ended.bytes_in);
+            add(&raw mut (*counters).bytes_out, ended.bytes_out);
+        }
+    } else {
+        // SAFETY: as above.
+        unsafe { add(&raw mut (*counters).untimed, 1) };
+    }
+}
+
+/// Ends the socket's request in progress (its connection closes, or its peer ended the
+/// stream).
+#[inline(always)]
+fn end_request(state: *mut SocketState) {
+    // SAFETY: pointer from a successful lookup.
+    unsafe {
+        let ended = (*state).end();
+        stop_counting_wait(state);
+        if (*state).keyed != 0 {
+            record_request(&(*state).key, &ended);
+        }
+    }
 }
 
 // Every probe comes twice, a BTF raw tracepoint and the classic tracepoint (see storage.rs);
@@ -290,7 +420,19 @@ fn on_state_change(
             _padding: 0,
         };
         let _ = CONNECTS_IN_FLIGHT.insert(&socket, &start, 0);
-        remember_owner(socket, tgid);
+        if let Some(state) = socket_state(socket, role::CLIENT) {
+            // SAFETY: pointer from a successful lookup. A reused socket address starts over.
+            unsafe { (*state).role = role::CLIENT };
+            set_owner(state, tgid);
+        }
+        return Ok(());
+    }
+
+    if old_state == tcp_state::SYN_RECV && new_state == tcp_state::ESTABLISHED {
+        // A passive open completes (in the soft interrupt of the client's last ACK): a server
+        // socket, whose owner is known at its first receive.
+        let fresh = SocketState::new(role::SERVER);
+        let _ = SOCKETS.insert(&socket, &fresh, 0);
         return Ok(());
     }
 
@@ -329,29 +471,86 @@ fn on_state_change(
         }
     }
 
+    // The application closed its end (FIN_WAIT1, in its close()) or the connection is gone:
+    // the response in progress is complete. (A peer's FIN, CLOSE_WAIT, is not the end: the
+    // application has yet to read what came before it, and its read of the end does it.)
+    if new_state == tcp_state::FIN_WAIT1 || new_state == tcp_state::CLOSE {
+        if let Some(state) = SOCKETS.get_ptr_mut(&socket) {
+            end_request(state);
+        }
+    }
     if new_state == tcp_state::CLOSE {
-        let _ = SOCKET_OWNERS.remove(&socket);
+        let _ = SOCKETS.remove(&socket);
     }
     Ok(())
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
-    on_socket_io(ctx.arg(0));
+    on_socket_io_btf(&ctx, Direction::Sent);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
-    on_socket_io(ctx.arg(0));
+    on_socket_io_btf(&ctx, Direction::Received);
     0
 }
 
+/// (struct sock *sk, int ret, int flags): `ret` is the bytes moved or -errno.
 #[inline(always)]
-fn on_socket_io(socket: *const u8) {
+fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
+    let socket: *const u8 = ctx.arg(0);
     let protocol: u16 = member!(socket, sock_protocol);
-    if protocol == IPPROTO_TCP {
-        note_socket_user(socket as u64);
+    if protocol != IPPROTO_TCP {
+        return;
+    }
+    let bytes: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if direction == Direction::Received && flags & MSG_PEEK != 0 {
+        return; // peeked bytes stay queued: they are received again
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(state) = socket_state(socket as u64, role::UNKNOWN) else {
+        return;
+    };
+    set_owner(state, tgid);
+    // SAFETY: pointer from a successful lookup; plain loads and stores. Two threads moving
+    // data on one socket at once can mis-time one request, not corrupt anything.
+    unsafe {
+        if (*state).keyed == 0 {
+            // The socket's first send or receive in process context: which end it is (when
+            // its open was not seen) and where its requests are counted.
+            let Ok((family, address, remote_port)) = remote_end(socket) else {
+                return;
+            };
+            let local_port: u16 = member!(socket, sock_num);
+            if (*state).role == role::UNKNOWN {
+                (*state).role = role_from_ports(local_port, remote_port);
+            }
+            (*state).key =
+                request_key((*state).role, tgid, local_port, family, address, remote_port);
+            (*state).keyed = 1;
+            if let Some(counters) =
+                get_or_insert!(REQUEST_COUNTERS, &(*state).key, Some(&ZERO_REQUEST_COUNTERS))
+            {
+                add(&raw mut (*counters).connections, 1);
+            }
+        }
+        // Keyed before its owner changed: the key follows the owner.
+        (*state).key.tgid = tgid;
+        let now = bpf_ktime_get_ns();
+        let ended = if bytes > 0 {
+            (*state).on_data(direction, bytes as u64, now)
+        } else if bytes == 0 && direction == Direction::Received {
+            (*state).end() // the peer ended its stream
+        } else {
+            return; // an error (EAGAIN from a non-blocking socket), nothing moved
+        };
+        sync_counted_wait(state);
+        record_request(&(*state).key, &ended);
+        let client = (*state).role == role::CLIENT && (*state).phase != 0;
+        super::sched::note_socket_activity(tgid, now, client);
     }
 }
 
@@ -367,21 +566,20 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The classic socket probes name each socket's owner and note activity; they do not time
+/// requests (that reads `struct sock`, which only the BTF programs do cheaply).
 #[inline(always)]
 fn try_sock_length(ctx: &TracePointContext) -> Result<(), i64> {
     let protocol: u16 = field!(ctx, sock_length_protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    note_socket_user(field!(ctx, sock_length_sk)?);
-    Ok(())
-}
-
-/// send/recv syscalls run in the owner's context: this is how accepted (server-side) sockets
-/// get an owner.
-#[inline(always)]
-fn note_socket_user(socket: u64) {
+    let socket: u64 = field!(ctx, sock_length_sk)?;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    remember_owner(socket, tgid);
-    super::sched::note_socket_activity(tgid);
+    if let Some(state) = socket_state(socket, role::UNKNOWN) {
+        set_owner(state, tgid);
+    }
+    // SAFETY: plain helper call.
+    super::sched::note_socket_activity(tgid, unsafe { bpf_ktime_get_ns() }, false);
+    Ok(())
 }

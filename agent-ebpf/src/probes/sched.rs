@@ -3,8 +3,8 @@
 //! processes userspace tracks (one hash lookup per context switch otherwise), accumulated
 //! per process in per-CPU maps.
 use agent_common::sched::{
-    ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity, classify_switch_out,
-    needs_syscall, reported_switch_state, tracked,
+    NetworkWait, ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity,
+    classify_switch_out, needs_syscall, reported_switch_state, tracked,
 };
 use aya_ebpf::{
     helpers::{
@@ -55,7 +55,7 @@ fn store(map: &LruHashMap<u32, u64>, key: u32, value: u64) {
 
 /// The tracked process's record, to read and stamp in place; None for untracked processes.
 #[inline(always)]
-fn tracked_process(tgid: u32) -> Option<*mut TrackedProcess> {
+pub fn tracked_process(tgid: u32) -> Option<*mut TrackedProcess> {
     TRACKED_PROCESSES.get_ptr_mut(&tgid)
 }
 
@@ -68,13 +68,24 @@ pub fn note_io_queued(tgid: u32, now: u64) {
     }
 }
 
-/// Called by the network probe when `tgid` sends or receives on a TCP socket. The clock is
-/// read only for tracked processes.
+/// Called by the network probe when `tgid` sends or receives on a TCP socket, at `now`;
+/// `reading_response`: the socket is a client's with a request open (see
+/// `ThreadState::reading_response`).
 #[inline(always)]
-pub fn note_socket_activity(tgid: u32) {
+pub fn note_socket_activity(tgid: u32, now: u64, reading_response: bool) {
     if let Some(process) = tracked_process(tgid) {
-        // SAFETY: plain helper call; pointer from a successful lookup, a plain 8-byte store.
-        unsafe { (*process).last_socket_activity_ns = bpf_ktime_get_ns() };
+        // SAFETY: pointer from a successful lookup; a plain 8-byte store.
+        unsafe { (*process).last_socket_activity_ns = now };
+        let thread = bpf_get_current_pid_tgid() as u32;
+        if let Some(state) = THREAD_STATES.get_ptr_mut(&thread) {
+            let flag = reading_response as u32;
+            // SAFETY: pointer from a successful lookup; written only when it changes.
+            unsafe {
+                if (*state).reading_response != flag {
+                    (*state).reading_response = flag;
+                }
+            }
+        }
     }
 }
 
@@ -213,14 +224,23 @@ fn on_switch(
         } else {
             u64::MAX
         };
+        let thread = THREAD_STATES.get_ptr_mut(&prev);
+        let recent_socket = recent(process.last_socket_activity_ns, now);
+        let network = if super::network::requests_timed() {
+            // SAFETY: pointer from a successful lookup; one load.
+            let reading = thread.is_some_and(|state| unsafe { (*state).reading_response } != 0);
+            NetworkWait::from_requests(recent_socket, process.awaiting_responses > 0, reading)
+        } else {
+            NetworkWait::from_recent_socket(recent_socket)
+        };
         let next_activity = classify_switch_out(
             task_state,
             syscall,
             recent(process.last_io_queued_ns, now),
-            recent(process.last_socket_activity_ns, now),
+            network,
             process.flags & tracked::GPU_USER != 0,
         );
-        match THREAD_STATES.get_ptr_mut(&prev) {
+        match thread {
             Some(state) if next_activity == activity::EXITED => {
                 transition(state, activity::OTHER_SLEEP, now);
                 let _ = THREAD_STATES.remove(&prev);
@@ -232,6 +252,8 @@ fn on_switch(
                     since_ns: now,
                     tgid,
                     activity: next_activity,
+                    reading_response: 0,
+                    _padding: 0,
                 };
                 let _ = THREAD_STATES.insert(&prev, &state, 0);
             }

@@ -10,7 +10,10 @@ use serde::Serialize;
 
 use agent_common::{comm_to_string, network::peer_address, storage::split_dev};
 
-use super::{gpu::GpuSummary, window::WindowSummary};
+use super::{
+    gpu::GpuSummary,
+    window::{RequestsSummary, WindowSummary},
+};
 pub use crate::model::vocabulary::Bottleneck;
 use crate::{
     config::{ProcessFacts, WorkloadRules},
@@ -122,6 +125,19 @@ pub struct PeerEvidence {
     pub retransmits: u64,
 }
 
+/// Requests the workload served on one port, or made to one upstream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RequestEvidence {
+    /// "port 8000" for served requests, "addr:port" for an upstream.
+    pub endpoint: String,
+    pub requests: u64,
+    pub rate_per_s: f64,
+    pub p95_ms: Option<f64>,
+    pub first_byte_p95_ms: Option<f64>,
+    /// Upstreams only: the round-trip time to it, the network's part of its response time.
+    pub rtt_p95_ms: Option<f64>,
+}
+
 /// Everything known about one workload in one window.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkloadWindow {
@@ -136,6 +152,10 @@ pub struct WorkloadWindow {
     pub devices: Vec<DeviceEvidence>,
     /// Slowest first.
     pub peers: Vec<PeerEvidence>,
+    /// Requests it served, most first.
+    pub served: Vec<RequestEvidence>,
+    /// Requests it made, slowest upstream (response P95) first.
+    pub upstreams: Vec<RequestEvidence>,
 }
 
 /// Thresholds of the rules; the defaults are what README.md documents.
@@ -334,8 +354,42 @@ pub fn workload_windows(
         }
     }
 
+    // Requests served and made by its processes (the window's rows, already bounded).
+    for server in &window.requests.servers {
+        if let Some(workload) = workload_of.get(&server.pid).and_then(|n| workloads.get_mut(n)) {
+            workload.served.push(RequestEvidence {
+                endpoint: format!("port {}", server.port),
+                requests: server.figures.requests,
+                rate_per_s: server.figures.rate_per_s,
+                p95_ms: server.figures.p95_ms,
+                first_byte_p95_ms: server.figures.first_byte_p95_ms,
+                rtt_p95_ms: None,
+            });
+        }
+    }
+    for client in &window.requests.clients {
+        if let Some(workload) = workload_of.get(&client.pid).and_then(|n| workloads.get_mut(n)) {
+            workload.upstreams.push(RequestEvidence {
+                endpoint: client.peer.clone(),
+                requests: client.figures.requests,
+                rate_per_s: client.figures.rate_per_s,
+                p95_ms: client.figures.p95_ms,
+                first_byte_p95_ms: client.figures.first_byte_p95_ms,
+                rtt_p95_ms: client.rtt_p95_ms,
+            });
+        }
+    }
+
     // GPUs the workload's processes have contexts on.
     for workload in workloads.values_mut() {
+        workload
+            .served
+            .sort_by_key(|served| std::cmp::Reverse(served.requests));
+        workload.upstreams.sort_by(|a, b| {
+            b.p95_ms
+                .unwrap_or(-1.0)
+                .total_cmp(&a.p95_ms.unwrap_or(-1.0))
+        });
         let indices: BTreeSet<u32> = gpu
             .processes
             .iter()
@@ -392,6 +446,16 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
         percent(shares.gpu),
         percent(shares.other_sleep)
     )];
+    for served in window.served.iter().take(2) {
+        evidence.push(format!(
+            "serves {} requests ({:.1}/s) on {}: P95 {}, first byte P95 {}",
+            served.requests,
+            served.rate_per_s,
+            served.endpoint,
+            ms(served.p95_ms),
+            ms(served.first_byte_p95_ms)
+        ));
+    }
     let verdict = |bottleneck, confidence: f64, summary: String, evidence, share| Verdict {
         bottleneck,
         confidence: (confidence.clamp(0.0, 1.0) * 100.0).round() / 100.0,
@@ -514,6 +578,35 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
                 device.map_or(String::new(), |d| format!(", P95 {}", ms(d.p95_ms)))
             )
         }
+        Bottleneck::Network if !window.upstreams.is_empty() => {
+            // Waits for responses: the slowest upstream, and whether its time is the
+            // network's (round trips) or its own.
+            let upstream = &window.upstreams[0];
+            let judgement = upstream_judgement(upstream);
+            evidence.push(format!(
+                "upstream {} answers {} requests in P95 {} (first byte {}) over a network with RTT P95 {}: {judgement}",
+                upstream.endpoint,
+                upstream.requests,
+                ms(upstream.p95_ms),
+                ms(upstream.first_byte_p95_ms),
+                ms(upstream.rtt_p95_ms),
+            ));
+            if let Some(peer) = window.peers.first() {
+                evidence.push(format!(
+                    "{}: RTT P95 {}, {} retransmits",
+                    peer.peer,
+                    ms(peer.rtt_p95_ms),
+                    peer.retransmits
+                ));
+            }
+            format!(
+                "network - {who} spent {} of its active time waiting on responses; upstream {} answers in P95 {} over a {} network ({judgement})",
+                percent(score),
+                upstream.endpoint,
+                ms(upstream.p95_ms),
+                ms(upstream.rtt_p95_ms),
+            )
+        }
         Bottleneck::Network => {
             let peer = window.peers.first();
             if let Some(peer) = peer {
@@ -557,6 +650,34 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
         Bottleneck::None => unreachable!("None is never a candidate"),
     };
     verdict(winner, confidence, summary, evidence, score)
+}
+
+/// Whether an upstream's response time is its own work or the network's round trips.
+fn upstream_judgement(upstream: &RequestEvidence) -> &'static str {
+    match (upstream.p95_ms, upstream.rtt_p95_ms) {
+        // Round trips explain a response when they are a good part of it; a request/response
+        // over a fresh window needs a few of them (slow start), hence the factor.
+        (Some(response), Some(rtt)) if response > 4.0 * rtt + 1.0 => "a slow upstream",
+        (Some(_), Some(_)) => "round trips are most of it: a slow network",
+        (Some(_), None) => "no RTT sample for it",
+        (None, _) => "no response timed yet",
+    }
+}
+
+/// Puts each request row's workload name on it, from the judged workloads' processes.
+pub fn name_request_workloads(requests: &mut RequestsSummary, workloads: &[WorkloadWindow]) {
+    let workload_of = |pid: u32| {
+        workloads
+            .iter()
+            .find(|workload| workload.pids.contains(&pid))
+            .map(|workload| workload.name.clone())
+    };
+    for server in &mut requests.servers {
+        server.workload = workload_of(server.pid);
+    }
+    for client in &mut requests.clients {
+        client.workload = workload_of(client.pid);
+    }
 }
 
 /// A workload with its verdict.

@@ -9,6 +9,7 @@ use std::{
 use agent_common::{
     comm_to_string,
     network::{PeerCounters, PeerKey, peer_address},
+    requests::{RequestCounters, RequestKey, role},
     storage::{IoOperation, LatencyStage, StorageCounters, split_dev},
 };
 use serde::Serialize;
@@ -133,10 +134,72 @@ pub struct NetworkSummary {
     pub peers: Vec<PeerSummary>,
 }
 
+/// Requests of one server port or one upstream, in a window. Latency runs from the first
+/// byte of a request to the last byte of its response, as the serving side moved them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RequestFigures {
+    /// Requests answered in the window (their last response byte was in it).
+    pub requests: u64,
+    pub rate_per_s: f64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Request start -> first response byte (time to first token, for a streamed answer).
+    pub first_byte_p50_ms: Option<f64>,
+    pub first_byte_p95_ms: Option<f64>,
+    pub first_byte_p99_ms: Option<f64>,
+    /// Received and sent by the process in these requests.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Connections first seen in the window.
+    pub connections: u64,
+    /// Requests that ended without a response (connection closed first, one-way streams).
+    pub untimed: u64,
+}
+
+/// A process serving requests on a local port.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServerRequests {
+    /// The workload the process belongs to (filled once workloads are known).
+    pub workload: Option<String>,
+    /// 0 for the row that sums the ports beyond the list's length (`name` "other").
+    pub pid: u32,
+    pub name: String,
+    pub port: u16,
+    #[serde(flatten)]
+    pub figures: RequestFigures,
+}
+
+/// A process's requests to one upstream (remote endpoint).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClientRequests {
+    pub workload: Option<String>,
+    pub pid: u32,
+    pub name: String,
+    /// "addr:port", or "other" for the row that sums the upstreams beyond the list.
+    pub peer: String,
+    #[serde(flatten)]
+    pub figures: RequestFigures,
+    /// The round-trip time to that peer in the window: the network's share of the response
+    /// time (the rest is the upstream's own work).
+    pub rtt_p95_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RequestsSummary {
+    /// Whether the kernel times requests here (false: no BTF socket probes; the lists stay
+    /// empty).
+    pub timed: bool,
+    /// Most requests first.
+    pub servers: Vec<ServerRequests>,
+    pub clients: Vec<ClientRequests>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct WindowSummary {
     pub storage: StorageSummary,
     pub network: NetworkSummary,
+    pub requests: RequestsSummary,
 }
 
 /// Summarises a window. `top` bounds the process and peer lists.
@@ -154,7 +217,148 @@ pub fn summarize_window(
         network: NetworkSummary {
             peers: summarize_peers(delta, names, top),
         },
+        requests: summarize_requests(delta, duration, names, top),
     }
+}
+
+/// One aggregation's window: latency and first-byte histograms and counts.
+#[derive(Clone, Default)]
+struct RequestWindow {
+    latency: Histogram,
+    first_byte: Histogram,
+    counters: RequestCounters,
+}
+
+impl RequestWindow {
+    fn add(&mut self, other: &RequestWindow) {
+        self.latency.add(&other.latency);
+        self.first_byte.add(&other.first_byte);
+        self.counters.add(&other.counters);
+    }
+
+    fn figures(&self, seconds: f64) -> RequestFigures {
+        let latency = LatencyQuantilesMs::of(&self.latency);
+        let first_byte = LatencyQuantilesMs::of(&self.first_byte);
+        RequestFigures {
+            requests: self.counters.requests,
+            rate_per_s: (self.counters.requests as f64 / seconds * 1000.0).round() / 1000.0,
+            p50_ms: latency.p50_ms,
+            p95_ms: latency.p95_ms,
+            p99_ms: latency.p99_ms,
+            first_byte_p50_ms: first_byte.p50_ms,
+            first_byte_p95_ms: first_byte.p95_ms,
+            first_byte_p99_ms: first_byte.p99_ms,
+            bytes_in: self.counters.bytes_in,
+            bytes_out: self.counters.bytes_out,
+            connections: self.counters.connections,
+            untimed: self.counters.untimed,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.counters == RequestCounters::default() && self.latency.count() == 0
+    }
+}
+
+/// The window's requests per server port and per upstream, per process, most requests
+/// first; the rows beyond `top` summed into one "other" row, so a node with thousands of
+/// upstreams reports a bounded list that still adds up.
+fn summarize_requests(
+    delta: &KernelSnapshot,
+    duration: Duration,
+    names: &dyn SystemNames,
+    top: usize,
+) -> RequestsSummary {
+    let mut windows: BTreeMap<RequestKey, RequestWindow> = BTreeMap::new();
+    for (key, histogram) in &delta.request_latency {
+        windows.entry(*key).or_default().latency.add(histogram);
+    }
+    for (key, histogram) in &delta.request_first_byte {
+        windows.entry(*key).or_default().first_byte.add(histogram);
+    }
+    for (key, counters) in &delta.request_counters {
+        windows.entry(*key).or_default().counters.add(counters);
+    }
+    let seconds = duration.as_secs_f64().max(1e-9);
+    let mut ranked: Vec<(RequestKey, RequestWindow)> = windows
+        .into_iter()
+        .filter(|(key, window)| key.tgid != 0 && !window.is_empty())
+        .collect();
+    ranked.sort_by(|(a_key, a), (b_key, b)| {
+        b.counters
+            .requests
+            .cmp(&a.counters.requests)
+            .then(b.counters.untimed.cmp(&a.counters.untimed))
+            .then(a_key.cmp(b_key))
+    });
+    let name_of = |tgid: u32| names.process(tgid, "").name;
+    let mut summary = RequestsSummary {
+        timed: true,
+        ..RequestsSummary::default()
+    };
+    let (mut other_servers, mut other_clients) = (RequestWindow::default(), None::<RequestWindow>);
+    for (key, window) in ranked {
+        if key.role == u32::from(role::SERVER) {
+            if summary.servers.len() < top {
+                summary.servers.push(ServerRequests {
+                    workload: None,
+                    pid: key.tgid,
+                    name: name_of(key.tgid),
+                    port: key.port,
+                    figures: window.figures(seconds),
+                });
+            } else {
+                other_servers.add(&window);
+            }
+        } else if summary.clients.len() < top {
+            let peer = peer_address(key.family, &key.address)
+                .map_or_else(|| "?".to_string(), |ip| SocketAddr::new(ip, key.port).to_string());
+            let rtt_p95_ms = delta
+                .peer_rtt
+                .iter()
+                .filter(|(peer_key, _)| {
+                    peer_key.address == key.address
+                        && peer_key.family == key.family
+                        && peer_key.port == key.port
+                })
+                .fold(Histogram::default(), |mut all, (_, histogram)| {
+                    all.add(histogram);
+                    all
+                })
+                .quantile_ms(0.95)
+                .map(round_ms);
+            summary.clients.push(ClientRequests {
+                workload: None,
+                pid: key.tgid,
+                name: name_of(key.tgid),
+                peer,
+                figures: window.figures(seconds),
+                rtt_p95_ms,
+            });
+        } else {
+            other_clients.get_or_insert_with(RequestWindow::default).add(&window);
+        }
+    }
+    if !other_servers.is_empty() {
+        summary.servers.push(ServerRequests {
+            workload: None,
+            pid: 0,
+            name: "other".to_string(),
+            port: 0,
+            figures: other_servers.figures(seconds),
+        });
+    }
+    if let Some(other) = other_clients {
+        summary.clients.push(ClientRequests {
+            workload: None,
+            pid: 0,
+            name: "other".to_string(),
+            peer: "other".to_string(),
+            figures: other.figures(seconds),
+            rtt_p95_ms: None,
+        });
+    }
+    summary
 }
 
 fn device_name(dev: u32, names: &dyn SystemNames) -> String {

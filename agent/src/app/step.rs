@@ -164,7 +164,8 @@ impl WindowStep {
         focus: &Focus,
     ) -> Window {
         let delta = cumulative.since(&self.previous);
-        let summary = summarize_window(&delta, elapsed, &LiveSystem, self.top);
+        let mut summary = summarize_window(&delta, elapsed, &LiveSystem, self.top);
+        summary.requests.timed = self.probes.requests_timed();
         let mut workloads = attribution::workload_windows(
             &delta,
             &summary,
@@ -173,6 +174,7 @@ impl WindowStep {
             elapsed.as_nanos() as u64,
             &config.workloads,
         );
+        attribution::name_request_workloads(&mut summary.requests, &workloads);
         let mut seen: Vec<(u64, String)> = workloads
             .iter()
             .map(|w| (w.time.active_ns(), w.name.clone()))

@@ -59,6 +59,7 @@ const MEMBERS: &[MemberSpec] = &[
     member!(sock_dport, "sock", "__sk_common.skc_dport", 2),
     member!(sock_daddr, "sock", "__sk_common.skc_daddr", 4),
     member!(sock_v6_daddr, "sock", "__sk_common.skc_v6_daddr", 16),
+    member!(sock_num, "sock", "__sk_common.skc_num", 2),
     member!(sock_protocol, "sock", "sk_protocol", 2),
     member!(tcp_srtt_us, "tcp_sock", "srtt_us", 4),
     member!(task_pid, "task_struct", "pid", 4),
@@ -90,6 +91,15 @@ const REQUEST: &[&str] = &[
     "request_sector",
 ];
 const REMOTE_END: &[&str] = &["sock_family", "sock_daddr", "sock_v6_daddr", "sock_dport"];
+/// The socket probes time requests: they read both ends of the connection.
+const SOCKET_IO: &[&str] = &[
+    "sock_protocol",
+    "sock_family",
+    "sock_daddr",
+    "sock_v6_daddr",
+    "sock_dport",
+    "sock_num",
+];
 
 pub const BTF_PROBES: &[BtfProbeSpec] = &[
     BtfProbeSpec {
@@ -152,13 +162,13 @@ pub const BTF_PROBES: &[BtfProbeSpec] = &[
     },
     BtfProbeSpec {
         tracepoint: "sock_send_length",
-        args: &["sock *"],
-        members: &["sock_protocol"],
+        args: &["sock *", "int", "int"],
+        members: SOCKET_IO,
     },
     BtfProbeSpec {
         tracepoint: "sock_recv_length",
-        args: &["sock *"],
-        members: &["sock_protocol"],
+        args: &["sock *", "int", "int"],
+        members: SOCKET_IO,
     },
     BtfProbeSpec {
         tracepoint: "sched_switch",

@@ -7,6 +7,7 @@ use agent_common::{
     histogram::LatencyHistogram,
     map_names,
     network::{PeerCounters, PeerKey},
+    requests::{RequestCounters, RequestKey},
     sched::{ProcessTime, ThreadState, TrackedProcess},
     storage::{
         LatencyStage, ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey,
@@ -139,6 +140,19 @@ pub struct KernelProbes {
     links: Vec<ProbeLink>,
     ebpf: Ebpf,
     statuses: Vec<ProbeStatus>,
+    requests_timed: bool,
+}
+
+/// Requests are timed by the BTF socket probes (they read both ends of the connection from
+/// `struct sock`); the classic ones only name sockets' owners.
+fn requests_timed(statuses: &[ProbeStatus]) -> bool {
+    ["sock:sock_send_length", "sock:sock_recv_length"]
+        .iter()
+        .all(|name| {
+            statuses.iter().any(|status| {
+                status.tracepoint == *name && status.attached && status.kind == ProbeKind::Btf
+            })
+        })
 }
 
 /// Whole block devices on this machine (requests are issued to disks, not partitions).
@@ -208,6 +222,8 @@ impl KernelProbes {
             .map_max_entries(map_names::STORAGE_DEVICES, storage_keys)
             .map_max_entries(map_names::PEER_RTT, peer_histograms)
             .map_max_entries(map_names::PEER_CONNECT_LATENCY, peer_histograms)
+            .map_max_entries(map_names::REQUEST_LATENCY, peer_histograms)
+            .map_max_entries(map_names::REQUEST_FIRST_BYTE, peer_histograms)
             .load(PROBES_OBJECT)
             .map_err(|error| {
                 let text = format!("{error:#}");
@@ -368,13 +384,30 @@ impl KernelProbes {
             return Err(ProbeLoadError::NothingAttached(joined));
         }
         tracing::debug!("{} probes attached", links.len());
+        let requests_timed = requests_timed(&statuses);
+        if requests_timed {
+            let mut switch: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+                ebpf.map_mut(map_names::REQUEST_TIMING)
+                    .ok_or_else(|| ProbeLoadError::Load("no REQUEST_TIMING map".into()))?,
+            )
+            .map_err(|error| ProbeLoadError::Load(error.to_string()))?;
+            switch
+                .set(0, 1, 0)
+                .map_err(|error| ProbeLoadError::Load(error.to_string()))?;
+        }
         drop(kernel_btf);
         release_freed_memory();
         Ok(Self {
             links,
             ebpf,
             statuses,
+            requests_timed,
         })
+    }
+
+    /// Whether requests are timed: both socket probes run as BTF programs.
+    pub fn requests_timed(&self) -> bool {
+        self.requests_timed
     }
 
     /// Every probe, with the events it missed so far (read from the kernel now).
@@ -436,6 +469,11 @@ impl KernelProbes {
             peer_connect_latency: self
                 .read_histograms::<PeerKey>(map_names::PEER_CONNECT_LATENCY)?,
             peer_counters: self.read_counters::<PeerKey, PeerCounters>(map_names::PEER_COUNTERS)?,
+            request_latency: self.read_histograms::<RequestKey>(map_names::REQUEST_LATENCY)?,
+            request_first_byte: self
+                .read_histograms::<RequestKey>(map_names::REQUEST_FIRST_BYTE)?,
+            request_counters: self
+                .read_counters::<RequestKey, RequestCounters>(map_names::REQUEST_COUNTERS)?,
             process_time: self.read_process_time()?,
             missed_events: self
                 .statuses()

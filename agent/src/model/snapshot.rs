@@ -9,6 +9,7 @@ use std::{
 use super::Histogram;
 use agent_common::{
     network::{PeerCounters, PeerKey},
+    requests::{RequestCounters, RequestKey},
     sched::ProcessTime,
     storage::{ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey, StorageLatencyKey},
 };
@@ -22,6 +23,11 @@ pub struct KernelSnapshot {
     pub peer_rtt: HashMap<PeerKey, Histogram>,
     pub peer_connect_latency: HashMap<PeerKey, Histogram>,
     pub peer_counters: HashMap<PeerKey, PeerCounters>,
+    /// Per server port or upstream, per process: request latency (first request byte ->
+    /// last response byte), time to the first response byte, counts.
+    pub request_latency: HashMap<RequestKey, Histogram>,
+    pub request_first_byte: HashMap<RequestKey, Histogram>,
+    pub request_counters: HashMap<RequestKey, RequestCounters>,
     /// Per tracked process (tgid): nanoseconds by activity, including intervals still open
     /// when the snapshot was taken.
     pub process_time: HashMap<u32, ProcessTime>,
@@ -95,6 +101,26 @@ impl Counters for PeerCounters {
                 .connects_established
                 .checked_sub(earlier.connects_established)?,
             connects_failed: self.connects_failed.checked_sub(earlier.connects_failed)?,
+        })
+    }
+}
+
+impl Counters for RequestCounters {
+    fn add(&mut self, other: &Self) {
+        self.requests += other.requests;
+        self.untimed += other.untimed;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.connections += other.connections;
+    }
+
+    fn checked_since(&self, earlier: &Self) -> Option<Self> {
+        Some(RequestCounters {
+            requests: self.requests.checked_sub(earlier.requests)?,
+            untimed: self.untimed.checked_sub(earlier.untimed)?,
+            bytes_in: self.bytes_in.checked_sub(earlier.bytes_in)?,
+            bytes_out: self.bytes_out.checked_sub(earlier.bytes_out)?,
+            connections: self.connections.checked_sub(earlier.connections)?,
         })
     }
 }
@@ -179,6 +205,12 @@ impl KernelSnapshot {
                 &earlier.peer_connect_latency,
             ),
             peer_counters: counters_since(&self.peer_counters, &earlier.peer_counters),
+            request_latency: histograms_since(&self.request_latency, &earlier.request_latency),
+            request_first_byte: histograms_since(
+                &self.request_first_byte,
+                &earlier.request_first_byte,
+            ),
+            request_counters: counters_since(&self.request_counters, &earlier.request_counters),
             process_time: counters_since(&self.process_time, &earlier.process_time),
             missed_events: self
                 .missed_events

@@ -1,0 +1,351 @@
+//! Requests and responses on TCP connections, timed in the kernel from the lengths of the
+//! sends and receives the application makes (`sock:sock_send_length`,
+//! `sock:sock_recv_length`), with no look at the bytes.
+//!
+//! One state machine per socket. A server socket's request starts with the first bytes it
+//! receives after the previous response (or the connection's start); its first response byte
+//! is the first send after that; it ends with the last send before the next request arrives,
+//! the peer's end of stream, or the connection's close. A client socket is the mirror image
+//! (request sent -> response received). That fits HTTP/1.x keep-alive, streamed responses
+//! (chunked, SSE), Redis, Postgres simple queries and most RPC over dedicated connections;
+//! multiplexed protocols (HTTP/2, gRPC) are timed as if their requests took turns (README,
+//! blind spots). Pure, so the rules are unit-tested here and run unchanged in the kernel.
+
+/// Which end of the conversation a socket is.
+pub mod role {
+    /// Not known yet: decided at the first send or receive.
+    pub const UNKNOWN: u8 = 0;
+    /// Accepted from a listening socket: it receives requests and sends responses.
+    pub const SERVER: u8 = 1;
+    /// Opened with connect(): it sends requests and receives responses.
+    pub const CLIENT: u8 = 2;
+}
+
+/// Where a socket's current request is.
+pub mod phase {
+    /// No request open: the last one was answered, or none came yet.
+    pub const IDLE: u8 = 0;
+    /// The request's bytes are moving (a server receiving, a client sending); no response yet.
+    pub const ASKING: u8 = 1;
+    /// The response's bytes are moving; the request ends when the asking side speaks again.
+    pub const ANSWERING: u8 = 2;
+}
+
+/// What requests are aggregated by: for a server its local port, for a client the remote
+/// endpoint; and the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestKey {
+    /// Client: the server's address (IPv4 in the first 4 bytes). Server: zero.
+    pub address: [u8; 16],
+    /// Client: `AF_INET` or `AF_INET6`. Server: 0 (IPv4 and IPv6 clients of a port together).
+    pub family: u16,
+    /// Server: the local (listening) port. Client: the remote port. Host order.
+    pub port: u16,
+    pub tgid: u32,
+    /// `role::SERVER` or `role::CLIENT`.
+    pub role: u32,
+}
+
+/// Counts per [`RequestKey`], per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounters {
+    /// Requests answered and timed (also the count of the latency histograms).
+    pub requests: u64,
+    /// Requests that ended without a response (the connection closed first, or a stream
+    /// that never turns round), and responses to requests that started before the probes.
+    pub untimed: u64,
+    /// Bytes the process received and sent on these connections, in timed requests.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Connections seen for the first time.
+    pub connections: u64,
+}
+
+/// Per socket (key: its kernel address), in an LRU map: who owns it, which end it is, and
+/// the request in progress. Also what the RTT probe reads to name a socket's process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketState {
+    pub cgroup_id: u64,
+    /// When the request in progress started (its first asking byte), bpf_ktime_get_ns.
+    pub request_started_ns: u64,
+    /// When its first and latest response bytes moved.
+    pub first_answer_ns: u64,
+    pub last_answer_ns: u64,
+    /// This request's bytes so far, received and sent.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// `key.tgid` is the owning process (0: not seen in process context yet).
+    pub key: RequestKey,
+    /// `role::*`.
+    pub role: u8,
+    /// `phase::*`.
+    pub phase: u8,
+    /// 1 while this socket counts in its process's `TrackedProcess::awaiting_responses`.
+    pub counted_waiting: u8,
+    /// 1 once `key` names the aggregation (the first send or receive in process context).
+    pub keyed: u8,
+}
+
+/// Which way bytes moved, from the application's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Received,
+    Sent,
+}
+
+/// What became of the request in progress after an event: every field is defined on every
+/// path (an enum's unused payload is undefined, and the verifier refuses a program that
+/// copies undefined registers, which LLVM does with them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ended {
+    /// `ended::*`.
+    pub outcome: u8,
+    /// Request start -> last response byte, and -> first response byte (when timed).
+    pub latency_ns: u64,
+    pub first_byte_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// [`Ended::outcome`].
+pub mod ended {
+    /// Still in progress (or there was none).
+    pub const NOTHING: u8 = 0;
+    /// Answered, and timed.
+    pub const TIMED: u8 = 1;
+    /// Ended without a response.
+    pub const UNTIMED: u8 = 2;
+}
+
+impl Ended {
+    pub const NOTHING: Ended = Ended::of(ended::NOTHING);
+    pub const UNTIMED: Ended = Ended::of(ended::UNTIMED);
+
+    const fn of(outcome: u8) -> Self {
+        Self {
+            outcome,
+            latency_ns: 0,
+            first_byte_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+}
+
+/// MSG_PEEK in a receive's flags: the bytes stay queued and will be received again.
+pub const MSG_PEEK: i32 = 2;
+
+impl SocketState {
+    /// A socket first seen now, with its role if the state change that created it told.
+    pub const fn new(role: u8) -> Self {
+        Self {
+            cgroup_id: 0,
+            request_started_ns: 0,
+            first_answer_ns: 0,
+            last_answer_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            key: RequestKey {
+                address: [0; 16],
+                family: 0,
+                port: 0,
+                tgid: 0,
+                role: 0,
+            },
+            role,
+            phase: phase::IDLE,
+            counted_waiting: 0,
+            keyed: 0,
+        }
+    }
+
+    /// The application moved `bytes` (> 0) at `now`. Returns the request this ends, when
+    /// the asking side speaks again after a response.
+    #[inline(always)]
+    pub fn on_data(&mut self, direction: Direction, bytes: u64, now: u64) -> Ended {
+        let asking = match direction {
+            Direction::Received => self.role == role::SERVER,
+            Direction::Sent => self.role == role::CLIENT,
+        };
+        if asking {
+            let ended = if self.phase == phase::ANSWERING {
+                self.end()
+            } else {
+                Ended::NOTHING
+            };
+            if self.phase == phase::IDLE {
+                self.phase = phase::ASKING;
+                self.request_started_ns = now;
+                self.bytes_in = 0;
+                self.bytes_out = 0;
+            }
+            self.count(direction, bytes);
+            return ended;
+        }
+        if self.phase == phase::ASKING {
+            self.phase = phase::ANSWERING;
+            self.first_answer_ns = now;
+        }
+        if self.phase == phase::ANSWERING {
+            self.last_answer_ns = now;
+            self.count(direction, bytes);
+        }
+        // A response with no request seen (one that started before the probes, or a server
+        // that speaks first) is not a request: nothing to time.
+        Ended::NOTHING
+    }
+
+    #[inline(always)]
+    fn count(&mut self, direction: Direction, bytes: u64) {
+        match direction {
+            Direction::Received => self.bytes_in += bytes,
+            Direction::Sent => self.bytes_out += bytes,
+        }
+    }
+
+    /// The request in progress ends: its response is complete (the asking side spoke again,
+    /// the peer ended its stream, the connection closes), or it never got one.
+    #[inline(always)]
+    pub fn end(&mut self) -> Ended {
+        let ended = match self.phase {
+            phase::ANSWERING => Ended {
+                outcome: ended::TIMED,
+                latency_ns: self.last_answer_ns.saturating_sub(self.request_started_ns),
+                first_byte_ns: self.first_answer_ns.saturating_sub(self.request_started_ns),
+                bytes_in: self.bytes_in,
+                bytes_out: self.bytes_out,
+            },
+            phase::ASKING => Ended::UNTIMED,
+            _ => Ended::NOTHING,
+        };
+        self.phase = phase::IDLE;
+        ended
+    }
+
+    /// A client with a request sent and no response byte yet: its process is waiting on
+    /// the network (or on the upstream behind it).
+    #[inline(always)]
+    pub const fn awaits_response(&self) -> bool {
+        self.role == role::CLIENT && self.phase == phase::ASKING
+    }
+}
+
+/// Which end a connection is when the probes did not see it open (it predates them): the
+/// side with the lower port is taken for the server, as listening ports are low and
+/// ephemeral ports high on every common configuration.
+#[inline(always)]
+pub const fn role_from_ports(local_port: u16, remote_port: u16) -> u8 {
+    if local_port < remote_port {
+        role::SERVER
+    } else {
+        role::CLIENT
+    }
+}
+
+/// The aggregation a socket's requests go to.
+#[inline(always)]
+pub const fn request_key(
+    role: u8,
+    tgid: u32,
+    local_port: u16,
+    family: u16,
+    remote_address: [u8; 16],
+    remote_port: u16,
+) -> RequestKey {
+    if role == role::SERVER {
+        RequestKey {
+            address: [0; 16],
+            family: 0,
+            port: local_port,
+            tgid,
+            role: role::SERVER as u32,
+        }
+    } else {
+        RequestKey {
+            address: remote_address,
+            family,
+            port: remote_port,
+            tgid,
+            role: role::CLIENT as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Direction::*, *};
+
+    fn timed(ended: Ended) -> (u64, u64, u64, u64) {
+        assert_eq!(ended.outcome, ended::TIMED, "{ended:?}");
+        (
+            ended.latency_ns,
+            ended.first_byte_ns,
+            ended.bytes_in,
+            ended.bytes_out,
+        )
+    }
+
+    #[test]
+    fn a_keep_alive_server_times_each_request_from_its_first_byte_to_its_last_response_byte() {
+        let mut socket = SocketState::new(role::SERVER);
+        // Request in two reads, response in three writes (a streamed body).
+        assert_eq!(socket.on_data(Received, 100, 1_000), Ended::NOTHING);
+        assert_eq!(socket.on_data(Received, 20, 1_100), Ended::NOTHING);
+        assert!(!socket.awaits_response(), "a server never waits on its own clients");
+        assert_eq!(socket.on_data(Sent, 50, 5_000), Ended::NOTHING);
+        assert_eq!(socket.on_data(Sent, 500, 7_000), Ended::NOTHING);
+        assert_eq!(socket.on_data(Sent, 5, 9_000), Ended::NOTHING);
+        // The next request ends the previous one at its last send.
+        let ended = socket.on_data(Received, 80, 20_000);
+        assert_eq!(timed(ended), (8_000, 4_000, 120, 555));
+        socket.on_data(Sent, 10, 20_500);
+        // The client hangs up (end of stream read as 0 bytes): the second request ends.
+        assert_eq!(timed(socket.end()), (500, 500, 80, 10));
+        assert_eq!(socket.end(), Ended::NOTHING, "nothing left to end");
+    }
+
+    #[test]
+    fn a_client_times_from_its_request_to_the_last_response_byte_and_waits_only_before_the_first()
+    {
+        let mut socket = SocketState::new(role::CLIENT);
+        socket.on_data(Sent, 300, 1_000);
+        assert!(socket.awaits_response());
+        socket.on_data(Received, 1_000, 301_000);
+        assert!(!socket.awaits_response(), "the response is flowing");
+        socket.on_data(Received, 1_000, 302_000);
+        let ended = socket.on_data(Sent, 300, 900_000);
+        assert_eq!(timed(ended), (301_000, 300_000, 2_000, 300));
+        assert!(socket.awaits_response());
+    }
+
+    #[test]
+    fn requests_without_responses_are_untimed_and_responses_without_requests_are_ignored() {
+        let mut server = SocketState::new(role::SERVER);
+        // Bytes sent before any request was seen: a connection older than the probes.
+        assert_eq!(server.on_data(Sent, 10, 1), Ended::NOTHING);
+        assert_eq!(server.phase, phase::IDLE);
+        server.on_data(Received, 10, 2);
+        assert_eq!(server.end(), Ended::UNTIMED);
+        // A client that only ever sends (an upload, a bulk stream) waits the whole time.
+        let mut uploader = SocketState::new(role::CLIENT);
+        for at in 0..10 {
+            uploader.on_data(Sent, 65_536, at);
+        }
+        assert!(uploader.awaits_response());
+        assert_eq!(uploader.end(), Ended::UNTIMED);
+    }
+
+    #[test]
+    fn servers_group_by_local_port_and_clients_by_remote_endpoint() {
+        let remote = [10, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let server = request_key(role::SERVER, 42, 8000, 2, remote, 51_000);
+        assert_eq!((server.port, server.family, server.address), (8000, 0, [0; 16]));
+        let client = request_key(role::CLIENT, 42, 51_000, 2, remote, 6333);
+        assert_eq!((client.port, client.family, client.address), (6333, 2, remote));
+        assert_eq!(role_from_ports(8000, 51_000), role::SERVER);
+        assert_eq!(role_from_ports(51_000, 6333), role::CLIENT);
+    }
+}
