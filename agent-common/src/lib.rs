@@ -64,7 +64,9 @@ pub const BTF_OFFSETS_GLOBAL: &str = "BTF_OFFSETS";
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{btf::*, histogram::*, network::*, requests::*, sched::*, storage::*, tracepoint::*};
+    use super::{
+        btf::*, histogram::*, network::*, requests::*, sched::*, storage::*, tracepoint::*,
+    };
     // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and carry
     // explicit padding fields, so every byte pattern is a valid value.
     unsafe impl aya::Pod for LatencyHistogram {}

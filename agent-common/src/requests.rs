@@ -294,7 +294,10 @@ mod tests {
         // Request in two reads, response in three writes (a streamed body).
         assert_eq!(socket.on_data(Received, 100, 1_000), Ended::NOTHING);
         assert_eq!(socket.on_data(Received, 20, 1_100), Ended::NOTHING);
-        assert!(!socket.awaits_response(), "a server never waits on its own clients");
+        assert!(
+            !socket.awaits_response(),
+            "a server never waits on its own clients"
+        );
         assert_eq!(socket.on_data(Sent, 50, 5_000), Ended::NOTHING);
         assert_eq!(socket.on_data(Sent, 500, 7_000), Ended::NOTHING);
         assert_eq!(socket.on_data(Sent, 5, 9_000), Ended::NOTHING);
@@ -308,8 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn a_client_times_from_its_request_to_the_last_response_byte_and_waits_only_before_the_first()
-    {
+    fn a_client_times_from_its_request_to_the_last_response_byte_and_waits_only_before_the_first() {
         let mut socket = SocketState::new(role::CLIENT);
         socket.on_data(Sent, 300, 1_000);
         assert!(socket.awaits_response());
@@ -342,9 +344,15 @@ mod tests {
     fn servers_group_by_local_port_and_clients_by_remote_endpoint() {
         let remote = [10, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let server = request_key(role::SERVER, 42, 8000, 2, remote, 51_000);
-        assert_eq!((server.port, server.family, server.address), (8000, 0, [0; 16]));
+        assert_eq!(
+            (server.port, server.family, server.address),
+            (8000, 0, [0; 16])
+        );
         let client = request_key(role::CLIENT, 42, 51_000, 2, remote, 6333);
-        assert_eq!((client.port, client.family, client.address), (6333, 2, remote));
+        assert_eq!(
+            (client.port, client.family, client.address),
+            (6333, 2, remote)
+        );
         assert_eq!(role_from_ports(8000, 51_000), role::SERVER);
         assert_eq!(role_from_ports(51_000, 6333), role::CLIENT);
     }

@@ -301,7 +301,15 @@ mod tests {
                 let (io, socket, gpu) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
                 let verdicts: Vec<u32> = syscalls
                     .iter()
-                    .map(|&id| classify_switch_out(state, id, io, NetworkWait::from_recent_socket(socket), gpu))
+                    .map(|&id| {
+                        classify_switch_out(
+                            state,
+                            id,
+                            io,
+                            NetworkWait::from_recent_socket(socket),
+                            gpu,
+                        )
+                    })
                     .collect();
                 if !needs_syscall(state) {
                     assert!(
@@ -322,16 +330,37 @@ mod tests {
             WAITING_FOR_CPU
         );
         assert_eq!(
-            classify_switch_out(0x100, READ, false, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                0x100,
+                READ,
+                false,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             WAITING_FOR_CPU
         );
     }
 
     #[test]
     fn the_final_switch_of_a_dead_thread_ends_it() {
-        assert_eq!(classify_switch_out(EXIT_DEAD, 60, true, NetworkWait::from_recent_socket(true), true), EXITED);
         assert_eq!(
-            classify_switch_out(EXIT_ZOMBIE, 60, false, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                EXIT_DEAD,
+                60,
+                true,
+                NetworkWait::from_recent_socket(true),
+                true
+            ),
+            EXITED
+        );
+        assert_eq!(
+            classify_switch_out(
+                EXIT_ZOMBIE,
+                60,
+                false,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             EXITED
         );
         assert_eq!(
@@ -343,15 +372,33 @@ mod tests {
     #[test]
     fn uninterruptible_sleep_with_io_is_storage() {
         assert_eq!(
-            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, true, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                TASK_UNINTERRUPTIBLE,
+                17,
+                true,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             STORAGE
         );
         assert_eq!(
-            classify_switch_out(TASK_UNINTERRUPTIBLE, 17, false, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                TASK_UNINTERRUPTIBLE,
+                17,
+                false,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             OTHER_SLEEP
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, IO_GETEVENTS, true, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                IO_GETEVENTS,
+                true,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             STORAGE
         );
     }
@@ -359,19 +406,43 @@ mod tests {
     #[test]
     fn socket_waits_are_network() {
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, RECVFROM, false, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                RECVFROM,
+                false,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             NETWORK
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, NetworkWait::from_recent_socket(true), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                EPOLL_WAIT,
+                false,
+                NetworkWait::from_recent_socket(true),
+                false
+            ),
             NETWORK
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, READ, false, NetworkWait::from_recent_socket(true), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                READ,
+                false,
+                NetworkWait::from_recent_socket(true),
+                false
+            ),
             NETWORK
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, EPOLL_WAIT, false, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                EPOLL_WAIT,
+                false,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             OTHER_SLEEP
         );
         // Where requests are timed: the same waits with nothing awaited are idle.
@@ -409,11 +480,23 @@ mod tests {
         );
         // A server waiting for its next client is idle, however busy its sockets were.
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, ACCEPT4, false, NetworkWait::from_recent_socket(true), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                ACCEPT4,
+                false,
+                NetworkWait::from_recent_socket(true),
+                false
+            ),
             OTHER_SLEEP
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, CONNECT, false, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                CONNECT,
+                false,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             NETWORK
         );
     }
@@ -421,20 +504,44 @@ mod tests {
     #[test]
     fn driver_waits_of_gpu_users_are_gpu() {
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, NetworkWait::from_recent_socket(false), true),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                IOCTL,
+                false,
+                NetworkWait::from_recent_socket(false),
+                true
+            ),
             GPU
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, POLL, false, NetworkWait::from_recent_socket(false), true),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                POLL,
+                false,
+                NetworkWait::from_recent_socket(false),
+                true
+            ),
             GPU
         );
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, IOCTL, false, NetworkWait::from_recent_socket(false), false),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                IOCTL,
+                false,
+                NetworkWait::from_recent_socket(false),
+                false
+            ),
             OTHER_SLEEP
         );
         // futex (202) is a lock or condition variable: other sleep, even for GPU users.
         assert_eq!(
-            classify_switch_out(TASK_INTERRUPTIBLE, 202, false, NetworkWait::from_recent_socket(false), true),
+            classify_switch_out(
+                TASK_INTERRUPTIBLE,
+                202,
+                false,
+                NetworkWait::from_recent_socket(false),
+                true
+            ),
             OTHER_SLEEP
         );
     }

@@ -8,8 +8,8 @@ use agent_common::{
     histogram::LatencyHistogram,
     network::{AF_INET, AF_INET6, ConnectStart, IPPROTO_TCP, PeerCounters, PeerKey, tcp_state},
     requests::{
-        Direction, Ended, MSG_PEEK, ended, RequestCounters, RequestKey, SocketState, request_key, role,
-        role_from_ports,
+        Direction, Ended, MSG_PEEK, RequestCounters, RequestKey, SocketState, ended, request_key,
+        role, role_from_ports,
     },
 };
 use aya_ebpf::{
@@ -194,8 +194,7 @@ fn record_request(key: &RequestKey, ended: &Ended) {
     if ended.outcome == ended::NOTHING {
         return;
     }
-    let Some(counters) = get_or_insert!(REQUEST_COUNTERS, key, Some(&ZERO_REQUEST_COUNTERS))
-    else {
+    let Some(counters) = get_or_insert!(REQUEST_COUNTERS, key, Some(&ZERO_REQUEST_COUNTERS)) else {
         return;
     };
     if ended.outcome == ended::TIMED {
@@ -528,12 +527,20 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
             if (*state).role == role::UNKNOWN {
                 (*state).role = role_from_ports(local_port, remote_port);
             }
-            (*state).key =
-                request_key((*state).role, tgid, local_port, family, address, remote_port);
+            (*state).key = request_key(
+                (*state).role,
+                tgid,
+                local_port,
+                family,
+                address,
+                remote_port,
+            );
             (*state).keyed = 1;
-            if let Some(counters) =
-                get_or_insert!(REQUEST_COUNTERS, &(*state).key, Some(&ZERO_REQUEST_COUNTERS))
-            {
+            if let Some(counters) = get_or_insert!(
+                REQUEST_COUNTERS,
+                &(*state).key,
+                Some(&ZERO_REQUEST_COUNTERS)
+            ) {
                 add(&raw mut (*counters).connections, 1);
             }
         }

@@ -356,7 +356,10 @@ pub fn workload_windows(
 
     // Requests served and made by its processes (the window's rows, already bounded).
     for server in &window.requests.servers {
-        if let Some(workload) = workload_of.get(&server.pid).and_then(|n| workloads.get_mut(n)) {
+        if let Some(workload) = workload_of
+            .get(&server.pid)
+            .and_then(|n| workloads.get_mut(n))
+        {
             workload.served.push(RequestEvidence {
                 endpoint: format!("port {}", server.port),
                 requests: server.figures.requests,
@@ -368,7 +371,10 @@ pub fn workload_windows(
         }
     }
     for client in &window.requests.clients {
-        if let Some(workload) = workload_of.get(&client.pid).and_then(|n| workloads.get_mut(n)) {
+        if let Some(workload) = workload_of
+            .get(&client.pid)
+            .and_then(|n| workloads.get_mut(n))
+        {
             workload.upstreams.push(RequestEvidence {
                 endpoint: client.peer.clone(),
                 requests: client.figures.requests,

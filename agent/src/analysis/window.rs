@@ -311,8 +311,10 @@ fn summarize_requests(
                 other_servers.add(&window);
             }
         } else if summary.clients.len() < top {
-            let peer = peer_address(key.family, &key.address)
-                .map_or_else(|| "?".to_string(), |ip| SocketAddr::new(ip, key.port).to_string());
+            let peer = peer_address(key.family, &key.address).map_or_else(
+                || "?".to_string(),
+                |ip| SocketAddr::new(ip, key.port).to_string(),
+            );
             let rtt_p95_ms = delta
                 .peer_rtt
                 .iter()
@@ -336,7 +338,9 @@ fn summarize_requests(
                 rtt_p95_ms,
             });
         } else {
-            other_clients.get_or_insert_with(RequestWindow::default).add(&window);
+            other_clients
+                .get_or_insert_with(RequestWindow::default)
+                .add(&window);
         }
     }
     if !other_servers.is_empty() {

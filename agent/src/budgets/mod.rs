@@ -603,6 +603,7 @@ max = 0.3
                 queue_share: None,
             }],
             peers: vec![],
+            ..Default::default()
         };
         let other = WorkloadWindow {
             name: "web".into(),

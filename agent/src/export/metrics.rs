@@ -13,7 +13,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use agent_common::storage::{IoOperation, LatencyStage};
 
-use agent_common::{network::peer_address, storage::split_dev};
+use agent_common::{
+    network::peer_address,
+    requests::{RequestKey, role},
+    storage::split_dev,
+};
 
 use crate::{
     analysis::{
@@ -88,6 +92,9 @@ metrics! {
     NETWORK_CONNECT_DURATION = "envelope.network.connect.duration", "s", "TCP connect latency (SYN sent to established) per remote endpoint";
     NETWORK_RETRANSMITS = "envelope.network.retransmits", "{segment}", "TCP segments retransmitted to a remote endpoint";
     NETWORK_CONNECT_FAILURES = "envelope.network.connect.failures", "{connection}", "TCP connects that never got established";
+    REQUEST_DURATION = "envelope.request.duration", "s", "Requests served (envelope.request.role = server, by local server.port) and made (client, by upstream server.address and server.port): first request byte to last response byte, timed in the kernel from the sockets' sends and receives";
+    REQUEST_FIRST_BYTE = "envelope.request.first_byte", "s", "Request start to the first response byte (the first token of a streamed answer), same keys as envelope.request.duration";
+    REQUEST_UNTIMED = "envelope.request.untimed", "{request}", "Requests that ended without a response (the connection closed first, or a one-way stream)";
     WORKLOAD_TIME_LOST = "envelope.workload.time_lost", "s", "Time a workload's threads spent blocked on each bottleneck class (model = waiting on the GPU, cpu = runnable but not running)";
     WORKLOAD_BOTTLENECK = "envelope.workload.bottleneck", "", "1 for the bottleneck class of the workload's latest window, 0 for the others";
     WORKLOAD_BOTTLENECK_SHARE = "envelope.workload.bottleneck.share", "1", "Share of the workload's active time lost to its bottleneck in the latest window";
@@ -278,6 +285,7 @@ impl MetricsState {
         let mut out = Vec::new();
         self.storage_series(kernel, names, &mut out);
         self.network_series(kernel, &mut out);
+        self.request_series(kernel, &mut out);
         self.attribution_series(&mut out);
         self.gpu_series(gpu, &mut out);
         budget_series(budgets, &mut out);
@@ -415,6 +423,70 @@ impl MetricsState {
                 metric: &NETWORK_CONNECT_FAILURES,
                 attributes: attributes(peer),
                 value: Value::Counter(failed as f64),
+            });
+        }
+    }
+
+    /// Requests per server port and per upstream, merged across the processes (pids come
+    /// and go; the endpoint is what a dashboard follows). Endpoints share the peers' limit.
+    fn request_series(&mut self, kernel: &KernelSnapshot, out: &mut Vec<Series>) {
+        type Endpoint = (&'static str, String, String);
+        let mut endpoint = |key: &RequestKey| -> Endpoint {
+            if key.role == u32::from(role::SERVER) {
+                let port = self.peers.admit(&format!("server|{}", key.port));
+                let port = if port == OTHER {
+                    OTHER.to_string()
+                } else {
+                    key.port.to_string()
+                };
+                ("server", String::new(), port)
+            } else {
+                let address = peer_address(key.family, &key.address)
+                    .map_or_else(|| "?".into(), |a| a.to_string());
+                if self.peers.admit(&format!("{address}|{}", key.port)) == OTHER {
+                    ("client", OTHER.to_string(), OTHER.to_string())
+                } else {
+                    ("client", address, key.port.to_string())
+                }
+            }
+        };
+        let mut latency: BTreeMap<Endpoint, Histogram> = BTreeMap::new();
+        let mut first_byte: BTreeMap<Endpoint, Histogram> = BTreeMap::new();
+        let mut untimed: BTreeMap<Endpoint, u64> = BTreeMap::new();
+        for (key, histogram) in &kernel.request_latency {
+            latency.entry(endpoint(key)).or_default().add(histogram);
+        }
+        for (key, histogram) in &kernel.request_first_byte {
+            first_byte.entry(endpoint(key)).or_default().add(histogram);
+        }
+        for (key, counters) in &kernel.request_counters {
+            *untimed.entry(endpoint(key)).or_default() += counters.untimed;
+        }
+        let attributes = |(role, address, port): Endpoint| {
+            let mut attributes = vec![("envelope.request.role", role.to_string())];
+            if !address.is_empty() {
+                attributes.push(("server.address", address));
+            }
+            attributes.push(("server.port", port));
+            attributes
+        };
+        for (metric, histograms) in [
+            (&REQUEST_DURATION, latency),
+            (&REQUEST_FIRST_BYTE, first_byte),
+        ] {
+            for (key, histogram) in histograms {
+                out.push(Series {
+                    metric,
+                    attributes: attributes(key),
+                    value: self.histogram(&histogram),
+                });
+            }
+        }
+        for (key, count) in untimed {
+            out.push(Series {
+                metric: &REQUEST_UNTIMED,
+                attributes: attributes(key),
+                value: Value::Counter(count as f64),
             });
         }
     }

@@ -219,6 +219,7 @@ pub fn render(report: &DiagnoseReport) -> String {
     render_storage(&mut out, report);
     render_gpu(&mut out, report);
     render_network(&mut out, report);
+    render_requests(&mut out, report);
     out
 }
 
@@ -384,6 +385,80 @@ fn render_network(out: &mut String, report: &DiagnoseReport) {
     write_table(out, &peers);
 }
 
+fn render_requests(out: &mut String, report: &DiagnoseReport) {
+    let requests = &report.window.requests;
+    let _ = writeln!(
+        out,
+        "\nRequests (first request byte -> last response byte, timed in the kernel)"
+    );
+    if !requests.timed {
+        let _ = writeln!(
+            out,
+            "{INDENT}not timed: the socket probes are classic tracepoints here (no kernel BTF)"
+        );
+        return;
+    }
+    if requests.servers.is_empty() && requests.clients.is_empty() {
+        let _ = writeln!(out, "{INDENT}no request answered in the window");
+        return;
+    }
+    let who = |pid: u32, name: &str| {
+        if pid == 0 {
+            name.to_string()
+        } else {
+            format!("{name}({pid})")
+        }
+    };
+    let figures = |f: &crate::analysis::window::RequestFigures| {
+        vec![
+            f.requests.to_string(),
+            format!("{:.1}", f.rate_per_s),
+            format_ms(f.p50_ms),
+            format_ms(f.p95_ms),
+            format_ms(f.p99_ms),
+            format_ms(f.first_byte_p95_ms),
+            f.untimed.to_string(),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for server in &requests.servers {
+        let mut row = vec![
+            format!("serves port {}", server.port),
+            who(server.pid, &server.name),
+        ];
+        row.extend(figures(&server.figures));
+        row.push(String::new());
+        rows.push(row);
+    }
+    for client in &requests.clients {
+        let mut row = vec![
+            format!("calls {}", client.peer),
+            who(client.pid, &client.name),
+        ];
+        row.extend(figures(&client.figures));
+        row.push(format_ms(client.rtt_p95_ms));
+        rows.push(row);
+    }
+    let mut table = table(
+        &[
+            "endpoint",
+            "process",
+            "requests",
+            "per s",
+            "P50",
+            "P95",
+            "P99",
+            "1st byte P95",
+            "untimed",
+            "RTT P95",
+        ],
+        &[false, false, true, true, true, true, true, true, true, true],
+        rows,
+    );
+    at_least(&mut table, 0, 23);
+    write_table(out, &table);
+}
+
 fn render_gpu(out: &mut String, report: &DiagnoseReport) {
     let gpu = &report.gpu;
     if !gpu.available {
@@ -507,7 +582,8 @@ mod tests {
             attribution::{TimeShares, Verdict},
             gpu::{GpuDeviceSummary, GpuSummary},
             window::{
-                NetworkSummary, PeerProcess, PeerSummary, ProcessIoSummary, StorageDeviceSummary,
+                ClientRequests, NetworkSummary, PeerProcess, PeerSummary, ProcessIoSummary,
+                RequestFigures, RequestsSummary, ServerRequests, StorageDeviceSummary,
                 StorageOperationSummary, StorageSummary, WindowSummary,
             },
         },
@@ -653,6 +729,33 @@ mod tests {
                         peer("[2001:db8:1234:5678:9abc:def0:1234:5678]:65535"),
                         peer("10.0.0.7:443"),
                     ],
+                },
+                requests: RequestsSummary {
+                    timed: true,
+                    servers: vec![ServerRequests {
+                        workload: Some("inference".into()),
+                        pid: 4_194_303,
+                        name: "a-very-long-python-program-name".into(),
+                        port: 65535,
+                        figures: RequestFigures {
+                            requests: 123_456_789,
+                            rate_per_s: 12345.6,
+                            p50_ms: Some(12.5),
+                            p95_ms: Some(1234.5),
+                            p99_ms: Some(33_000.0),
+                            first_byte_p95_ms: Some(250.0),
+                            untimed: 3,
+                            ..RequestFigures::default()
+                        },
+                    }],
+                    clients: vec![ClientRequests {
+                        workload: None,
+                        pid: 7,
+                        name: "gateway".into(),
+                        peer: "[2001:db8:1234:5678:9abc:def0:1234:5678]:65535".into(),
+                        figures: RequestFigures::default(),
+                        rtt_p95_ms: Some(0.2),
+                    }],
                 },
             },
             gpu: GpuSummary {
