@@ -162,10 +162,11 @@ impl SocketState {
         }
     }
 
-    /// The application moved `bytes` (> 0) at `now`. Returns the request this ends, when
-    /// the asking side speaks again after a response.
+    /// The application moved `bytes` (> 0) now. Returns the request this ends, when the
+    /// asking side speaks again after a response. `clock` is read only when a time is kept:
+    /// a stream of request bytes (an upload, a bulk sender) reads it once.
     #[inline(always)]
-    pub fn on_data(&mut self, direction: Direction, bytes: u64, now: u64) -> Ended {
+    pub fn on_data(&mut self, direction: Direction, bytes: u64, clock: impl Fn() -> u64) -> Ended {
         let asking = match direction {
             Direction::Received => self.role == role::SERVER,
             Direction::Sent => self.role == role::CLIENT,
@@ -178,7 +179,7 @@ impl SocketState {
             };
             if self.phase == phase::IDLE {
                 self.phase = phase::ASKING;
-                self.request_started_ns = now;
+                self.request_started_ns = clock();
                 self.bytes_in = 0;
                 self.bytes_out = 0;
             }
@@ -186,11 +187,13 @@ impl SocketState {
             return ended;
         }
         if self.phase == phase::ASKING {
+            let now = clock();
             self.phase = phase::ANSWERING;
             self.first_answer_ns = now;
-        }
-        if self.phase == phase::ANSWERING {
             self.last_answer_ns = now;
+            self.count(direction, bytes);
+        } else if self.phase == phase::ANSWERING {
+            self.last_answer_ns = clock();
             self.count(direction, bytes);
         }
         // A response with no request seen (one that started before the probes, or a server
@@ -292,19 +295,19 @@ mod tests {
     fn a_keep_alive_server_times_each_request_from_its_first_byte_to_its_last_response_byte() {
         let mut socket = SocketState::new(role::SERVER);
         // Request in two reads, response in three writes (a streamed body).
-        assert_eq!(socket.on_data(Received, 100, 1_000), Ended::NOTHING);
-        assert_eq!(socket.on_data(Received, 20, 1_100), Ended::NOTHING);
+        assert_eq!(socket.on_data(Received, 100, || 1_000), Ended::NOTHING);
+        assert_eq!(socket.on_data(Received, 20, || 1_100), Ended::NOTHING);
         assert!(
             !socket.awaits_response(),
             "a server never waits on its own clients"
         );
-        assert_eq!(socket.on_data(Sent, 50, 5_000), Ended::NOTHING);
-        assert_eq!(socket.on_data(Sent, 500, 7_000), Ended::NOTHING);
-        assert_eq!(socket.on_data(Sent, 5, 9_000), Ended::NOTHING);
+        assert_eq!(socket.on_data(Sent, 50, || 5_000), Ended::NOTHING);
+        assert_eq!(socket.on_data(Sent, 500, || 7_000), Ended::NOTHING);
+        assert_eq!(socket.on_data(Sent, 5, || 9_000), Ended::NOTHING);
         // The next request ends the previous one at its last send.
-        let ended = socket.on_data(Received, 80, 20_000);
+        let ended = socket.on_data(Received, 80, || 20_000);
         assert_eq!(timed(ended), (8_000, 4_000, 120, 555));
-        socket.on_data(Sent, 10, 20_500);
+        socket.on_data(Sent, 10, || 20_500);
         // The client hangs up (end of stream read as 0 bytes): the second request ends.
         assert_eq!(timed(socket.end()), (500, 500, 80, 10));
         assert_eq!(socket.end(), Ended::NOTHING, "nothing left to end");
@@ -313,12 +316,12 @@ mod tests {
     #[test]
     fn a_client_times_from_its_request_to_the_last_response_byte_and_waits_only_before_the_first() {
         let mut socket = SocketState::new(role::CLIENT);
-        socket.on_data(Sent, 300, 1_000);
+        socket.on_data(Sent, 300, || 1_000);
         assert!(socket.awaits_response());
-        socket.on_data(Received, 1_000, 301_000);
+        socket.on_data(Received, 1_000, || 301_000);
         assert!(!socket.awaits_response(), "the response is flowing");
-        socket.on_data(Received, 1_000, 302_000);
-        let ended = socket.on_data(Sent, 300, 900_000);
+        socket.on_data(Received, 1_000, || 302_000);
+        let ended = socket.on_data(Sent, 300, || 900_000);
         assert_eq!(timed(ended), (301_000, 300_000, 2_000, 300));
         assert!(socket.awaits_response());
     }
@@ -327,17 +330,36 @@ mod tests {
     fn requests_without_responses_are_untimed_and_responses_without_requests_are_ignored() {
         let mut server = SocketState::new(role::SERVER);
         // Bytes sent before any request was seen: a connection older than the probes.
-        assert_eq!(server.on_data(Sent, 10, 1), Ended::NOTHING);
+        assert_eq!(server.on_data(Sent, 10, || 1), Ended::NOTHING);
         assert_eq!(server.phase, phase::IDLE);
-        server.on_data(Received, 10, 2);
+        server.on_data(Received, 10, || 2);
         assert_eq!(server.end(), Ended::UNTIMED);
         // A client that only ever sends (an upload, a bulk stream) waits the whole time.
         let mut uploader = SocketState::new(role::CLIENT);
         for at in 0..10 {
-            uploader.on_data(Sent, 65_536, at);
+            uploader.on_data(Sent, 65_536, || at);
         }
         assert!(uploader.awaits_response());
         assert_eq!(uploader.end(), Ended::UNTIMED);
+    }
+
+    #[test]
+    fn a_stream_of_request_bytes_reads_the_clock_once_and_a_response_at_every_send() {
+        let reads = core::cell::Cell::new(0);
+        let clock = || {
+            reads.set(reads.get() + 1);
+            reads.get() * 1_000
+        };
+        let mut uploader = SocketState::new(role::CLIENT);
+        for _ in 0..100 {
+            uploader.on_data(Sent, 1_000, clock);
+        }
+        assert_eq!(reads.get(), 1, "only the request's start is timed");
+        for _ in 0..3 {
+            uploader.on_data(Received, 10, clock);
+        }
+        assert_eq!(reads.get(), 4, "every response byte may be the last");
+        assert_eq!(timed(uploader.end()), (3_000, 1_000, 30, 100_000));
     }
 
     #[test]

@@ -37,6 +37,13 @@ pub struct TrackedProcess {
     pub last_io_queued_ns: u64,
     /// When it last sent or received on a TCP socket, 0 for never.
     pub last_socket_activity_ns: u64,
+    /// The thread whose last send or receive was on a client socket with a request open (a
+    /// response awaited or arriving), 0 for none: a read it blocks in next waits for that
+    /// response. One per process, kept where the probes already look (no lookup per
+    /// thread); several threads reading responses at once are covered by
+    /// `awaiting_responses` until their first response byte.
+    pub reading_thread: u32,
+    pub _padding: u32,
 }
 
 impl TrackedProcess {
@@ -46,6 +53,8 @@ impl TrackedProcess {
             awaiting_responses: 0,
             last_io_queued_ns: 0,
             last_socket_activity_ns: 0,
+            reading_thread: 0,
+            _padding: 0,
         }
     }
 }
@@ -58,10 +67,6 @@ pub struct ThreadState {
     pub tgid: u32,
     /// One of `activity::*`.
     pub activity: u32,
-    /// 1 when the thread's last send or receive was on a client socket with a request open
-    /// (sent, or its response arriving): a read it blocks in next waits for that response.
-    pub reading_response: u32,
-    pub _padding: u32,
 }
 
 /// Per process (key: tgid), per CPU: nanoseconds by activity.
@@ -212,13 +217,13 @@ pub struct NetworkWait {
     pub recent_socket: bool,
     /// One of the process's client sockets has a request out and no response byte yet.
     pub awaiting_response: bool,
-    /// The thread's last send or receive was on a client socket with a request open.
+    /// The thread's last send or receive was on a client socket with a request open
+    /// (`TrackedProcess::reading_thread`).
     pub reading_response: bool,
 }
 
 impl NetworkWait {
-    /// Where requests are timed (`TrackedProcess::awaiting_responses`,
-    /// `ThreadState::reading_response`).
+    /// Where requests are timed (`TrackedProcess::awaiting_responses`, `reading_thread`).
     pub const fn from_requests(
         recent_socket: bool,
         awaiting_response: bool,

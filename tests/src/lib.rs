@@ -59,12 +59,18 @@ impl std::ops::Deref for ExclusiveProbes {
     }
 }
 
+/// The right to be the only test of this process making traffic, for a test that judges
+/// the whole process with `diagnose --pid` and loads no probes itself.
+pub fn exclusive_traffic() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding the lock must not fail every later one.
+    PROBE_TESTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The real probes, loaded through the same path as `envelope diagnose`.
 pub fn load_probes() -> ExclusiveProbes {
-    // A test that failed while holding the lock must not fail every later one.
-    let exclusive = PROBE_TESTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let exclusive = exclusive_traffic();
     let report = preflight::run().expect("preflight");
     let probes = KernelProbes::load(Path::new(&report.tracefs)).expect("loading the probes");
     for status in probes.statuses() {

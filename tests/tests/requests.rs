@@ -5,17 +5,13 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    VethPair, diagnose_json, load_probes, root_or_skip, veth_tools_or_skip, window_since,
+    VethPair, diagnose_json, exclusive_traffic, load_probes, root_or_skip, veth_tools_or_skip,
+    window_since,
 };
-
-/// The verdict tests judge this whole process: one at a time (the probe tests take their own
-/// lock through `load_probes`).
-static VERDICT_TESTS: Mutex<()> = Mutex::new(());
 
 /// What the server answers: `GET /plain/<us>` after `us` microseconds in one write;
 /// `GET /stream/<us>` the headers and a first chunk after `us`, then four chunks 3 ms apart
@@ -336,9 +332,8 @@ fn an_event_loop_server_with_light_traffic_has_no_bottleneck() {
     if !root_or_skip("idle event-loop server") {
         return;
     }
-    let _one = VERDICT_TESTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The verdict is about this whole process: no other test's traffic in it meanwhile.
+    let _alone = exclusive_traffic();
     integration_tests::envelope_binary();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -408,9 +403,8 @@ fn a_client_waiting_on_a_slow_upstream_is_told_apart_from_a_slow_network() {
     if !root_or_skip("slow upstream") {
         return;
     }
-    let _one = VERDICT_TESTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The verdict is about this whole process: no other test's traffic in it meanwhile.
+    let _alone = exclusive_traffic();
     integration_tests::envelope_binary();
     let upstream = spawn_server("127.0.0.1:0".parse().unwrap());
     let caller = std::thread::spawn(move || {

@@ -8,8 +8,8 @@ use agent_common::{
     histogram::LatencyHistogram,
     network::{AF_INET, AF_INET6, ConnectStart, IPPROTO_TCP, PeerCounters, PeerKey, tcp_state},
     requests::{
-        Direction, Ended, MSG_PEEK, RequestCounters, RequestKey, SocketState, ended, request_key,
-        role, role_from_ports,
+        Direction, Ended, MSG_PEEK, RequestCounters, RequestKey, SocketState, ended, phase,
+        request_key, role, role_from_ports,
     },
 };
 use aya_ebpf::{
@@ -419,9 +419,12 @@ fn on_state_change(
             _padding: 0,
         };
         let _ = CONNECTS_IN_FLIGHT.insert(&socket, &start, 0);
-        if let Some(state) = socket_state(socket, role::CLIENT) {
-            // SAFETY: pointer from a successful lookup. A reused socket address starts over.
-            unsafe { (*state).role = role::CLIENT };
+        // A new connection: whatever a reused socket address held (a close not seen) goes.
+        if let Some(stale) = SOCKETS.get_ptr_mut(&socket) {
+            stop_counting_wait(stale);
+        }
+        let _ = SOCKETS.insert(&socket, &SocketState::new(role::CLIENT), 0);
+        if let Some(state) = SOCKETS.get_ptr_mut(&socket) {
             set_owner(state, tgid);
         }
         return Ok(());
@@ -546,9 +549,9 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
         }
         // Keyed before its owner changed: the key follows the owner.
         (*state).key.tgid = tgid;
-        let now = bpf_ktime_get_ns();
         let ended = if bytes > 0 {
-            (*state).on_data(direction, bytes as u64, now)
+            // SAFETY: plain helper call.
+            (*state).on_data(direction, bytes as u64, || unsafe { bpf_ktime_get_ns() })
         } else if bytes == 0 && direction == Direction::Received {
             (*state).end() // the peer ended its stream
         } else {
@@ -556,8 +559,8 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
         };
         sync_counted_wait(state);
         record_request(&(*state).key, &ended);
-        let client = (*state).role == role::CLIENT && (*state).phase != 0;
-        super::sched::note_socket_activity(tgid, now, client);
+        let reading_response = (*state).role == role::CLIENT && (*state).phase != phase::IDLE;
+        super::sched::note_socket_activity(tgid, reading_response);
     }
 }
 
@@ -586,7 +589,6 @@ fn try_sock_length(ctx: &TracePointContext) -> Result<(), i64> {
     if let Some(state) = socket_state(socket, role::UNKNOWN) {
         set_owner(state, tgid);
     }
-    // SAFETY: plain helper call.
-    super::sched::note_socket_activity(tgid, unsafe { bpf_ktime_get_ns() }, false);
+    super::sched::note_socket_activity(tgid, false);
     Ok(())
 }

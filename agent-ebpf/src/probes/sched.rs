@@ -68,22 +68,23 @@ pub fn note_io_queued(tgid: u32, now: u64) {
     }
 }
 
-/// Called by the network probe when `tgid` sends or receives on a TCP socket, at `now`;
+/// Called by the network probe when `tgid` sends or receives on a TCP socket;
 /// `reading_response`: the socket is a client's with a request open (see
-/// `ThreadState::reading_response`).
+/// `TrackedProcess::reading_thread`). The clock is read only for tracked processes.
 #[inline(always)]
-pub fn note_socket_activity(tgid: u32, now: u64, reading_response: bool) {
+pub fn note_socket_activity(tgid: u32, reading_response: bool) {
     if let Some(process) = tracked_process(tgid) {
-        // SAFETY: pointer from a successful lookup; a plain 8-byte store.
-        unsafe { (*process).last_socket_activity_ns = now };
         let thread = bpf_get_current_pid_tgid() as u32;
-        if let Some(state) = THREAD_STATES.get_ptr_mut(&thread) {
-            let flag = reading_response as u32;
-            // SAFETY: pointer from a successful lookup; written only when it changes.
-            unsafe {
-                if (*state).reading_response != flag {
-                    (*state).reading_response = flag;
+        // SAFETY: plain helper call; pointer from a successful lookup, plain stores (the
+        // reading thread only when it changes).
+        unsafe {
+            (*process).last_socket_activity_ns = bpf_ktime_get_ns();
+            if reading_response {
+                if (*process).reading_thread != thread {
+                    (*process).reading_thread = thread;
                 }
+            } else if (*process).reading_thread == thread {
+                (*process).reading_thread = 0;
             }
         }
     }
@@ -226,10 +227,15 @@ fn on_switch(
         };
         let thread = THREAD_STATES.get_ptr_mut(&prev);
         let recent_socket = recent(process.last_socket_activity_ns, now);
-        let network = if super::network::requests_timed() {
-            // SAFETY: pointer from a successful lookup; one load.
-            let reading = thread.is_some_and(|state| unsafe { (*state).reading_response } != 0);
-            NetworkWait::from_requests(recent_socket, process.awaiting_responses > 0, reading)
+        // Only the sleeps whose system call matters need to know about requests.
+        let network = if !needs_syscall(task_state) {
+            NetworkWait::NONE
+        } else if super::network::requests_timed() {
+            NetworkWait::from_requests(
+                recent_socket,
+                process.awaiting_responses > 0,
+                process.reading_thread == prev,
+            )
         } else {
             NetworkWait::from_recent_socket(recent_socket)
         };
@@ -252,8 +258,6 @@ fn on_switch(
                     since_ns: now,
                     tgid,
                     activity: next_activity,
-                    reading_response: 0,
-                    _padding: 0,
                 };
                 let _ = THREAD_STATES.insert(&prev, &state, 0);
             }

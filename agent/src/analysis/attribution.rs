@@ -766,6 +766,55 @@ mod tests {
     }
 
     #[test]
+    fn waits_on_a_slow_upstream_name_it_and_say_the_network_is_not_the_cause() {
+        let mut w = window(TimeBreakdown {
+            on_cpu_ns: SECOND,
+            network_ns: 8 * SECOND,
+            other_sleep_ns: SECOND,
+            ..Default::default()
+        });
+        let upstream = |p95_ms, rtt_p95_ms| RequestEvidence {
+            endpoint: "10.0.0.7:6333".into(),
+            requests: 25,
+            rate_per_s: 2.5,
+            p95_ms: Some(p95_ms),
+            first_byte_p95_ms: Some(p95_ms - 0.1),
+            rtt_p95_ms: Some(rtt_p95_ms),
+        };
+        w.upstreams = vec![upstream(300.0, 0.2)];
+        w.served = vec![RequestEvidence {
+            endpoint: "port 8000".into(),
+            requests: 25,
+            rate_per_s: 2.5,
+            p95_ms: Some(320.0),
+            first_byte_p95_ms: Some(5.0),
+            rtt_p95_ms: None,
+        }];
+        let verdict = decide(&w, &Rules::default());
+        assert_eq!(verdict.bottleneck, Bottleneck::Network);
+        assert_eq!(
+            verdict.summary,
+            "network - trainer (pid 4121) spent 89% of its active time waiting on responses; upstream 10.0.0.7:6333 answers in P95 300.0 ms over a 0.2 ms network (a slow upstream)"
+        );
+        assert!(
+            verdict.evidence.contains(
+                &"serves 25 requests (2.5/s) on port 8000: P95 320.0 ms, first byte P95 5.0 ms"
+                    .to_string()
+            )
+        );
+        // The same response time over a 100 ms RTT is the network's round trips.
+        w.upstreams = vec![upstream(300.0, 100.0)];
+        let verdict = decide(&w, &Rules::default());
+        assert!(
+            verdict
+                .summary
+                .ends_with("(round trips are most of it: a slow network)"),
+            "{}",
+            verdict.summary
+        );
+    }
+
+    #[test]
     fn processes_group_by_container_then_service_then_program() {
         let id = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00112233445566778899";
         assert_eq!(

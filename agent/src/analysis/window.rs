@@ -862,4 +862,86 @@ mod tests {
         assert_eq!(peers[2].connect_failures, 3);
         assert_eq!(peers[2].rtt_p95_ms, None);
     }
+
+    fn request_key(role: u8, tgid: u32, address: [u8; 16], port: u16) -> RequestKey {
+        RequestKey {
+            address,
+            family: if role == agent_common::requests::role::SERVER {
+                0
+            } else {
+                AF_INET
+            },
+            port,
+            tgid,
+            role: u32::from(role),
+        }
+    }
+
+    #[test]
+    fn requests_rank_by_count_sum_the_rest_into_other_and_carry_the_upstreams_rtt() {
+        use agent_common::requests::{RequestCounters, role};
+        let mut upstream = [0u8; 16];
+        upstream[..4].copy_from_slice(&[10, 0, 0, 7]);
+        let mut delta = KernelSnapshot::default();
+        let counters = |requests, untimed| RequestCounters {
+            requests,
+            untimed,
+            bytes_in: requests * 100,
+            bytes_out: requests * 1000,
+            connections: 1,
+        };
+        // Three server ports of one process; the list keeps two and sums the third.
+        for (port, requests, latency_ms) in [(8000u16, 100u64, 20u64), (8001, 50, 5), (9000, 10, 1)]
+        {
+            let key = request_key(role::SERVER, 42, [0; 16], port);
+            delta.request_counters.insert(key, counters(requests, 0));
+            delta.request_latency.insert(
+                key,
+                Histogram::from_samples_ns(vec![latency_ms * 1_000_000; requests as usize]),
+            );
+            delta.request_first_byte.insert(
+                key,
+                Histogram::from_samples_ns(vec![1_000_000; requests as usize]),
+            );
+        }
+        let client = request_key(role::CLIENT, 42, upstream, 6333);
+        delta.request_counters.insert(client, counters(40, 2));
+        delta
+            .request_latency
+            .insert(client, Histogram::from_samples_ns(vec![300_000_000; 40]));
+        // Its RTT comes from the peer maps, for every process that talks to it.
+        delta.peer_rtt.insert(
+            peer(upstream, AF_INET, 6333, 0),
+            Histogram::from_samples_ns([200_000; 10]),
+        );
+        // A process that only had a connection counted and nothing else is still listed;
+        // pid 0 (never keyed) is not.
+        delta
+            .request_counters
+            .insert(request_key(role::SERVER, 0, [0; 16], 1), counters(5, 0));
+        let requests = summarize_window(&delta, Duration::from_secs(10), &FakeSystem, 2).requests;
+        let ports: Vec<(u32, u16, u64)> = requests
+            .servers
+            .iter()
+            .map(|s| (s.pid, s.port, s.figures.requests))
+            .collect();
+        assert_eq!(ports, vec![(42, 8000, 100), (42, 8001, 50), (0, 0, 10)]);
+        assert_eq!(requests.servers[2].name, "other");
+        let first = &requests.servers[0].figures;
+        assert!(
+            (first.p95_ms.unwrap() - 20.0).abs() <= 20.0 / 16.0,
+            "{first:?}"
+        );
+        assert!((first.first_byte_p50_ms.unwrap() - 1.0).abs() <= 1.0 / 16.0);
+        assert_eq!(
+            (first.rate_per_s, first.bytes_in, first.bytes_out),
+            (10.0, 10_000, 100_000)
+        );
+        assert_eq!(requests.clients.len(), 1);
+        let made = &requests.clients[0];
+        assert_eq!(made.peer, "10.0.0.7:6333");
+        assert_eq!(made.figures.untimed, 2);
+        assert_eq!(made.figures.first_byte_p95_ms, None, "absent, not 0");
+        assert!((made.rtt_p95_ms.unwrap() - 0.2).abs() <= 0.2 / 16.0);
+    }
 }
