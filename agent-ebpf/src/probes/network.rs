@@ -547,18 +547,17 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
                 add(&raw mut (*counters).connections, 1);
             }
         }
-        // Keyed before its owner changed: the key follows the owner.
-        (*state).key.tgid = tgid;
-        let ended = if bytes > 0 {
-            // SAFETY: plain helper call.
-            (*state).on_data(direction, bytes as u64, || unsafe { bpf_ktime_get_ns() })
-        } else if bytes == 0 && direction == Direction::Received {
-            (*state).end() // the peer ended its stream
-        } else {
-            return; // an error (EAGAIN from a non-blocking socket), nothing moved
-        };
-        sync_counted_wait(state);
-        record_request(&(*state).key, &ended);
+        // An error (EAGAIN from a non-blocking socket) moved nothing, but is activity.
+        if bytes > 0 || (bytes == 0 && direction == Direction::Received) {
+            let ended = if bytes > 0 {
+                // SAFETY: plain helper call.
+                (*state).on_data(direction, bytes as u64, || unsafe { bpf_ktime_get_ns() })
+            } else {
+                (*state).end() // the peer ended its stream
+            };
+            sync_counted_wait(state);
+            record_request(&(*state).key, &ended);
+        }
         let reading_response = (*state).role == role::CLIENT && (*state).phase != phase::IDLE;
         super::sched::note_socket_activity(tgid, reading_response);
     }
