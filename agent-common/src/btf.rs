@@ -36,8 +36,11 @@ pub struct BtfOffsets {
     pub sock_v6_daddr: u16,
     pub sock_num: u16,
     pub sock_protocol: u16,
-    /// `struct tcp_sock`: `srtt_us` (smoothed RTT in microseconds, shifted left by 3).
+    /// `struct tcp_sock`: `srtt_us` (smoothed RTT in microseconds, shifted left by 3);
+    /// `rtt_min` (a `struct minmax`: the connection's lowest RTT sample of the last 5 minutes
+    /// is the value of its first sample, at +4).
     pub tcp_srtt_us: u16,
+    pub tcp_rtt_min: u16,
     /// `struct task_struct`: `pid`, `exit_state`.
     pub task_pid: u16,
     pub task_exit_state: u16,
@@ -64,6 +67,7 @@ impl BtfOffsets {
         sock_num: 14,
         sock_protocol: 532,
         tcp_srtt_us: 1680,
+        tcp_rtt_min: 1496,
         task_pid: 1264,
         task_exit_state: 1160,
     };

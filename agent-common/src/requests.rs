@@ -61,6 +61,11 @@ pub struct RequestCounters {
     pub bytes_out: u64,
     /// Connections seen for the first time.
     pub connections: u64,
+    /// The connection's lowest RTT sample (`tcp_sock.rtt_min`, the path's round trip without
+    /// the delayed ACKs that inflate the smoothed RTT of request/response traffic), summed
+    /// over the timed requests that read it, in microseconds, and how many did.
+    pub path_rtt_sum_us: u64,
+    pub path_rtt_samples: u64,
 }
 
 /// Per socket (key: its kernel address), in an LRU map: who owns it, which end it is, and

@@ -87,6 +87,8 @@ const ZERO_REQUEST_COUNTERS: RequestCounters = RequestCounters {
     bytes_in: 0,
     bytes_out: 0,
     connections: 0,
+    path_rtt_sum_us: 0,
+    path_rtt_samples: 0,
 };
 
 /// Reads an IPv4 or IPv6 address into a peer key's 16-byte form. Each address is given as
@@ -188,9 +190,19 @@ fn stop_counting_wait(state: *mut SocketState) {
     }
 }
 
-/// A request ended on the socket: into its server port's or upstream's aggregation.
+/// The connection's lowest RTT sample in microseconds (0: none yet, or unreadable), read
+/// through the helper: it lies past `struct sock`, where the verifier refuses a plain load.
 #[inline(always)]
-fn record_request(key: &RequestKey, ended: &Ended) {
+fn path_rtt_us(socket: *const u8) -> u32 {
+    let offset = offset_of_member!(tcp_rtt_min) + 4; // rtt_min.s[0].v
+    // SAFETY: reads 4 bytes of kernel memory through the helper, which fails cleanly.
+    unsafe { bpf_probe_read_kernel(socket.add(offset) as *const u32) }.unwrap_or(0)
+}
+
+/// A request ended on the socket: into its server port's or upstream's aggregation, with
+/// the path's round trip when `rtt_us` is known (not 0).
+#[inline(always)]
+fn record_request(key: &RequestKey, ended: &Ended, rtt_us: u32) {
     if ended.outcome == ended::NOTHING {
         return;
     }
@@ -205,6 +217,10 @@ fn record_request(key: &RequestKey, ended: &Ended) {
             add(&raw mut (*counters).requests, 1);
             add(&raw mut (*counters).bytes_in, ended.bytes_in);
             add(&raw mut (*counters).bytes_out, ended.bytes_out);
+            if rtt_us != 0 {
+                add(&raw mut (*counters).path_rtt_sum_us, u64::from(rtt_us));
+                add(&raw mut (*counters).path_rtt_samples, 1);
+            }
         }
     } else {
         // SAFETY: as above.
@@ -221,7 +237,7 @@ fn end_request(state: *mut SocketState) {
         let ended = (*state).end();
         stop_counting_wait(state);
         if (*state).keyed != 0 {
-            record_request(&(*state).key, &ended);
+            record_request(&(*state).key, &ended, 0);
         }
     }
 }
@@ -556,7 +572,11 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
                 (*state).end() // the peer ended its stream
             };
             sync_counted_wait(state);
-            record_request(&(*state).key, &ended);
+            if ended.outcome == ended::TIMED {
+                record_request(&(*state).key, &ended, path_rtt_us(socket));
+            } else {
+                record_request(&(*state).key, &ended, 0);
+            }
         }
         let reading_response = (*state).role == role::CLIENT && (*state).phase != phase::IDLE;
         super::sched::note_socket_activity(tgid, reading_response);

@@ -17,6 +17,7 @@ use super::{
 pub use crate::model::vocabulary::Bottleneck;
 use crate::{
     config::{ProcessFacts, WorkloadRules},
+    model::units::format_ms,
     model::{
         Histogram, KernelSnapshot,
         process::{ProcessKind, SystemNames, container_id},
@@ -134,8 +135,10 @@ pub struct RequestEvidence {
     pub rate_per_s: f64,
     pub p95_ms: Option<f64>,
     pub first_byte_p95_ms: Option<f64>,
-    /// Upstreams only: the round-trip time to it, the network's part of its response time.
+    /// Upstreams only: the smoothed round-trip time to it (P95), and the path's round trip
+    /// (its connections' lowest RTT, no delayed ACKs in it): the network's part of a response.
     pub rtt_p95_ms: Option<f64>,
+    pub path_rtt_ms: Option<f64>,
 }
 
 /// Everything known about one workload in one window.
@@ -367,6 +370,7 @@ pub fn workload_windows(
                 p95_ms: server.figures.p95_ms,
                 first_byte_p95_ms: server.figures.first_byte_p95_ms,
                 rtt_p95_ms: None,
+                path_rtt_ms: None,
             });
         }
     }
@@ -382,6 +386,7 @@ pub fn workload_windows(
                 p95_ms: client.figures.p95_ms,
                 first_byte_p95_ms: client.figures.first_byte_p95_ms,
                 rtt_p95_ms: client.rtt_p95_ms,
+                path_rtt_ms: client.path_rtt_ms,
             });
         }
     }
@@ -590,12 +595,13 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
             let upstream = &window.upstreams[0];
             let judgement = upstream_judgement(upstream);
             evidence.push(format!(
-                "upstream {} answers {} requests in P95 {} (first byte {}) over a network with RTT P95 {}: {judgement}",
+                "upstream {} answers {} requests in P95 {} (first byte {}) over a path with a round trip of {} (smoothed RTT P95 {}): {judgement}",
                 upstream.endpoint,
                 upstream.requests,
                 ms(upstream.p95_ms),
                 ms(upstream.first_byte_p95_ms),
-                ms(upstream.rtt_p95_ms),
+                format_ms(upstream.path_rtt_ms),
+                format_ms(upstream.rtt_p95_ms),
             ));
             if let Some(peer) = window.peers.first() {
                 evidence.push(format!(
@@ -610,7 +616,7 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
                 percent(score),
                 upstream.endpoint,
                 ms(upstream.p95_ms),
-                ms(upstream.rtt_p95_ms),
+                format_ms(upstream.path_rtt_ms.or(upstream.rtt_p95_ms)),
             )
         }
         Bottleneck::Network => {
@@ -658,9 +664,15 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
     verdict(winner, confidence, summary, evidence, score)
 }
 
-/// Whether an upstream's response time is its own work or the network's round trips.
+/// Whether an upstream's response time is its own work or the network's round trips. The
+/// path's round trip is the measure where known: the smoothed RTT of request/response traffic
+/// carries the upstream's delayed ACKs (up to 40 ms of its think time), which would make a
+/// slow upstream look like a slow network.
 fn upstream_judgement(upstream: &RequestEvidence) -> &'static str {
-    match (upstream.p95_ms, upstream.rtt_p95_ms) {
+    match (
+        upstream.p95_ms,
+        upstream.path_rtt_ms.or(upstream.rtt_p95_ms),
+    ) {
         // Round trips explain a response when they are a good part of it; a request/response
         // over a fresh window needs a few of them (slow start), hence the factor.
         (Some(response), Some(rtt)) if response > 4.0 * rtt + 1.0 => "a slow upstream",
@@ -779,7 +791,8 @@ mod tests {
             rate_per_s: 2.5,
             p95_ms: Some(p95_ms),
             first_byte_p95_ms: Some(p95_ms - 0.1),
-            rtt_p95_ms: Some(rtt_p95_ms),
+            rtt_p95_ms: Some(40.0),
+            path_rtt_ms: Some(rtt_p95_ms),
         };
         w.upstreams = vec![upstream(300.0, 0.2)];
         w.served = vec![RequestEvidence {
@@ -789,12 +802,13 @@ mod tests {
             p95_ms: Some(320.0),
             first_byte_p95_ms: Some(5.0),
             rtt_p95_ms: None,
+            path_rtt_ms: None,
         }];
         let verdict = decide(&w, &Rules::default());
         assert_eq!(verdict.bottleneck, Bottleneck::Network);
         assert_eq!(
             verdict.summary,
-            "network - trainer (pid 4121) spent 89% of its active time waiting on responses; upstream 10.0.0.7:6333 answers in P95 300.0 ms over a 0.2 ms network (a slow upstream)"
+            "network - trainer (pid 4121) spent 89% of its active time waiting on responses; upstream 10.0.0.7:6333 answers in P95 300.0 ms over a 200 us network (a slow upstream)"
         );
         assert!(
             verdict.evidence.contains(
@@ -802,7 +816,8 @@ mod tests {
                     .to_string()
             )
         );
-        // The same response time over a 100 ms RTT is the network's round trips.
+        // The smoothed RTT (40 ms here, delayed ACKs) does not decide: the path's does. The
+        // same response time over a 100 ms path is the network's round trips.
         w.upstreams = vec![upstream(300.0, 100.0)];
         let verdict = decide(&w, &Rules::default());
         assert!(

@@ -180,9 +180,14 @@ pub struct ClientRequests {
     pub peer: String,
     #[serde(flatten)]
     pub figures: RequestFigures,
-    /// The round-trip time to that peer in the window: the network's share of the response
-    /// time (the rest is the upstream's own work).
+    /// The smoothed round-trip time to that peer in the window (all its sockets). On
+    /// request/response traffic it includes the peer's delayed ACKs (up to 40 ms).
     pub rtt_p95_ms: Option<f64>,
+    /// The path's round trip: the mean, over the timed requests, of their connection's lowest
+    /// RTT sample (`tcp_sock.rtt_min`), which no delayed ACK inflates. What the network
+    /// costs a request per round trip; the rest of its time is the upstream's work or the
+    /// transfer.
+    pub path_rtt_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -291,7 +296,14 @@ fn summarize_requests(
             .then(b.counters.untimed.cmp(&a.counters.untimed))
             .then(a_key.cmp(b_key))
     });
-    let name_of = |tgid: u32| names.process(tgid, "").name;
+    let name_of = |tgid: u32| {
+        let name = names.process(tgid, "").name;
+        if name.is_empty() {
+            "exited".to_string()
+        } else {
+            name
+        }
+    };
     let mut summary = RequestsSummary {
         timed: true,
         ..RequestsSummary::default()
@@ -329,6 +341,10 @@ fn summarize_requests(
                 })
                 .quantile_ms(0.95)
                 .map(round_ms);
+            let counters = &window.counters;
+            let path_rtt_ms = (counters.path_rtt_samples > 0).then(|| {
+                round_ms(counters.path_rtt_sum_us as f64 / counters.path_rtt_samples as f64 / 1e3)
+            });
             summary.clients.push(ClientRequests {
                 workload: None,
                 pid: key.tgid,
@@ -336,6 +352,7 @@ fn summarize_requests(
                 peer,
                 figures: window.figures(seconds),
                 rtt_p95_ms,
+                path_rtt_ms,
             });
         } else {
             other_clients
@@ -360,6 +377,7 @@ fn summarize_requests(
             peer: "other".to_string(),
             figures: other.figures(seconds),
             rtt_p95_ms: None,
+            path_rtt_ms: None,
         });
     }
     summary
@@ -889,6 +907,8 @@ mod tests {
             bytes_in: requests * 100,
             bytes_out: requests * 1000,
             connections: 1,
+            path_rtt_sum_us: requests * 150,
+            path_rtt_samples: requests,
         };
         // Three server ports of one process; the list keeps two and sums the third.
         for (port, requests, latency_ms) in [(8000u16, 100u64, 20u64), (8001, 50, 5), (9000, 10, 1)]
@@ -943,5 +963,6 @@ mod tests {
         assert_eq!(made.figures.untimed, 2);
         assert_eq!(made.figures.first_byte_p95_ms, None, "absent, not 0");
         assert!((made.rtt_p95_ms.unwrap() - 0.2).abs() <= 0.2 / 16.0);
+        assert_eq!(made.path_rtt_ms, Some(0.15));
     }
 }

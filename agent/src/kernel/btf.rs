@@ -62,6 +62,7 @@ const MEMBERS: &[MemberSpec] = &[
     member!(sock_num, "sock", "__sk_common.skc_num", 2),
     member!(sock_protocol, "sock", "sk_protocol", 2),
     member!(tcp_srtt_us, "tcp_sock", "srtt_us", 4),
+    member!(tcp_rtt_min, "tcp_sock", "rtt_min", 24),
     member!(task_pid, "task_struct", "pid", 4),
     member!(task_exit_state, "task_struct", "exit_state", 4),
 ];
@@ -99,6 +100,7 @@ const SOCKET_IO: &[&str] = &[
     "sock_v6_daddr",
     "sock_dport",
     "sock_num",
+    "tcp_rtt_min",
 ];
 
 pub const BTF_PROBES: &[BtfProbeSpec] = &[

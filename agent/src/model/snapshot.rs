@@ -112,6 +112,8 @@ impl Counters for RequestCounters {
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
         self.connections += other.connections;
+        self.path_rtt_sum_us += other.path_rtt_sum_us;
+        self.path_rtt_samples += other.path_rtt_samples;
     }
 
     fn checked_since(&self, earlier: &Self) -> Option<Self> {
@@ -121,6 +123,10 @@ impl Counters for RequestCounters {
             bytes_in: self.bytes_in.checked_sub(earlier.bytes_in)?,
             bytes_out: self.bytes_out.checked_sub(earlier.bytes_out)?,
             connections: self.connections.checked_sub(earlier.connections)?,
+            path_rtt_sum_us: self.path_rtt_sum_us.checked_sub(earlier.path_rtt_sum_us)?,
+            path_rtt_samples: self
+                .path_rtt_samples
+                .checked_sub(earlier.path_rtt_samples)?,
         })
     }
 }
