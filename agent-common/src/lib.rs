@@ -32,6 +32,7 @@ pub mod map_names {
     pub const REQUEST_FIRST_BYTE: &str = "REQUEST_FIRST_BYTE";
     pub const REQUEST_COUNTERS: &str = "REQUEST_COUNTERS";
     pub const REQUEST_TIMING: &str = "REQUEST_TIMING";
+    pub const LISTENING_PORTS: &str = "LISTENING_PORTS";
     pub const TRACKED_PROCESSES: &str = "TRACKED_PROCESSES";
     pub const THREAD_STATES: &str = "THREAD_STATES";
     pub const THREAD_SYSCALLS: &str = "THREAD_SYSCALLS";

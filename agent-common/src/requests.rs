@@ -241,17 +241,23 @@ impl SocketState {
     }
 }
 
-/// Which end a connection is when the probes did not see it open (it predates them): the
-/// side with the lower port is taken for the server, as listening ports are low and
-/// ephemeral ports high on every common configuration.
+/// Which end a connection is when the probes did not see it open (it predates them): a
+/// server's if its local port is one a socket listens on (userspace keeps that set, from
+/// every network namespace's `/proc/net/tcp`); before userspace has filled it, the side with
+/// the lower port is taken for the server, as listening ports are low and ephemeral ports
+/// high on most configurations (a server on an ephemeral port would be misread).
 #[inline(always)]
-pub const fn role_from_ports(local_port: u16, remote_port: u16) -> u8 {
-    if local_port < remote_port {
-        role::SERVER
-    } else {
-        role::CLIENT
+pub const fn role_from_ports(local_port: u16, remote_port: u16, listening: Option<bool>) -> u8 {
+    match listening {
+        Some(true) => role::SERVER,
+        Some(false) => role::CLIENT,
+        None if local_port < remote_port => role::SERVER,
+        None => role::CLIENT,
     }
 }
+
+/// The key `LISTENING_PORTS` holds once userspace has filled it (port 0 never listens).
+pub const LISTENING_PORTS_FILLED: u16 = 0;
 
 /// The aggregation a socket's requests go to.
 #[inline(always)]
@@ -380,7 +386,11 @@ mod tests {
             (client.port, client.family, client.address),
             (6333, 2, remote)
         );
-        assert_eq!(role_from_ports(8000, 51_000), role::SERVER);
-        assert_eq!(role_from_ports(51_000, 6333), role::CLIENT);
+        assert_eq!(role_from_ports(8000, 51_000, None), role::SERVER);
+        assert_eq!(role_from_ports(51_000, 6333, None), role::CLIENT);
+        // What listens decides, when known: a server on an ephemeral port, its client on a
+        // lower one.
+        assert_eq!(role_from_ports(42_506, 33_000, Some(true)), role::SERVER);
+        assert_eq!(role_from_ports(8000, 51_000, Some(false)), role::CLIENT);
     }
 }

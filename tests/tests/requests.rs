@@ -381,7 +381,8 @@ fn an_event_loop_server_with_light_traffic_has_no_bottleneck() {
         this["time"]["network"]
             .as_f64()
             .is_some_and(|share| share < 0.05),
-        "an event loop between requests is not waiting on the network: {this:#}"
+        "an event loop between requests is not waiting on the network: {this:#}\n{:#}",
+        report["requests"]
     );
     assert_eq!(this["bottleneck"], "none", "{this:#}");
     assert_eq!(code, 0, "no bottleneck");

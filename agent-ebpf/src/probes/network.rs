@@ -8,8 +8,8 @@ use agent_common::{
     histogram::LatencyHistogram,
     network::{AF_INET, AF_INET6, ConnectStart, IPPROTO_TCP, PeerCounters, PeerKey, tcp_state},
     requests::{
-        Direction, Ended, MSG_PEEK, RequestCounters, RequestKey, SocketState, ended, phase,
-        request_key, role, role_from_ports,
+        Direction, Ended, LISTENING_PORTS_FILLED, MSG_PEEK, RequestCounters, RequestKey,
+        SocketState, ended, phase, request_key, role, role_from_ports,
     },
 };
 use aya_ebpf::{
@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, LruHashMap, LruPerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap},
     programs::{BtfTracePointContext, TracePointContext},
 };
 
@@ -63,6 +63,10 @@ static REQUEST_FIRST_BYTE: LruPerCpuHashMap<RequestKey, LatencyHistogram> =
 #[map]
 static REQUEST_COUNTERS: LruPerCpuHashMap<RequestKey, RequestCounters> =
     LruPerCpuHashMap::with_max_entries(1024, 0);
+
+/// Local ports sockets listen on (any namespace), from userspace; key 0 marks it filled.
+#[map]
+static LISTENING_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(8192, 0);
 
 /// Element 0 is 1 once userspace has both socket probes running as BTF programs, the ones
 /// that time requests; the scheduler probe then tells waits for a response from idle waits.
@@ -544,7 +548,11 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
             };
             let local_port: u16 = member!(socket, sock_num);
             if (*state).role == role::UNKNOWN {
-                (*state).role = role_from_ports(local_port, remote_port);
+                // SAFETY: lookups whose values are not read.
+                let listening = unsafe { LISTENING_PORTS.get(&LISTENING_PORTS_FILLED) }
+                    .is_some()
+                    .then(|| unsafe { LISTENING_PORTS.get(&local_port) }.is_some());
+                (*state).role = role_from_ports(local_port, remote_port, listening);
             }
             (*state).key = request_key(
                 (*state).role,

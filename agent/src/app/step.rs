@@ -23,7 +23,7 @@ use crate::{
     config::LoadedConfig,
     host::{
         gpu::{NvmlSource, load_nvml},
-        system::{LiveSystem, user_processes},
+        system::{LiveSystem, listening_tcp_ports, user_processes},
     },
     kernel::{
         preflight::{self, PreflightReport},
@@ -261,6 +261,12 @@ fn refresh_tracking(
     }
     let gone: Vec<u32> = tracked_now.difference(&alive).copied().collect();
     let _ = probes.untrack_processes(&gone);
+    if probes.requests_timed() {
+        let pids: Vec<u32> = alive.iter().copied().collect();
+        if let Err(error) = probes.set_listening_ports(&listening_tcp_ports(&pids)) {
+            tracing::debug!("cannot update the listening ports: {error:#}");
+        }
+    }
     *tracked_now = alive;
 }
 

@@ -78,6 +78,44 @@ pub fn user_processes() -> Vec<u32> {
         .collect()
 }
 
+/// The local ports of TCP sockets listening in any network namespace of `pids` (and the
+/// agent's own): one read of `net/tcp` and `net/tcp6` per namespace, through the first
+/// process found in it. The probes tell accepted connections (servers) from connected ones
+/// by them when they did not see the connection open.
+pub fn listening_tcp_ports(pids: &[u32]) -> std::collections::BTreeSet<u16> {
+    let mut namespaces = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    let me = std::iter::once("self".to_string());
+    for process in me.chain(pids.iter().map(u32::to_string)) {
+        let Ok(namespace) = fs::read_link(format!("/proc/{process}/ns/net")) else {
+            continue;
+        };
+        if !namespaces.insert(namespace) {
+            continue;
+        }
+        for table in ["tcp", "tcp6"] {
+            if let Ok(text) = fs::read_to_string(format!("/proc/{process}/net/{table}")) {
+                ports.extend(parse_listening_ports(&text));
+            }
+        }
+    }
+    ports
+}
+
+/// Local ports of the sockets in LISTEN state (`st` 0A) of a `/proc/net/tcp` table.
+pub fn parse_listening_ports(table: &str) -> impl Iterator<Item = u16> + '_ {
+    table.lines().skip(1).filter_map(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1)?;
+        let state = fields.nth(1)?;
+        if state != "0A" {
+            return None;
+        }
+        let (_, port) = local.rsplit_once(':')?;
+        u16::from_str_radix(port, 16).ok()
+    })
+}
+
 /// (comm, flags) from /proc/PID/stat. The comm is in parentheses and may itself contain
 /// spaces and parentheses, so split at the last ')'.
 pub fn parse_stat(stat: &str) -> Option<(String, u64)> {
@@ -111,6 +149,20 @@ fn kind_from_comm(comm: &str) -> ProcessKind {
         ProcessKind::KernelThread
     } else {
         ProcessKind::Process
+    }
+}
+
+#[cfg(test)]
+mod listening_tests {
+    #[test]
+    fn listening_ports_are_read_from_the_tcp_tables() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 00000000000000000000000000000000:18BD 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+";
+        let ports: Vec<u16> = super::parse_listening_ports(table).collect();
+        assert_eq!(ports, vec![8080, 6333]);
     }
 }
 

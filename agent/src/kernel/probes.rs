@@ -7,7 +7,7 @@ use agent_common::{
     histogram::LatencyHistogram,
     map_names,
     network::{PeerCounters, PeerKey},
-    requests::{RequestCounters, RequestKey},
+    requests::{LISTENING_PORTS_FILLED, RequestCounters, RequestKey},
     sched::{ProcessTime, ThreadState, TrackedProcess},
     storage::{
         LatencyStage, ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey,
@@ -141,6 +141,8 @@ pub struct KernelProbes {
     ebpf: Ebpf,
     statuses: Vec<ProbeStatus>,
     requests_timed: bool,
+    /// What `LISTENING_PORTS` holds.
+    listening_ports: std::collections::BTreeSet<u16>,
 }
 
 /// Requests are timed by the BTF socket probes (they read both ends of the connection from
@@ -402,6 +404,7 @@ impl KernelProbes {
             ebpf,
             statuses,
             requests_timed,
+            listening_ports: Default::default(),
         })
     }
 
@@ -499,6 +502,33 @@ impl KernelProbes {
         };
         map.insert(tgid, record, 0)
             .with_context(|| format!("tracking process {tgid}"))?;
+        Ok(())
+    }
+
+    /// Replaces the set of local ports TCP sockets listen on (see
+    /// `agent_common::requests::role_from_ports`).
+    pub fn set_listening_ports(
+        &mut self,
+        ports: &std::collections::BTreeSet<u16>,
+    ) -> anyhow::Result<()> {
+        if *ports == self.listening_ports {
+            return Ok(());
+        }
+        let mut map: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::LISTENING_PORTS)
+                .context("no LISTENING_PORTS map")?,
+        )?;
+        for gone in self.listening_ports.difference(ports) {
+            let _ = map.remove(gone);
+        }
+        for port in ports.difference(&self.listening_ports) {
+            // A full map (8191 listening ports) keeps the ones it has.
+            let _ = map.insert(port, 1, 0);
+        }
+        map.insert(LISTENING_PORTS_FILLED, 1, 0)
+            .context("marking the listening ports filled")?;
+        self.listening_ports = ports.clone();
         Ok(())
     }
 
