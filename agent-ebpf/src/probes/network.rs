@@ -548,11 +548,17 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
             };
             let local_port: u16 = member!(socket, sock_num);
             if (*state).role == role::UNKNOWN {
+                // A connection older than the probes: which end it is follows from whether
+                // its local port listens. Until userspace has said which ports do (a moment
+                // after the probes attach), it waits: a guess from the ports alone is wrong
+                // whenever both are ephemeral.
                 // SAFETY: lookups whose values are not read.
-                let listening = unsafe { LISTENING_PORTS.get(&LISTENING_PORTS_FILLED) }
-                    .is_some()
-                    .then(|| unsafe { LISTENING_PORTS.get(&local_port) }.is_some());
-                (*state).role = role_from_ports(local_port, remote_port, listening);
+                if unsafe { LISTENING_PORTS.get(&LISTENING_PORTS_FILLED) }.is_none() {
+                    super::sched::note_socket_activity(tgid, false);
+                    return;
+                }
+                let listening = unsafe { LISTENING_PORTS.get(&local_port) }.is_some();
+                (*state).role = role_from_ports(local_port, remote_port, Some(listening));
             }
             (*state).key = request_key(
                 (*state).role,
