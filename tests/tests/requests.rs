@@ -198,6 +198,13 @@ fn keep_alive_requests_are_timed_like_the_client_times_them() {
             0.10,
         );
     }
+    // Loopback's round trip is microseconds, whatever the smoothed RTT says.
+    assert!(
+        made.path_rtt_ms.is_some_and(|rtt| rtt < 1.0),
+        "path RTT {:?}, smoothed RTT P95 {:?}",
+        made.path_rtt_ms,
+        made.rtt_p95_ms
+    );
     // Bytes: what the server received is what the client sent, and the other way round.
     assert_eq!(served.figures.bytes_in, made.figures.bytes_out);
     assert_eq!(served.figures.bytes_out, made.figures.bytes_in);
@@ -315,6 +322,12 @@ fn through_a_delayed_link_the_client_sees_the_round_trips_and_the_server_does_no
     assert!(
         made.rtt_p95_ms.is_some(),
         "the RTT beside the response time"
+    );
+    let path_rtt = made.path_rtt_ms.expect("the path's round trip");
+    assert!(
+        path_rtt > 0.0 && path_rtt < made.figures.p50_ms.unwrap(),
+        "path RTT {path_rtt} ms against a P50 of {:?}",
+        made.figures.p50_ms
     );
     // The server's time leaves the network out: never more than the client's.
     assert!(
