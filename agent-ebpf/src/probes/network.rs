@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap},
     programs::{BtfTracePointContext, TracePointContext},
 };
 
@@ -67,17 +67,6 @@ static REQUEST_COUNTERS: LruPerCpuHashMap<RequestKey, RequestCounters> =
 /// Local ports sockets listen on (any namespace), from userspace; key 0 marks it filled.
 #[map]
 static LISTENING_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(8192, 0);
-
-/// Element 0 is 1 once userspace has both socket probes running as BTF programs, the ones
-/// that time requests; the scheduler probe then tells waits for a response from idle waits.
-#[map]
-static REQUEST_TIMING: Array<u32> = Array::with_max_entries(1, 0);
-
-/// Whether requests are timed (see [`REQUEST_TIMING`]).
-#[inline(always)]
-pub fn requests_timed() -> bool {
-    REQUEST_TIMING.get(0).is_some_and(|on| *on != 0)
-}
 
 const ZERO_COUNTERS: PeerCounters = PeerCounters {
     retransmits: 0,

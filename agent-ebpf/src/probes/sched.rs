@@ -12,7 +12,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap},
     programs::{BtfTracePointContext, TracePointContext},
 };
 
@@ -30,6 +30,17 @@ static THREAD_STATES: LruHashMap<u32, ThreadState> = LruHashMap::with_max_entrie
 /// Only the fallback path (`sched_switch_by_map` + `sys_enter`) fills it.
 #[map]
 static THREAD_SYSCALLS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Element 0 is 1 once userspace has both socket probes running as BTF programs, the ones
+/// that time requests (network.rs): waits for a response are then told from idle waits.
+#[map]
+static REQUEST_TIMING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether requests are timed (see [`REQUEST_TIMING`]).
+#[inline(always)]
+fn requests_timed() -> bool {
+    REQUEST_TIMING.get(0).is_some_and(|on| *on != 0)
+}
 
 #[map]
 static TIME_BY_PROCESS: LruPerCpuHashMap<u32, ProcessTime> =
@@ -230,7 +241,7 @@ fn on_switch(
         // Only the sleeps whose system call matters need to know about requests.
         let network = if !needs_syscall(task_state) {
             NetworkWait::NONE
-        } else if super::network::requests_timed() {
+        } else if requests_timed() {
             NetworkWait::from_requests(
                 recent_socket,
                 process.awaiting_responses > 0,
