@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use envelope::analysis::window::{ClientRequests, ServerRequests, WindowSummary};
 use integration_tests::{
     VethPair, diagnose_json, exclusive_traffic, load_probes, root_or_skip, veth_tools_or_skip,
     window_since,
@@ -126,6 +127,39 @@ fn request_paths(count: usize, streamed_every: usize) -> Vec<String> {
         .collect()
 }
 
+/// The real probes, when they time requests here (BTF socket probes); None, with the
+/// reason printed, where they do not.
+fn probes_timing_requests() -> Option<integration_tests::ExclusiveProbes> {
+    let probes = load_probes();
+    if !probes.requests_timed() {
+        eprintln!("skipped: the socket probes are classic tracepoints here (no kernel BTF)");
+        return None;
+    }
+    Some(probes)
+}
+
+/// This process's row for the requests it served on `server`'s port.
+fn served_row(summary: &WindowSummary, server: SocketAddr) -> &ServerRequests {
+    let me = std::process::id();
+    summary
+        .requests
+        .servers
+        .iter()
+        .find(|s| s.pid == me && s.port == server.port())
+        .unwrap_or_else(|| panic!("no server row for {server}: {:#?}", summary.requests))
+}
+
+/// This process's row for the requests it made to `server`.
+fn client_row(summary: &WindowSummary, server: SocketAddr) -> &ClientRequests {
+    let me = std::process::id();
+    summary
+        .requests
+        .clients
+        .iter()
+        .find(|c| c.pid == me && c.peer == server.to_string())
+        .unwrap_or_else(|| panic!("no client row for {server}: {:#?}", summary.requests))
+}
+
 /// Nearest-rank percentile of the client's own times.
 fn percentile(values: &[f64], q: f64) -> f64 {
     let mut sorted = values.to_vec();
@@ -147,11 +181,9 @@ fn keep_alive_requests_are_timed_like_the_client_times_them() {
     if !root_or_skip("request timing") {
         return;
     }
-    let probes = load_probes();
-    if !probes.requests_timed() {
-        eprintln!("skipped: the socket probes are classic tracepoints here (no kernel BTF)");
+    let Some(probes) = probes_timing_requests() else {
         return;
-    }
+    };
     let server = spawn_server("127.0.0.1:0".parse().unwrap());
     let paths = request_paths(240, 4);
     let before = probes.snapshot().unwrap();
@@ -159,20 +191,9 @@ fn keep_alive_requests_are_timed_like_the_client_times_them() {
     // The client closed its connection: the server's read of the end closes the last request.
     std::thread::sleep(Duration::from_millis(100));
     let (_, summary) = window_since(&probes, &before, Duration::from_secs(1));
-    let me = std::process::id();
 
-    let served = summary
-        .requests
-        .servers
-        .iter()
-        .find(|s| s.pid == me && s.port == server.port())
-        .unwrap_or_else(|| panic!("no server row for {server}: {:#?}", summary.requests));
-    let made = summary
-        .requests
-        .clients
-        .iter()
-        .find(|c| c.pid == me && c.peer == server.to_string())
-        .unwrap_or_else(|| panic!("no client row for {server}: {:#?}", summary.requests));
+    let served = served_row(&summary, server);
+    let made = client_row(&summary, server);
     let total: Vec<f64> = timings.iter().map(|t| t.total_ms).collect();
     let first: Vec<f64> = timings.iter().map(|t| t.first_byte_ms).collect();
     for (side, figures) in [("server", &served.figures), ("client", &made.figures)] {
@@ -222,11 +243,9 @@ fn short_connections_are_each_one_request() {
     if !root_or_skip("request timing with short connections") {
         return;
     }
-    let probes = load_probes();
-    if !probes.requests_timed() {
-        eprintln!("skipped: the socket probes are classic tracepoints here (no kernel BTF)");
+    let Some(probes) = probes_timing_requests() else {
         return;
-    }
+    };
     let server = spawn_server("127.0.0.1:0".parse().unwrap());
     let before = probes.snapshot().unwrap();
     let connections = 2000;
@@ -238,22 +257,11 @@ fn short_connections_are_each_one_request() {
     let elapsed = started.elapsed();
     std::thread::sleep(Duration::from_millis(200));
     let (_, summary) = window_since(&probes, &before, elapsed);
-    let me = std::process::id();
-    let served = summary
-        .requests
-        .servers
-        .iter()
-        .find(|s| s.pid == me && s.port == server.port())
-        .unwrap_or_else(|| panic!("no server row: {:#?}", summary.requests));
+    let served = served_row(&summary, server);
     assert_eq!(served.figures.connections, connections);
     assert_eq!(served.figures.requests, connections);
     assert_eq!(served.figures.untimed, 0);
-    let made = summary
-        .requests
-        .clients
-        .iter()
-        .find(|c| c.pid == me && c.peer == server.to_string())
-        .unwrap();
+    let made = client_row(&summary, server);
     assert_eq!(made.figures.requests, connections);
     eprintln!(
         "{connections} connections in {elapsed:?} ({:.0}/s)",
@@ -268,11 +276,9 @@ fn through_a_delayed_link_the_client_sees_the_round_trips_and_the_server_does_no
     if !veth_tools_or_skip("request timing over veth") {
         return;
     }
-    let probes = load_probes();
-    if !probes.requests_timed() {
-        eprintln!("skipped: the socket probes are classic tracepoints here (no kernel BTF)");
+    let Some(probes) = probes_timing_requests() else {
         return;
-    }
+    };
     // Requests leave the client through a 2 Mbit/s token bucket: each waits for its turn
     // on the link, which the client's time includes and the server's cannot.
     let pair = VethPair::create("2mbit", "50ms");
@@ -291,19 +297,8 @@ fn through_a_delayed_link_the_client_sees_the_round_trips_and_the_server_does_no
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let (_, summary) = window_since(&probes, &before, Duration::from_secs(1));
-    let me = std::process::id();
-    let made = summary
-        .requests
-        .clients
-        .iter()
-        .find(|c| c.pid == me && c.peer == server.to_string())
-        .unwrap_or_else(|| panic!("no client row: {:#?}", summary.requests));
-    let served = summary
-        .requests
-        .servers
-        .iter()
-        .find(|s| s.pid == me && s.port == server.port())
-        .unwrap_or_else(|| panic!("no server row: {:#?}", summary.requests));
+    let made = client_row(&summary, server);
+    let served = served_row(&summary, server);
     let total: Vec<f64> = timings.iter().map(|t| t.total_ms).collect();
     for (q, measured) in [
         (0.50, made.figures.p50_ms),

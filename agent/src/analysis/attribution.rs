@@ -12,7 +12,7 @@ use agent_common::{comm_to_string, network::peer_address, storage::split_dev};
 
 use super::{
     gpu::GpuSummary,
-    window::{RequestsSummary, WindowSummary},
+    window::{RequestFigures, RequestsSummary, WindowSummary},
 };
 pub use crate::model::vocabulary::Bottleneck;
 use crate::{
@@ -139,6 +139,25 @@ pub struct RequestEvidence {
     /// (its connections' lowest RTT, no delayed ACKs in it): the network's part of a response.
     pub rtt_p95_ms: Option<f64>,
     pub path_rtt_ms: Option<f64>,
+}
+
+impl RequestEvidence {
+    fn of(
+        endpoint: String,
+        figures: &RequestFigures,
+        rtt_p95_ms: Option<f64>,
+        path_rtt_ms: Option<f64>,
+    ) -> Self {
+        Self {
+            endpoint,
+            requests: figures.requests,
+            rate_per_s: figures.rate_per_s,
+            p95_ms: figures.p95_ms,
+            first_byte_p95_ms: figures.first_byte_p95_ms,
+            rtt_p95_ms,
+            path_rtt_ms,
+        }
+    }
 }
 
 /// Everything known about one workload in one window.
@@ -363,15 +382,12 @@ pub fn workload_windows(
             .get(&server.pid)
             .and_then(|n| workloads.get_mut(n))
         {
-            workload.served.push(RequestEvidence {
-                endpoint: format!("port {}", server.port),
-                requests: server.figures.requests,
-                rate_per_s: server.figures.rate_per_s,
-                p95_ms: server.figures.p95_ms,
-                first_byte_p95_ms: server.figures.first_byte_p95_ms,
-                rtt_p95_ms: None,
-                path_rtt_ms: None,
-            });
+            workload.served.push(RequestEvidence::of(
+                format!("port {}", server.port),
+                &server.figures,
+                None,
+                None,
+            ));
         }
     }
     for client in &window.requests.clients {
@@ -379,15 +395,12 @@ pub fn workload_windows(
             .get(&client.pid)
             .and_then(|n| workloads.get_mut(n))
         {
-            workload.upstreams.push(RequestEvidence {
-                endpoint: client.peer.clone(),
-                requests: client.figures.requests,
-                rate_per_s: client.figures.rate_per_s,
-                p95_ms: client.figures.p95_ms,
-                first_byte_p95_ms: client.figures.first_byte_p95_ms,
-                rtt_p95_ms: client.rtt_p95_ms,
-                path_rtt_ms: client.path_rtt_ms,
-            });
+            workload.upstreams.push(RequestEvidence::of(
+                client.peer.clone(),
+                &client.figures,
+                client.rtt_p95_ms,
+                client.path_rtt_ms,
+            ));
         }
     }
 
