@@ -7,9 +7,11 @@
 //! is the first send after that; it ends with the last send before the next request arrives,
 //! the peer's end of stream, or the connection's close. A client socket is the mirror image
 //! (request sent -> response received). That fits HTTP/1.x keep-alive, streamed responses
-//! (chunked, SSE), Redis, Postgres simple queries and most RPC over dedicated connections;
-//! multiplexed protocols (HTTP/2, gRPC) are timed as if their requests took turns (README,
-//! blind spots). Pure, so the rules are unit-tested here and run unchanged in the kernel.
+//! (chunked, SSE), Redis, Postgres simple queries and most RPC over dedicated connections.
+//! Multiplexed protocols (HTTP/2, gRPC) interleave requests on one connection: a connection
+//! whose first bytes open HTTP/2 ([`opens_http2`], the only look at the bytes, once per
+//! connection) counts its exchanges as untimed instead of timing them wrong. Pure, so the
+//! rules are unit-tested here and run unchanged in the kernel.
 
 /// Which end of the conversation a socket is.
 pub mod role {
@@ -66,6 +68,9 @@ pub struct RequestCounters {
     /// over the timed requests that read it, in microseconds, and how many did.
     pub path_rtt_sum_us: u64,
     pub path_rtt_samples: u64,
+    /// Connections whose first bytes opened HTTP/2 (h2c, gRPC without TLS): their exchanges
+    /// count as `untimed`.
+    pub multiplexed_connections: u64,
 }
 
 /// Per socket (key: its kernel address), in an LRU map: who owns it, which end it is, and
@@ -92,6 +97,70 @@ pub struct SocketState {
     pub counted_waiting: u8,
     /// 1 once `key` names the aggregation (the first send or receive in process context).
     pub keyed: u8,
+    /// `protocol::*`: what the connection's first bytes said.
+    pub protocol: u8,
+    /// Explicit, so no byte of a value written to a map is undefined.
+    pub _reserved: [u8; 7],
+}
+
+/// [`SocketState::protocol`].
+pub mod protocol {
+    /// The first bytes were not looked at yet.
+    pub const UNCHECKED: u8 = 0;
+    /// Taking turns, as far as the first bytes tell (or they could not be read).
+    pub const TURNS: u8 = 1;
+    /// HTTP/2: requests interleave, so exchanges are counted, not timed.
+    pub const MULTIPLEXED: u8 = 2;
+}
+
+/// How many of a connection's first bytes [`opens_http2`] looks at.
+pub const FIRST_BYTES: usize = 16;
+
+/// Whether the first bytes a connection carried in one direction (`valid` of them) open
+/// HTTP/2: the client's connection preface (`PRI * HTTP/2.0\r\n`, RFC 9113 section 3.4) or a
+/// server's first frame, SETTINGS on stream 0 (24-bit length a multiple of 6, type 4, no
+/// flags). MySQL's greeting (sequence byte 0 where the type would be), SMTP's and other
+/// servers that speak first do not match. Word compares, which the verifier handles as
+/// well as a loop.
+#[inline(always)]
+pub fn opens_http2(first: &[u8; FIRST_BYTES], valid: usize) -> bool {
+    const PREFACE: [u8; FIRST_BYTES] = *b"PRI * HTTP/2.0\r\n";
+    let word = |at: usize| {
+        u64::from_be_bytes([
+            first[at],
+            first[at + 1],
+            first[at + 2],
+            first[at + 3],
+            first[at + 4],
+            first[at + 5],
+            first[at + 6],
+            first[at + 7],
+        ])
+    };
+    let preface = |at: usize| {
+        u64::from_be_bytes([
+            PREFACE[at],
+            PREFACE[at + 1],
+            PREFACE[at + 2],
+            PREFACE[at + 3],
+            PREFACE[at + 4],
+            PREFACE[at + 5],
+            PREFACE[at + 6],
+            PREFACE[at + 7],
+        ])
+    };
+    if valid >= FIRST_BYTES && word(0) == preface(0) && word(8) == preface(8) {
+        return true;
+    }
+    const SETTINGS_FRAME_HEADER: usize = 9;
+    if valid < SETTINGS_FRAME_HEADER {
+        return false;
+    }
+    let length = u32::from_be_bytes([0, first[0], first[1], first[2]]);
+    let frame_type = first[3];
+    let flags = first[4];
+    let stream = u32::from_be_bytes([first[5], first[6], first[7], first[8]]);
+    frame_type == 4 && flags == 0 && stream == 0 && length % 6 == 0 && length <= 16_384
 }
 
 /// Which way bytes moved, from the application's side.
@@ -164,6 +233,8 @@ impl SocketState {
             phase: phase::IDLE,
             counted_waiting: 0,
             keyed: 0,
+            protocol: protocol::UNCHECKED,
+            _reserved: [0; 7],
         }
     }
 
@@ -215,10 +286,12 @@ impl SocketState {
     }
 
     /// The request in progress ends: its response is complete (the asking side spoke again,
-    /// the peer ended its stream, the connection closes), or it never got one.
+    /// the peer ended its stream, the connection closes), or it never got one. On a
+    /// multiplexed connection every exchange is untimed: its turns are not its requests.
     #[inline(always)]
     pub fn end(&mut self) -> Ended {
         let ended = match self.phase {
+            phase::ANSWERING if self.protocol == protocol::MULTIPLEXED => Ended::UNTIMED,
             phase::ANSWERING => Ended {
                 outcome: ended::TIMED,
                 latency_ns: self.last_answer_ns.saturating_sub(self.request_started_ns),
@@ -254,6 +327,15 @@ pub const fn role_from_ports(local_port: u16, remote_port: u16, listening: Optio
         None if local_port < remote_port => role::SERVER,
         None => role::CLIENT,
     }
+}
+
+/// Bits of the `REQUEST_TIMING` switch userspace sets at load.
+pub mod request_timing {
+    /// Both socket probes run as BTF programs: requests are timed.
+    pub const TIMED: u32 = 1;
+    /// The system call ABI is known (x86-64): the probes may read a connection's first
+    /// bytes from the user buffer to tell HTTP/2.
+    pub const FIRST_BYTES_READABLE: u32 = 2;
 }
 
 /// The key `LISTENING_PORTS` holds once userspace has filled it (port 0 never listens).
@@ -371,6 +453,54 @@ mod tests {
         }
         assert_eq!(reads.get(), 4, "every response byte may be the last");
         assert_eq!(timed(uploader.end()), (3_000, 1_000, 30, 100_000));
+    }
+
+    fn first(bytes: &[u8]) -> [u8; FIRST_BYTES] {
+        let mut first = [0xAA; FIRST_BYTES];
+        let n = bytes.len().min(FIRST_BYTES);
+        first[..n].copy_from_slice(&bytes[..n]);
+        first
+    }
+
+    #[test]
+    fn http2_is_recognised_by_its_preface_or_first_settings_frame_and_nothing_else_is() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert!(opens_http2(&first(preface), preface.len()));
+        assert!(
+            !opens_http2(&first(preface), 15),
+            "a short read of the preface is not enough to tell"
+        );
+        // A server's SETTINGS with three settings (18 bytes), and an empty one.
+        let settings = [0, 0, 18, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100, 0];
+        assert!(opens_http2(&settings, 27));
+        assert!(opens_http2(&first(&[0, 0, 0, 4, 0, 0, 0, 0, 0]), 9));
+        for (what, bytes) in [
+            ("HTTP/1.1", &b"GET / HTTP/1.1\r\nHost: x\r\n"[..]),
+            ("a response", b"HTTP/1.1 200 OK\r\n"),
+            ("SMTP greeting", b"220 mail ESMTP\r\n"),
+            // length 74, sequence 0, protocol 10, "8.0.3"...
+            ("MySQL greeting", &[74, 0, 0, 0, 10, b'8', b'.', b'0', b'.', b'3', 0, 1, 2, 3, 4, 5]),
+            ("Redis", b"*1\r\n$4\r\nPING\r\n"),
+            ("TLS ClientHello", &[0x16, 3, 1, 2, 0, 1, 0, 1, 0xfc, 3, 3, 0, 0, 0, 0, 0]),
+            ("SETTINGS ACK", &[0, 0, 0, 4, 1, 0, 0, 0, 0]),
+            ("SETTINGS on a stream", &[0, 0, 6, 4, 0, 0, 0, 0, 1]),
+            ("a length not of 6-byte settings", &[0, 0, 7, 4, 0, 0, 0, 0, 0]),
+        ] {
+            assert!(!opens_http2(&first(bytes), bytes.len()), "{what}");
+        }
+        assert!(!opens_http2(&first(&[0, 0, 0, 4, 0, 0, 0, 0]), 8), "too short");
+    }
+
+    #[test]
+    fn a_multiplexed_connection_counts_its_exchanges_untimed_and_still_waits_on_requests() {
+        let mut client = SocketState::new(role::CLIENT);
+        client.protocol = protocol::MULTIPLEXED;
+        client.on_data(Sent, 24, || 1_000);
+        assert!(client.awaits_response());
+        client.on_data(Received, 100, || 2_000);
+        assert_eq!(client.on_data(Sent, 50, || 3_000), Ended::UNTIMED);
+        client.on_data(Received, 100, || 4_000);
+        assert_eq!(client.end(), Ended::UNTIMED);
     }
 
     #[test]

@@ -200,6 +200,7 @@ fn keep_alive_requests_are_timed_like_the_client_times_them() {
         assert_eq!(figures.requests, paths.len() as u64, "{side}: {figures:#?}");
         assert_eq!(figures.untimed, 0, "{side}: {figures:#?}");
         assert_eq!(figures.connections, 1, "{side}: {figures:#?}");
+        assert_eq!(figures.multiplexed_connections, 0, "{side}: HTTP/1.1 taken for HTTP/2");
         for (q, measured) in [
             (0.50, figures.p50_ms),
             (0.95, figures.p95_ms),
@@ -267,6 +268,88 @@ fn short_connections_are_each_one_request() {
         "{connections} connections in {elapsed:?} ({:.0}/s)",
         connections as f64 / elapsed.as_secs_f64()
     );
+}
+
+/// HTTP/2 (what gRPC runs on) interleaves requests on one connection: the kernel recognises
+/// the connection from its first bytes and counts its exchanges as untimed, on both ends,
+/// rather than timing them as if the requests took turns.
+#[test]
+fn http2_connections_are_recognised_and_their_requests_not_timed_as_turns() {
+    if !root_or_skip("HTTP/2 recognition") {
+        return;
+    }
+    let Some(probes) = probes_timing_requests() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let server = listener.local_addr().unwrap();
+    // The server answers `/<ms>` after that many milliseconds, each stream on its own task.
+    runtime.spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut connection = h2::server::handshake(socket).await.unwrap();
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let ms: u64 = request.uri().path()[1..].parse().unwrap();
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let mut body = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                body.send_data(bytes::Bytes::from_static(b"answer"), true)
+                    .unwrap();
+            });
+        }
+    });
+    let before = probes.snapshot().unwrap();
+    let answered = runtime.block_on(async move {
+        let socket = tokio::net::TcpStream::connect(server).await.unwrap();
+        let (client, connection) = h2::client::handshake(socket).await.unwrap();
+        tokio::spawn(connection);
+        let mut answered = 0;
+        // Three rounds of ten requests in flight at once, 10-55 ms each.
+        for _ in 0..3 {
+            let requests: Vec<_> = (0..10u64)
+                .map(|i| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let mut client = client.ready().await.unwrap();
+                        let request = http::Request::get(format!("http://test/{}", 10 + 5 * i))
+                            .body(())
+                            .unwrap();
+                        let (response, _) = client.send_request(request, true).unwrap();
+                        let mut body = response.await.unwrap().into_body();
+                        while let Some(chunk) = body.data().await {
+                            let chunk = chunk.unwrap();
+                            body.flow_control().release_capacity(chunk.len()).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for request in requests {
+                request.await.unwrap();
+                answered += 1;
+            }
+        }
+        answered
+    });
+    assert_eq!(answered, 30);
+    let (_, summary) = window_since(&probes, &before, Duration::from_secs(1));
+    let served = served_row(&summary, server);
+    let made = client_row(&summary, server);
+    for (side, figures) in [("server", &served.figures), ("client", &made.figures)] {
+        assert_eq!(figures.multiplexed_connections, 1, "{side}: {figures:#?}");
+        assert_eq!(figures.connections, 1, "{side}: {figures:#?}");
+        assert_eq!(figures.requests, 0, "{side}: nothing timed as turns: {figures:#?}");
+        assert_eq!(figures.p95_ms, None, "{side}: {figures:#?}");
+        assert!(figures.untimed >= 1, "{side}: exchanges counted: {figures:#?}");
+    }
+    runtime.shutdown_background();
 }
 
 /// Through a veth pair with a queueing delay, the client's response time includes the

@@ -8,14 +8,15 @@ use agent_common::{
     histogram::LatencyHistogram,
     network::{AF_INET, AF_INET6, ConnectStart, IPPROTO_TCP, PeerCounters, PeerKey, tcp_state},
     requests::{
-        Direction, Ended, LISTENING_PORTS_FILLED, MSG_PEEK, RequestCounters, RequestKey,
-        SocketState, ended, phase, request_key, role, role_from_ports,
+        Direction, Ended, FIRST_BYTES, LISTENING_PORTS_FILLED, MSG_PEEK, RequestCounters,
+        RequestKey, SocketState, ended, opens_http2, phase, protocol, request_key, role,
+        role_from_ports,
     },
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, LruHashMap, LruPerCpuHashMap},
@@ -82,6 +83,7 @@ const ZERO_REQUEST_COUNTERS: RequestCounters = RequestCounters {
     connections: 0,
     path_rtt_sum_us: 0,
     path_rtt_samples: 0,
+    multiplexed_connections: 0,
 };
 
 /// Reads an IPv4 or IPv6 address into a peer key's 16-byte form. Each address is given as
@@ -541,12 +543,12 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
                 // its local port listens. Until userspace has said which ports do (a moment
                 // after the probes attach), it waits: a guess from the ports alone is wrong
                 // whenever both are ephemeral.
-                // SAFETY: lookups whose values are not read.
-                if unsafe { LISTENING_PORTS.get(&LISTENING_PORTS_FILLED) }.is_none() {
+                // Lookups whose values are not read.
+                if LISTENING_PORTS.get(&LISTENING_PORTS_FILLED).is_none() {
                     super::sched::note_socket_activity(tgid, false);
                     return;
                 }
-                let listening = unsafe { LISTENING_PORTS.get(&local_port) }.is_some();
+                let listening = LISTENING_PORTS.get(&local_port).is_some();
                 (*state).role = role_from_ports(local_port, remote_port, Some(listening));
             }
             (*state).key = request_key(
@@ -566,11 +568,22 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
                 add(&raw mut (*counters).connections, 1);
             }
         }
+        if bytes > 0 && (*state).protocol == protocol::UNCHECKED {
+            (*state).protocol = first_bytes_protocol(bytes as usize);
+            if (*state).protocol == protocol::MULTIPLEXED
+                && let Some(counters) = get_or_insert!(
+                    REQUEST_COUNTERS,
+                    &(*state).key,
+                    Some(&ZERO_REQUEST_COUNTERS)
+                )
+            {
+                add(&raw mut (*counters).multiplexed_connections, 1);
+            }
+        }
         // An error (EAGAIN from a non-blocking socket) moved nothing, but is activity.
         if bytes > 0 || (bytes == 0 && direction == Direction::Received) {
             let ended = if bytes > 0 {
-                // SAFETY: plain helper call.
-                (*state).on_data(direction, bytes as u64, || unsafe { bpf_ktime_get_ns() })
+                (*state).on_data(direction, bytes as u64, || bpf_ktime_get_ns())
             } else {
                 (*state).end() // the peer ended its stream
             };
@@ -583,6 +596,66 @@ fn on_socket_io_btf(ctx: &BtfTracePointContext, direction: Direction) {
         }
         let reading_response = (*state).role == role::CLIENT && (*state).phase != phase::IDLE;
         super::sched::note_socket_activity(tgid, reading_response);
+    }
+}
+
+/// x86-64 system calls that move a socket's bytes through a user buffer, and where that
+/// buffer is: the second argument is the buffer itself, an iovec array, or a msghdr.
+mod syscall {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    /// `struct pt_regs` slots (8 bytes each): the second argument (rsi), the call (orig_ax).
+    pub const REGS_SECOND_ARGUMENT: usize = 13;
+    pub const REGS_SYSCALL: usize = 15;
+    /// `struct user_msghdr.msg_iov`.
+    pub const MSGHDR_IOV: usize = 16;
+}
+
+/// What the connection's first bytes say, read from the user buffer of the system call
+/// moving them (`moved` bytes; the tracepoint fires after the copy, so they are there and
+/// resident). Once per connection. `TURNS` when they cannot be read: io_uring, sendfile, a
+/// kernel socket, another architecture (userspace leaves the switch off).
+#[inline(always)]
+fn first_bytes_protocol(moved: usize) -> u8 {
+    if !super::sched::first_bytes_readable() {
+        return protocol::TURNS;
+    }
+    // SAFETY: the helpers take the current task and read through checked copies.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
+        let Ok(call) = bpf_probe_read_kernel(regs.add(syscall::REGS_SYSCALL)) else {
+            return protocol::TURNS;
+        };
+        let Ok(argument) = bpf_probe_read_kernel(regs.add(syscall::REGS_SECOND_ARGUMENT)) else {
+            return protocol::TURNS;
+        };
+        let iovec = match call {
+            syscall::READ | syscall::WRITE | syscall::SENDTO | syscall::RECVFROM => 0,
+            syscall::READV | syscall::WRITEV => argument,
+            syscall::SENDMSG | syscall::RECVMSG => bpf_probe_read_user(
+                (argument as usize + syscall::MSGHDR_IOV) as *const u64,
+            )
+            .unwrap_or(0),
+            _ => return protocol::TURNS,
+        };
+        let (buffer, length) = if iovec == 0 {
+            (argument, moved)
+        } else {
+            // The first iovec: {base, len}.
+            let base = bpf_probe_read_user(iovec as *const u64).unwrap_or(0);
+            let length = bpf_probe_read_user((iovec as usize + 8) as *const u64).unwrap_or(0);
+            (base, moved.min(length as usize))
+        };
+        match bpf_probe_read_user(buffer as *const [u8; FIRST_BYTES]) {
+            Ok(first) if opens_http2(&first, length) => protocol::MULTIPLEXED,
+            _ => protocol::TURNS,
+        }
     }
 }
 

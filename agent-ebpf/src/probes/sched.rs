@@ -2,6 +2,7 @@
 //! asleep for storage, network, the GPU or something else. Filtered in the kernel to the
 //! processes userspace tracks (one hash lookup per context switch otherwise), accumulated
 //! per process in per-CPU maps.
+use agent_common::requests::request_timing;
 use agent_common::sched::{
     NetworkWait, ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity,
     classify_switch_out, needs_syscall, reported_switch_state, tracked,
@@ -31,15 +32,25 @@ static THREAD_STATES: LruHashMap<u32, ThreadState> = LruHashMap::with_max_entrie
 #[map]
 static THREAD_SYSCALLS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
 
-/// Element 0 is 1 once userspace has both socket probes running as BTF programs, the ones
-/// that time requests (network.rs): waits for a response are then told from idle waits.
+/// Element 0 holds `request_timing::*` bits: TIMED once userspace has both socket probes
+/// running as BTF programs, the ones that time requests (network.rs): waits for a response
+/// are then told from idle waits.
 #[map]
 static REQUEST_TIMING: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Whether requests are timed (see [`REQUEST_TIMING`]).
 #[inline(always)]
 fn requests_timed() -> bool {
-    REQUEST_TIMING.get(0).is_some_and(|on| *on != 0)
+    REQUEST_TIMING.get(0).is_some_and(|on| *on & request_timing::TIMED != 0)
+}
+
+/// Whether the socket probes may read a connection's first bytes from the system call's
+/// user buffer (to tell HTTP/2): userspace says so where it knows the system call ABI.
+#[inline(always)]
+pub fn first_bytes_readable() -> bool {
+    REQUEST_TIMING
+        .get(0)
+        .is_some_and(|on| *on & request_timing::FIRST_BYTES_READABLE != 0)
 }
 
 #[map]

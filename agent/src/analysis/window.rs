@@ -153,8 +153,12 @@ pub struct RequestFigures {
     pub bytes_out: u64,
     /// Connections first seen in the window.
     pub connections: u64,
-    /// Requests that ended without a response (connection closed first, one-way streams).
+    /// Requests that ended without a response (connection closed first, one-way streams),
+    /// and every exchange on a multiplexed connection.
     pub untimed: u64,
+    /// Connections first seen in the window whose first bytes opened HTTP/2 (h2c, gRPC
+    /// without TLS): requests interleave there, so they are counted in `untimed`, not timed.
+    pub multiplexed_connections: u64,
 }
 
 /// A process serving requests on a local port.
@@ -257,6 +261,7 @@ impl RequestWindow {
             bytes_out: self.counters.bytes_out,
             connections: self.counters.connections,
             untimed: self.counters.untimed,
+            multiplexed_connections: self.counters.multiplexed_connections,
         }
     }
 

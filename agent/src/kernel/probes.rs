@@ -7,7 +7,7 @@ use agent_common::{
     histogram::LatencyHistogram,
     map_names,
     network::{PeerCounters, PeerKey},
-    requests::{LISTENING_PORTS_FILLED, RequestCounters, RequestKey},
+    requests::{LISTENING_PORTS_FILLED, RequestCounters, RequestKey, request_timing},
     sched::{ProcessTime, ThreadState, TrackedProcess},
     storage::{
         LatencyStage, ProcessIoKey, ProcessIoStats, StorageCounters, StorageDeviceKey,
@@ -393,8 +393,14 @@ impl KernelProbes {
                     .ok_or_else(|| ProbeLoadError::Load("no REQUEST_TIMING map".into()))?,
             )
             .map_err(|error| ProbeLoadError::Load(error.to_string()))?;
+            // The probes find the user buffer by x86-64 system call numbers and registers.
+            let first_bytes = if cfg!(target_arch = "x86_64") {
+                request_timing::FIRST_BYTES_READABLE
+            } else {
+                0
+            };
             switch
-                .set(0, 1, 0)
+                .set(0, request_timing::TIMED | first_bytes, 0)
                 .map_err(|error| ProbeLoadError::Load(error.to_string()))?;
         }
         drop(kernel_btf);

@@ -114,6 +114,7 @@ impl Counters for RequestCounters {
         self.connections += other.connections;
         self.path_rtt_sum_us += other.path_rtt_sum_us;
         self.path_rtt_samples += other.path_rtt_samples;
+        self.multiplexed_connections += other.multiplexed_connections;
     }
 
     fn checked_since(&self, earlier: &Self) -> Option<Self> {
@@ -127,6 +128,9 @@ impl Counters for RequestCounters {
             path_rtt_samples: self
                 .path_rtt_samples
                 .checked_sub(earlier.path_rtt_samples)?,
+            multiplexed_connections: self
+                .multiplexed_connections
+                .checked_sub(earlier.multiplexed_connections)?,
         })
     }
 }
