@@ -160,7 +160,7 @@ pub fn opens_http2(first: &[u8; FIRST_BYTES], valid: usize) -> bool {
     let frame_type = first[3];
     let flags = first[4];
     let stream = u32::from_be_bytes([first[5], first[6], first[7], first[8]]);
-    frame_type == 4 && flags == 0 && stream == 0 && length % 6 == 0 && length <= 16_384
+    frame_type == 4 && flags == 0 && stream == 0 && length.is_multiple_of(6) && length <= 16_384
 }
 
 /// Which way bytes moved, from the application's side.
