@@ -8,6 +8,7 @@
 //!   budget metrics). No I/O, no imports from the rest of the crate.
 //! - `kernel`: preflight, tracefs, loading the probes and reading their maps.
 //! - `host`: /proc and /sys names, NVML.
+//! - `engines`: serving engines' own `/metrics` endpoints, scraped and parsed.
 //! - `config`: the configuration file, checked into typed settings; its archive.
 //! - `analysis`: pure functions from a window's data to summaries, workloads and verdicts.
 //! - `budgets`: evaluating budgets on a window, breach state, actions.
@@ -17,6 +18,7 @@
 pub mod files;
 pub mod model;
 
+pub mod engines;
 pub mod host;
 pub mod kernel;
 

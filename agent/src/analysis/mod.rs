@@ -2,5 +2,6 @@
 //! per-peer summaries (`window`), GPU summaries (`gpu`), workloads and their verdicts
 //! (`attribution`). No I/O here except through the `SystemNames` trait.
 pub mod attribution;
+pub mod engines;
 pub mod gpu;
 pub mod window;

@@ -914,6 +914,7 @@ mod tests {
             connections: 1,
             path_rtt_sum_us: requests * 150,
             path_rtt_samples: requests,
+            multiplexed_connections: untimed.min(1),
         };
         // Three server ports of one process; the list keeps two and sums the third.
         for (port, requests, latency_ms) in [(8000u16, 100u64, 20u64), (8001, 50, 5), (9000, 10, 1)]
@@ -966,6 +967,8 @@ mod tests {
         let made = &requests.clients[0];
         assert_eq!(made.peer, "10.0.0.7:6333");
         assert_eq!(made.figures.untimed, 2);
+        assert_eq!(made.figures.multiplexed_connections, 1);
+        assert_eq!(requests.servers[0].figures.multiplexed_connections, 0);
         assert_eq!(made.figures.first_byte_p95_ms, None, "absent, not 0");
         assert!((made.rtt_p95_ms.unwrap() - 0.2).abs() <= 0.2 / 16.0);
         assert_eq!(made.path_rtt_ms, Some(0.15));

@@ -85,6 +85,7 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         options.gpu_interval,
         options.top,
     )?;
+    step.start_engines(&options.config).await;
     let interrupted = wait_for_window(options.duration, || step.refresh_tracking()).await?;
     let probes = step.probe_statuses();
     let preflight = step.preflight.clone();
@@ -149,5 +150,6 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         verdict: window.node,
         workloads,
         budgets: window.budgets,
+        engines: window.engines,
     })
 }

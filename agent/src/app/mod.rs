@@ -2,5 +2,6 @@
 //! `run`), `diagnose`, `daemon` (`run`) and `install`.
 pub mod daemon;
 pub mod diagnose;
+pub mod engines;
 pub mod install;
 pub mod step;

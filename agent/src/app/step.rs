@@ -16,9 +16,11 @@ use anyhow::Context as _;
 use crate::{
     analysis::{
         attribution::{self, Judged, Verdict},
+        engines::EngineSummary,
         gpu::{GpuSummary, summarize_gpu},
         window::{WindowSummary, summarize_window},
     },
+    app::engines::EngineReaders,
     budgets::{self, BudgetResult},
     config::LoadedConfig,
     host::{
@@ -48,6 +50,8 @@ pub struct Window {
     pub node: Verdict,
     /// Every budget evaluated on this window, in configuration order.
     pub budgets: Vec<BudgetResult>,
+    /// The configured serving engines' own figures for the window.
+    pub engines: Vec<EngineSummary>,
 }
 
 impl Window {
@@ -70,6 +74,7 @@ pub struct WindowStep {
     pub preflight: PreflightReport,
     probes: KernelProbes,
     gpu: GpuSampler,
+    engines: EngineReaders,
     gpu_pids: Arc<Mutex<HashSet<u32>>>,
     tracked: HashSet<u32>,
     previous: KernelSnapshot,
@@ -95,12 +100,21 @@ impl WindowStep {
             preflight,
             probes,
             gpu,
+            engines: EngineReaders::default(),
             gpu_pids,
             tracked,
             previous,
             started: Instant::now(),
             top,
         })
+    }
+
+    /// Scrapes the configured serving engines once, so the first window has a start (waits
+    /// up to `[agent] engine_timeout`).
+    pub async fn start_engines(&mut self, config: &LoadedConfig) {
+        self.engines
+            .configure(&config.engines, config.agent.engine_timeout);
+        self.engines.start().await;
     }
 
     /// Cumulative counts since the probes loaded, as of the last window's end.
@@ -128,18 +142,21 @@ impl WindowStep {
     ) -> anyhow::Result<Window> {
         let cumulative = self.probes.snapshot().context("reading the probes' maps")?;
         let ended = self.end_window();
-        let gpu = self.gpu.take_window().await;
-        Ok(self.measured(cumulative, ended, gpu, config, focus))
+        self.engines
+            .configure(&config.engines, config.agent.engine_timeout);
+        let (gpu, engines) = tokio::join!(self.gpu.take_window(), self.engines.window());
+        Ok(self.measured(cumulative, ended, (gpu, engines), config, focus))
     }
 
     /// Ends the last window and stops the GPU reader.
     pub async fn finish(mut self, config: &LoadedConfig, focus: &Focus) -> anyhow::Result<Window> {
         let cumulative = self.probes.snapshot().context("reading the probes' maps")?;
         let ended = self.end_window();
-        let gpu = std::mem::replace(&mut self.gpu, GpuSampler::stopped())
-            .finish()
-            .await;
-        Ok(self.measured(cumulative, ended, gpu, config, focus))
+        self.engines
+            .configure(&config.engines, config.agent.engine_timeout);
+        let gpu = std::mem::replace(&mut self.gpu, GpuSampler::stopped()).finish();
+        let (gpu, engines) = tokio::join!(gpu, self.engines.window());
+        Ok(self.measured(cumulative, ended, (gpu, engines), config, focus))
     }
 
     /// Stops the GPU reader without measuring another window.
@@ -159,7 +176,7 @@ impl WindowStep {
         &mut self,
         cumulative: KernelSnapshot,
         (elapsed, at): (Duration, SystemTime),
-        gpu: GpuSummary,
+        (gpu, engines): (GpuSummary, Vec<EngineSummary>),
         config: &LoadedConfig,
         focus: &Focus,
     ) -> Window {
@@ -202,6 +219,7 @@ impl WindowStep {
             workloads_seen,
             node,
             budgets,
+            engines,
         }
     }
 }

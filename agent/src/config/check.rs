@@ -10,12 +10,15 @@ use std::{
 use toml::Spanned;
 
 use super::{
-    Action, AgentSettings, Alerting, Budget, BurnRateWindow, ConfigError, ExportConfig,
-    LoadedConfig, Pricing,
+    Action, AgentSettings, Alerting, Budget, BurnRateWindow, ConfigError, EngineEndpointConfig,
+    ExportConfig, LoadedConfig, Pricing,
     file::{self, Text},
     workloads::{WorkloadMatcher, WorkloadRules, glob_set},
 };
-use crate::model::vocabulary::{Bound, BudgetMetric, NoDataPolicy};
+use crate::model::{
+    engine::{EngineChoice, EngineKind, GenericNames},
+    vocabulary::{Bound, BudgetMetric, NoDataPolicy},
+};
 
 /// `[agent] window` and `--window`: shorter windows cost more than they tell (each one reads
 /// every map); longer ones make alerts slow.
@@ -191,6 +194,12 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
         checker.at(span, error.message().trim().replace('\n', "; "))
     })?;
     let workloads = check_workloads(&checker, &file.workloads)?;
+    let engines = file
+        .workloads
+        .iter()
+        .map(|workload| check_engine(&checker, workload))
+        .filter_map(Result::transpose)
+        .collect::<Checked<Vec<_>>>()?;
     let pricing = check_pricing(&checker, &file.pricing)?;
     let alerting = check_alerting(&checker, &file.alerting)?;
     let agent = check_agent(&checker, &file.agent)?;
@@ -217,6 +226,7 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
     }
     Ok(LoadedConfig {
         workloads,
+        engines,
         budgets,
         pricing,
         alerting,
@@ -294,6 +304,94 @@ fn check_workloads(
         });
     }
     Ok(WorkloadRules { matchers })
+}
+
+/// A workload's `metrics_url` and engine; None without one.
+fn check_engine(
+    checker: &Checker<'_>,
+    workload: &file::WorkloadEntry,
+) -> Checked<Option<EngineEndpointConfig>> {
+    let context = format!("workload {:?}: ", workload.name.get_ref());
+    let names = [
+        ("request_histogram", &workload.request_histogram),
+        ("ttft_histogram", &workload.ttft_histogram),
+        ("tpot_histogram", &workload.tpot_histogram),
+        ("queue_histogram", &workload.queue_histogram),
+        ("prompt_tokens_counter", &workload.prompt_tokens_counter),
+        ("generation_tokens_counter", &workload.generation_tokens_counter),
+    ];
+    let Some(url) = &workload.metrics_url else {
+        if let Some((field, Some(value))) = names
+            .iter()
+            .map(|(field, value)| (field, value.as_ref()))
+            .chain([("engine", workload.engine.as_ref())].iter().map(|(f, v)| (f, *v)))
+            .find(|(_, value)| value.is_some())
+        {
+            return Err(checker.at(
+                value.span(),
+                format!("{context}{field} needs metrics_url, the engine's Prometheus endpoint (e.g. \"http://127.0.0.1:8000/metrics\")"),
+            ));
+        }
+        return Ok(None);
+    };
+    let url = checker.url(&context, "metrics_url", url)?;
+    let known = "vllm, sglang, tgi, triton, llamacpp or generic";
+    let engine = match &workload.engine {
+        None => None,
+        Some(value) => Some(EngineKind::parse(value.get_ref()).ok_or_else(|| {
+            checker.at(
+                value.span(),
+                format!("{context}engine {:?} is not one envelope reads; use {known}, or leave it out to recognise the engine from its metric names", value.get_ref()),
+            )
+        })?),
+    };
+    let mut given = GenericNames::default();
+    for (field, value) in names {
+        let Some(value) = value else { continue };
+        if engine != Some(EngineKind::Generic) {
+            return Err(checker.at(
+                value.span(),
+                format!("{context}{field} names a metric of an engine envelope does not know; set engine = \"generic\" with it"),
+            ));
+        }
+        let name = value.get_ref();
+        let valid = name.chars().enumerate().all(|(i, c)| {
+            c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+        });
+        if name.is_empty() || !valid {
+            return Err(checker.at(
+                value.span(),
+                format!("{context}{field} {name:?} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*); give the histogram's name without _bucket"),
+            ));
+        }
+        let slot = match field {
+            "request_histogram" => &mut given.request_histogram,
+            "ttft_histogram" => &mut given.ttft_histogram,
+            "tpot_histogram" => &mut given.tpot_histogram,
+            "queue_histogram" => &mut given.queue_histogram,
+            "prompt_tokens_counter" => &mut given.prompt_tokens_counter,
+            _ => &mut given.generation_tokens_counter,
+        };
+        *slot = Some(name.clone());
+    }
+    let engine = match engine {
+        None => EngineChoice::Recognise,
+        Some(EngineKind::Generic) => {
+            if given.request_histogram.is_none() && given.ttft_histogram.is_none() {
+                return Err(checker.at(
+                    workload.engine.as_ref().map_or(workload.name.span(), Spanned::span),
+                    format!("{context}engine = \"generic\" needs the names of its histograms: request_histogram or ttft_histogram at least"),
+                ));
+            }
+            EngineChoice::Generic(given)
+        }
+        Some(kind) => EngineChoice::Named(kind),
+    };
+    Ok(Some(EngineEndpointConfig {
+        workload: workload.name.get_ref().clone(),
+        url,
+        engine,
+    }))
 }
 
 fn check_pricing(checker: &Checker<'_>, pricing: &file::PricingEntry) -> Checked<Pricing> {
@@ -423,6 +521,17 @@ fn check_agent(checker: &Checker<'_>, agent: &file::AgentEntry) -> Checked<Agent
             "2s",
         )?,
     };
+    let engine_timeout = match &agent.engine_timeout {
+        None => defaults.engine_timeout,
+        Some(value) => checker.duration(
+            context,
+            "engine_timeout",
+            value,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            "2s",
+        )?,
+    };
     let path = |field: &str, value: &Option<Text>| -> Checked<Option<std::path::PathBuf>> {
         let Some(value) = value else { return Ok(None) };
         if value.get_ref().trim().is_empty() || value.get_ref().contains('\0') {
@@ -445,6 +554,7 @@ fn check_agent(checker: &Checker<'_>, agent: &file::AgentEntry) -> Checked<Agent
     Ok(AgentSettings {
         window,
         gpu_interval,
+        engine_timeout,
         nvml_lib: path("nvml_lib", &agent.nvml_lib)?,
         state_dir: path("state_dir", &agent.state_dir)?.unwrap_or(defaults.state_dir),
         max_workloads: limit(

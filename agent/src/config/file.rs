@@ -39,6 +39,16 @@ pub struct WorkloadEntry {
     pub systemd_unit: Vec<Text>,
     #[serde(default)]
     pub container_id: Vec<Text>,
+    /// The serving engine's Prometheus endpoint, and which engine it is (recognised from
+    /// the names when unset; "generic" with the names below).
+    pub metrics_url: Option<Text>,
+    pub engine: Option<Text>,
+    pub request_histogram: Option<Text>,
+    pub ttft_histogram: Option<Text>,
+    pub tpot_histogram: Option<Text>,
+    pub queue_histogram: Option<Text>,
+    pub prompt_tokens_counter: Option<Text>,
+    pub generation_tokens_counter: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +112,7 @@ pub struct BurnWindowEntry {
 pub struct AgentEntry {
     pub window: Option<Text>,
     pub gpu_interval: Option<Text>,
+    pub engine_timeout: Option<Text>,
     pub nvml_lib: Option<Text>,
     pub state_dir: Option<Text>,
     pub max_workloads: Option<Spanned<i64>>,

@@ -31,7 +31,10 @@ use std::{
 pub use check::{MAX_WINDOW, MIN_WINDOW, check_header, check_window};
 pub use workloads::{ProcessFacts, WorkloadRules};
 
-use crate::model::vocabulary::{Bound, BudgetMetric, NoDataPolicy};
+use crate::model::{
+    engine::EngineChoice,
+    vocabulary::{Bound, BudgetMetric, NoDataPolicy},
+};
 
 /// Largest configuration file read (a real one is a few KiB; this keeps `/dev/zero` or a
 /// runaway generator from filling memory).
@@ -41,6 +44,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 #[derive(Debug, Default)]
 pub struct LoadedConfig {
     pub workloads: WorkloadRules,
+    /// Serving engines' metrics endpoints, one per workload that names one.
+    pub engines: Vec<EngineEndpointConfig>,
     /// In file order.
     pub budgets: Vec<Budget>,
     pub pricing: Pricing,
@@ -60,6 +65,14 @@ impl LoadedConfig {
             on_no_data: budget.on_no_data,
         }
     }
+}
+
+/// A workload's serving-engine endpoint (`metrics_url`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineEndpointConfig {
+    pub workload: String,
+    pub url: String,
+    pub engine: EngineChoice,
 }
 
 /// One budget: a metric of a workload (or "*", the node), a ceiling or a floor, an objective,
@@ -226,6 +239,8 @@ pub struct AgentSettings {
     pub window: Duration,
     /// How often the GPUs are read within a window.
     pub gpu_interval: Duration,
+    /// One scrape of a serving engine's metrics endpoint, connect to last byte.
+    pub engine_timeout: Duration,
     /// NVML library to load instead of the driver's libnvidia-ml.so.1.
     pub nvml_lib: Option<PathBuf>,
     /// Budget state and the configuration archive live here.
@@ -242,6 +257,7 @@ impl Default for AgentSettings {
         Self {
             window: Duration::from_secs(10),
             gpu_interval: Duration::from_secs(2),
+            engine_timeout: Duration::from_secs(2),
             nvml_lib: None,
             state_dir: archive::DEFAULT_STATE_DIR.into(),
             max_workloads: 50,

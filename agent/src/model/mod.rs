@@ -1,6 +1,7 @@
 //! The data every stage shares, and nothing else: plain types with no I/O. `kernel/` and
 //! `host/` produce them, `analysis/` and `budgets/` read them, `export/` and `report/` show
 //! them. This module imports no other module of the crate.
+pub mod engine;
 pub mod gpu;
 pub mod histogram;
 pub mod process;

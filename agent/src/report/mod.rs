@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::{
     analysis::{
         attribution::{TimeShares, Verdict},
+        engines::EngineSummary,
         gpu::GpuSummary,
         window::WindowSummary,
     },
@@ -38,6 +39,8 @@ pub struct DiagnoseReport {
     pub workloads: Vec<WorkloadReport>,
     /// Every configured budget, evaluated on this window.
     pub budgets: Vec<crate::budgets::BudgetResult>,
+    /// The serving engines' own figures, one per workload with a `metrics_url`.
+    pub engines: Vec<EngineSummary>,
 }
 
 /// One workload's verdict and where its time went (fractions summing to 1).

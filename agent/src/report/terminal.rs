@@ -220,7 +220,73 @@ pub fn render(report: &DiagnoseReport) -> String {
     render_gpu(&mut out, report);
     render_network(&mut out, report);
     render_requests(&mut out, report);
+    render_engines(&mut out, report);
     out
+}
+
+/// The serving engines' own view: what their `/metrics` say about the window.
+fn render_engines(out: &mut String, report: &DiagnoseReport) {
+    if report.engines.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nEngines (their own /metrics, over the window)");
+    let mut notes = Vec::new();
+    let rows = report
+        .engines
+        .iter()
+        .map(|engine| {
+            let name = engine.engine.map_or("?", |kind| kind.as_str());
+            if let Some(reason) = &engine.stale {
+                notes.push(format!("{}: stale, {reason}", engine.workload));
+            } else if engine.restarted {
+                notes.push(format!("{}: the engine restarted; counted from then", engine.workload));
+            }
+            let count = |n: Option<u64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+            let e2e = match (engine.e2e_p95_ms, engine.e2e_mean_ms) {
+                (Some(p95), _) => format_ms(Some(p95)),
+                (None, Some(mean)) => format!("{} mean", format_ms(Some(mean))),
+                (None, None) => format_ms(None),
+            };
+            vec![
+                engine.workload.clone(),
+                name.to_string(),
+                count(engine.requests),
+                engine
+                    .rate_per_s
+                    .map_or_else(|| "-".to_string(), |r| format!("{r:.1}")),
+                e2e,
+                format_ms(engine.ttft_p95_ms),
+                format_ms(engine.tpot_p95_ms.or(engine.tpot_mean_ms)),
+                format_ms(engine.queue_p95_ms.or(engine.queue_mean_ms)),
+                count(engine.generation_tokens),
+                percent(engine.prefix_cache_hit_rate),
+                percent(engine.kv_cache_usage),
+                match (engine.running, engine.waiting) {
+                    (None, None) => "-".to_string(),
+                    (r, w) => format!(
+                        "{}/{}",
+                        r.map_or("-".to_string(), |r| format!("{r:.0}")),
+                        w.map_or("-".to_string(), |w| format!("{w:.0}"))
+                    ),
+                },
+            ]
+        })
+        .collect();
+    let mut table = table(
+        &[
+            "workload", "engine", "reqs", "/s", "E2E P95", "TTFT P95", "TPOT P95", "queue P95",
+            "gen tok", "cache", "KV", "run/wait",
+        ],
+        &[
+            false, false, true, true, true, true, true, true, true, true, true, true,
+        ],
+        rows,
+    );
+    at_least(&mut table, 0, 12);
+    write_table(out, &table);
+    for note in notes {
+        wrapped(out, INDENT, "    ", &note);
+    }
 }
 
 fn render_storage(out: &mut String, report: &DiagnoseReport) {
@@ -596,6 +662,7 @@ mod tests {
     use crate::{
         analysis::{
             attribution::{TimeShares, Verdict},
+            engines::EngineSummary,
             gpu::{GpuDeviceSummary, GpuSummary},
             window::{
                 ClientRequests, NetworkSummary, PeerProcess, PeerSummary, ProcessIoSummary,
@@ -605,7 +672,10 @@ mod tests {
         },
         budgets::BudgetResult,
         kernel::probes::{ProbeKind, ProbeStatus},
-        model::vocabulary::{Bottleneck, BudgetMetric},
+        model::{
+            engine::EngineKind,
+            vocabulary::{Bottleneck, BudgetMetric},
+        },
         report::{JSON_SCHEMA_VERSION, WorkloadReport},
     };
 
@@ -820,6 +890,31 @@ mod tests {
                 good: None,
                 no_data: true,
             }],
+            engines: vec![
+                EngineSummary {
+                    workload: "a-long-generation-workload-name".into(),
+                    url: "http://127.0.0.1:8000/metrics".into(),
+                    engine: Some(EngineKind::Vllm),
+                    requests: Some(12_345),
+                    rate_per_s: Some(1234.5),
+                    e2e_p95_ms: Some(1_500.0),
+                    ttft_p95_ms: Some(612.0),
+                    tpot_p95_ms: Some(45.0),
+                    queue_p95_ms: Some(20.0),
+                    generation_tokens: Some(987_654_321),
+                    prefix_cache_hit_rate: Some(0.72),
+                    kv_cache_usage: Some(0.9),
+                    running: Some(256.0),
+                    waiting: Some(1024.0),
+                    ..EngineSummary::default()
+                },
+                EngineSummary::stale(
+                    "vision",
+                    "http://127.0.0.1:8002/metrics",
+                    Some(EngineKind::Triton),
+                    "no complete answer within 2s".into(),
+                ),
+            ],
         }
     }
 
@@ -891,6 +986,13 @@ mod tests {
         );
         // Column alignment: every row of the peer table starts its RTT column at one place.
         assert!(text.contains("10.0.0.7:443"), "{text}");
+        // The engines' own figures, and why one has none.
+        assert!(text.contains("612 ms") && text.contains("72%"), "{text}");
+        let joined_words = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            joined_words.contains("vision: stale, no complete answer within 2s"),
+            "{text}"
+        );
     }
 
     #[test]
