@@ -479,16 +479,30 @@ mod tests {
             ("a response", b"HTTP/1.1 200 OK\r\n"),
             ("SMTP greeting", b"220 mail ESMTP\r\n"),
             // length 74, sequence 0, protocol 10, "8.0.3"...
-            ("MySQL greeting", &[74, 0, 0, 0, 10, b'8', b'.', b'0', b'.', b'3', 0, 1, 2, 3, 4, 5]),
+            (
+                "MySQL greeting",
+                &[
+                    74, 0, 0, 0, 10, b'8', b'.', b'0', b'.', b'3', 0, 1, 2, 3, 4, 5,
+                ],
+            ),
             ("Redis", b"*1\r\n$4\r\nPING\r\n"),
-            ("TLS ClientHello", &[0x16, 3, 1, 2, 0, 1, 0, 1, 0xfc, 3, 3, 0, 0, 0, 0, 0]),
+            (
+                "TLS ClientHello",
+                &[0x16, 3, 1, 2, 0, 1, 0, 1, 0xfc, 3, 3, 0, 0, 0, 0, 0],
+            ),
             ("SETTINGS ACK", &[0, 0, 0, 4, 1, 0, 0, 0, 0]),
             ("SETTINGS on a stream", &[0, 0, 6, 4, 0, 0, 0, 0, 1]),
-            ("a length not of 6-byte settings", &[0, 0, 7, 4, 0, 0, 0, 0, 0]),
+            (
+                "a length not of 6-byte settings",
+                &[0, 0, 7, 4, 0, 0, 0, 0, 0],
+            ),
         ] {
             assert!(!opens_http2(&first(bytes), bytes.len()), "{what}");
         }
-        assert!(!opens_http2(&first(&[0, 0, 0, 4, 0, 0, 0, 0]), 8), "too short");
+        assert!(
+            !opens_http2(&first(&[0, 0, 0, 4, 0, 0, 0, 0]), 8),
+            "too short"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! for direct I/O, and network namespaces joined by a veth pair. Everything a test creates is
 //! removed on drop, so a failing assertion leaves nothing behind.
 pub mod daemon;
+pub mod engine_fixture;
 pub mod otlp_receiver;
 
 use std::{

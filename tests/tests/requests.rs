@@ -200,7 +200,10 @@ fn keep_alive_requests_are_timed_like_the_client_times_them() {
         assert_eq!(figures.requests, paths.len() as u64, "{side}: {figures:#?}");
         assert_eq!(figures.untimed, 0, "{side}: {figures:#?}");
         assert_eq!(figures.connections, 1, "{side}: {figures:#?}");
-        assert_eq!(figures.multiplexed_connections, 0, "{side}: HTTP/1.1 taken for HTTP/2");
+        assert_eq!(
+            figures.multiplexed_connections, 0,
+            "{side}: HTTP/1.1 taken for HTTP/2"
+        );
         for (q, measured) in [
             (0.50, figures.p50_ms),
             (0.95, figures.p95_ms),
@@ -345,9 +348,15 @@ fn http2_connections_are_recognised_and_their_requests_not_timed_as_turns() {
     for (side, figures) in [("server", &served.figures), ("client", &made.figures)] {
         assert_eq!(figures.multiplexed_connections, 1, "{side}: {figures:#?}");
         assert_eq!(figures.connections, 1, "{side}: {figures:#?}");
-        assert_eq!(figures.requests, 0, "{side}: nothing timed as turns: {figures:#?}");
+        assert_eq!(
+            figures.requests, 0,
+            "{side}: nothing timed as turns: {figures:#?}"
+        );
         assert_eq!(figures.p95_ms, None, "{side}: {figures:#?}");
-        assert!(figures.untimed >= 1, "{side}: exchanges counted: {figures:#?}");
+        assert!(
+            figures.untimed >= 1,
+            "{side}: exchanges counted: {figures:#?}"
+        );
     }
     runtime.shutdown_background();
 }

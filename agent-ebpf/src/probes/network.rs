@@ -638,10 +638,10 @@ fn first_bytes_protocol(moved: usize) -> u8 {
         let iovec = match call {
             syscall::READ | syscall::WRITE | syscall::SENDTO | syscall::RECVFROM => 0,
             syscall::READV | syscall::WRITEV => argument,
-            syscall::SENDMSG | syscall::RECVMSG => bpf_probe_read_user(
-                (argument as usize + syscall::MSGHDR_IOV) as *const u64,
-            )
-            .unwrap_or(0),
+            syscall::SENDMSG | syscall::RECVMSG => {
+                bpf_probe_read_user((argument as usize + syscall::MSGHDR_IOV) as *const u64)
+                    .unwrap_or(0)
+            }
             _ => return protocol::TURNS,
         };
         let (buffer, length) = if iovec == 0 {

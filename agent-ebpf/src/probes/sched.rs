@@ -41,7 +41,9 @@ static REQUEST_TIMING: Array<u32> = Array::with_max_entries(1, 0);
 /// Whether requests are timed (see [`REQUEST_TIMING`]).
 #[inline(always)]
 fn requests_timed() -> bool {
-    REQUEST_TIMING.get(0).is_some_and(|on| *on & request_timing::TIMED != 0)
+    REQUEST_TIMING
+        .get(0)
+        .is_some_and(|on| *on & request_timing::TIMED != 0)
 }
 
 /// Whether the socket probes may read a connection's first bytes from the system call's

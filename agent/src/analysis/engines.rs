@@ -103,11 +103,7 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     if b == 0 && merged[0].0 <= 0.0 {
         return Some(merged[0].0);
     }
-    let (start, count_before) = if b == 0 {
-        (0.0, 0.0)
-    } else {
-        merged[b - 1]
-    };
+    let (start, count_before) = if b == 0 { (0.0, 0.0) } else { merged[b - 1] };
     let (end, count) = merged[b];
     let in_bucket = count - count_before;
     if in_bucket <= 0.0 {
@@ -115,6 +111,9 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     }
     Some(start + (end - start) * ((rank - count_before) / in_bucket))
 }
+
+/// A series' identity: its name and labels.
+type SeriesKey<'a> = (&'a str, &'a [(String, String)]);
 
 /// The increase of every series between two scrapes: from zero after a restart (any
 /// counter went down) or for a series new since the last scrape (client libraries create
@@ -131,12 +130,13 @@ impl<'a> Increase<'a> {
         current: &'a EngineScrape,
         gauges: &BTreeSet<&str>,
     ) -> Self {
-        let before: HashMap<(&str, &[(String, String)]), f64> = previous
+        let before: HashMap<SeriesKey, f64> = previous
             .iter()
             .flat_map(|scrape| &scrape.series)
             .map(|s| ((s.name.as_str(), s.labels.as_slice()), s.value))
             .collect();
-        let value_before = |s: &Series| before.get(&(s.name.as_str(), s.labels.as_slice())).copied();
+        let value_before =
+            |s: &Series| before.get(&(s.name.as_str(), s.labels.as_slice())).copied();
         let is_gauge = |s: &Series| gauges.contains(s.name.as_str());
         let restarted = current
             .series
@@ -146,9 +146,7 @@ impl<'a> Increase<'a> {
             .series
             .iter()
             .map(|s| {
-                let increase = if is_gauge(s) {
-                    s.value
-                } else if restarted {
+                let increase = if is_gauge(s) || restarted {
                     s.value
                 } else {
                     (s.value - value_before(s).unwrap_or(0.0)).max(0.0)
@@ -191,12 +189,20 @@ impl<'a> Increase<'a> {
     /// A gauge summed over its series (running, waiting), or averaged (usage ratios).
     fn gauge(&self, names: &[String], average: bool) -> Option<f64> {
         let name = names.iter().find(|name| self.present(name))?;
-        let values: Vec<f64> = self.named(name).map(|(_, v)| v).filter(|v| v.is_finite()).collect();
+        let values: Vec<f64> = self
+            .named(name)
+            .map(|(_, v)| v)
+            .filter(|v| v.is_finite())
+            .collect();
         if values.is_empty() {
             return None;
         }
         let sum: f64 = values.iter().sum();
-        Some(if average { sum / values.len() as f64 } else { sum })
+        Some(if average {
+            sum / values.len() as f64
+        } else {
+            sum
+        })
     }
 
     /// The first of `histograms` the scrape has: its window buckets `(le, increase)` summed
@@ -378,15 +384,27 @@ mod tests {
                 )
             })
             .collect();
-        all.push(series("vllm:e2e_request_latency_seconds_sum", &[model], sum));
-        all.push(series("vllm:e2e_request_latency_seconds_count", &[model], counts[3]));
+        all.push(series(
+            "vllm:e2e_request_latency_seconds_sum",
+            &[model],
+            sum,
+        ));
+        all.push(series(
+            "vllm:e2e_request_latency_seconds_count",
+            &[model],
+            counts[3],
+        ));
         all.push(series(
             "vllm:request_success_total",
             &[("finished_reason", "stop"), model],
             counts[3],
         ));
         all.push(series("vllm:generation_tokens_total", &[model], tokens));
-        all.push(series("vllm:prefix_cache_queries_total", &[model], tokens * 2.0));
+        all.push(series(
+            "vllm:prefix_cache_queries_total",
+            &[model],
+            tokens * 2.0,
+        ));
         all.push(series("vllm:prefix_cache_hits_total", &[model], tokens));
         all.push(series("vllm:num_requests_running", &[model], running));
         EngineScrape {
@@ -398,9 +416,17 @@ mod tests {
 
     #[test]
     fn quantiles_interpolate_exactly_as_prometheus_histogram_quantile() {
-        let buckets = [(0.1, 10.0), (0.5, 60.0), (1.0, 90.0), (f64::INFINITY, 100.0)];
+        let buckets = [
+            (0.1, 10.0),
+            (0.5, 60.0),
+            (1.0, 90.0),
+            (f64::INFINITY, 100.0),
+        ];
         // rank 50 in (0.1, 0.5]: 0.1 + 0.4 * (50 - 10) / 50
-        assert_eq!(histogram_quantile(0.5, &buckets), Some(0.1 + 0.4 * 40.0 / 50.0));
+        assert_eq!(
+            histogram_quantile(0.5, &buckets),
+            Some(0.1 + 0.4 * 40.0 / 50.0)
+        );
         // rank 5 in the lowest bucket, which starts at 0.
         assert_eq!(histogram_quantile(0.05, &buckets), Some(0.05));
         // rank 90 exactly at 1.0's count.
@@ -410,9 +436,20 @@ mod tests {
         // Unsorted input, a duplicate bound merged, a non-monotonic count forced up.
         let messy = [(f64::INFINITY, 4.0), (1.0, 1.0), (2.0, 0.5), (1.0, 1.0)];
         assert_eq!(histogram_quantile(0.5, &messy), Some(1.0));
-        assert_eq!(histogram_quantile(0.5, &[(1.0, 5.0), (2.0, 10.0)]), None, "no +Inf");
-        assert_eq!(histogram_quantile(0.5, &[(f64::INFINITY, 5.0)]), None, "one bucket");
-        assert_eq!(histogram_quantile(0.5, &[(1.0, 0.0), (f64::INFINITY, 0.0)]), None);
+        assert_eq!(
+            histogram_quantile(0.5, &[(1.0, 5.0), (2.0, 10.0)]),
+            None,
+            "no +Inf"
+        );
+        assert_eq!(
+            histogram_quantile(0.5, &[(f64::INFINITY, 5.0)]),
+            None,
+            "one bucket"
+        );
+        assert_eq!(
+            histogram_quantile(0.5, &[(1.0, 0.0), (f64::INFINITY, 0.0)]),
+            None
+        );
     }
 
     #[test]
@@ -430,14 +467,25 @@ mod tests {
         // (rank 19 > 18): the +Inf bucket, so the highest finite bound.
         assert_eq!(window.e2e_p95_ms, Some(2500.0));
         // P25: rank 5 in (0.5, 1]: 0.5 + 0.5 * 1 / 6.
-        let p25 = histogram_quantile(0.25, &[(0.5, 4.0), (1.0, 10.0), (2.5, 18.0), (f64::INFINITY, 20.0)]);
+        let p25 = histogram_quantile(
+            0.25,
+            &[(0.5, 4.0), (1.0, 10.0), (2.5, 18.0), (f64::INFINITY, 20.0)],
+        );
         assert_eq!(p25, Some(0.5 + 0.5 / 6.0));
         assert_eq!(window.e2e_mean_ms, Some(1500.0), "30 s over 20 requests");
         assert_eq!(window.generation_tokens, Some(1000));
         assert_eq!(window.prefix_cache_hit_rate, Some(0.5));
-        assert_eq!(window.running, Some(7.0), "a gauge is its value, not an increase");
+        assert_eq!(
+            window.running,
+            Some(7.0),
+            "a gauge is its value, not an increase"
+        );
         assert_eq!(window.model.as_deref(), Some("llama"));
-        assert_eq!((window.ttft_p95_ms, window.prompt_tokens), (None, None), "absent, not 0");
+        assert_eq!(
+            (window.ttft_p95_ms, window.prompt_tokens),
+            (None, None),
+            "absent, not 0"
+        );
         assert!(!window.restarted);
     }
 
@@ -463,7 +511,10 @@ mod tests {
     fn the_first_scrape_has_gauges_only() {
         let first = vllm(100.0, [1.0, 2.0, 3.0, 3.0], 2.0, 100.0, 2.0);
         let window = summarize_engine("llm", "u", &Catalogue::of(EngineKind::Vllm), None, &first);
-        assert_eq!((window.requests, window.e2e_p95_ms, window.rate_per_s), (None, None, None));
+        assert_eq!(
+            (window.requests, window.e2e_p95_ms, window.rate_per_s),
+            (None, None, None)
+        );
         assert_eq!(window.running, Some(2.0));
     }
 
@@ -472,10 +523,26 @@ mod tests {
         let scrape = |at_s, success, duration_us, queue_us| EngineScrape {
             at_s,
             series: vec![
-                series("nv_inference_request_success", &[("model", "resnet"), ("version", "1")], success),
-                series("nv_inference_request_duration_us", &[("model", "resnet"), ("version", "1")], duration_us),
-                series("nv_inference_queue_duration_us", &[("model", "resnet"), ("version", "1")], queue_us),
-                series("nv_inference_pending_request_count", &[("model", "resnet"), ("version", "1")], 3.0),
+                series(
+                    "nv_inference_request_success",
+                    &[("model", "resnet"), ("version", "1")],
+                    success,
+                ),
+                series(
+                    "nv_inference_request_duration_us",
+                    &[("model", "resnet"), ("version", "1")],
+                    duration_us,
+                ),
+                series(
+                    "nv_inference_queue_duration_us",
+                    &[("model", "resnet"), ("version", "1")],
+                    queue_us,
+                ),
+                series(
+                    "nv_inference_pending_request_count",
+                    &[("model", "resnet"), ("version", "1")],
+                    3.0,
+                ),
             ],
             unreadable_lines: 0,
         };

@@ -442,8 +442,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         None => tracing::info!("[export] enabled = false: measuring and evaluating only"),
     }
 
-    let mut step =
-        WindowStep::start(config.agent.nvml_lib.clone(), config.agent.gpu_interval, 10)?;
+    let mut step = WindowStep::start(config.agent.nvml_lib.clone(), config.agent.gpu_interval, 10)?;
     step.start_engines(&config).await;
     let start_unix_ns = unix_ns(SystemTime::now());
     let budget_states = load_budget_states(&state_dir);

@@ -56,12 +56,20 @@ impl EngineReaders {
     /// The scrapes a window starts from, for endpoints that have none yet; waits up to the
     /// scrape timeout (at start-up, so the first window has a start).
     pub async fn start(&mut self) {
-        let Some(timeout) = self.readers.iter().map(|r| r.endpoint.limits().timeout).max() else {
+        let Some(timeout) = self
+            .readers
+            .iter()
+            .map(|r| r.endpoint.limits().timeout)
+            .max()
+        else {
             return;
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut missing: Vec<&mut Reader> =
-            self.readers.iter_mut().filter(|r| r.previous.is_none()).collect();
+        let mut missing: Vec<&mut Reader> = self
+            .readers
+            .iter_mut()
+            .filter(|r| r.previous.is_none())
+            .collect();
         for reader in missing.iter_mut() {
             reader.endpoint.start();
         }

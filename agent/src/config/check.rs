@@ -318,13 +318,20 @@ fn check_engine(
         ("tpot_histogram", &workload.tpot_histogram),
         ("queue_histogram", &workload.queue_histogram),
         ("prompt_tokens_counter", &workload.prompt_tokens_counter),
-        ("generation_tokens_counter", &workload.generation_tokens_counter),
+        (
+            "generation_tokens_counter",
+            &workload.generation_tokens_counter,
+        ),
     ];
     let Some(url) = &workload.metrics_url else {
         if let Some((field, Some(value))) = names
             .iter()
             .map(|(field, value)| (field, value.as_ref()))
-            .chain([("engine", workload.engine.as_ref())].iter().map(|(f, v)| (f, *v)))
+            .chain(
+                [("engine", workload.engine.as_ref())]
+                    .iter()
+                    .map(|(f, v)| (f, *v)),
+            )
             .find(|(_, value)| value.is_some())
         {
             return Err(checker.at(

@@ -563,3 +563,94 @@ fn webhooks_take_headers_and_https_only_and_urls_are_redacted_in_messages() {
         "webhook https://h.example/x?***"
     );
 }
+
+#[test]
+fn engine_endpoints_are_checked_with_hints() {
+    let config = parse_config(
+        "t.toml",
+        r#"
+[agent]
+engine_timeout = "500ms"
+
+[[workload]]
+name = "llm"
+process = ["vllm"]
+metrics_url = "http://127.0.0.1:8000/metrics"
+
+[[workload]]
+name = "vision"
+process = ["tritonserver"]
+metrics_url = "http://127.0.0.1:8002/metrics"
+engine = "triton"
+
+[[workload]]
+name = "custom"
+process = ["app"]
+metrics_url = "http://127.0.0.1:9000/metrics"
+engine = "generic"
+request_histogram = "app_request_seconds"
+ttft_histogram = "app:ttft_seconds"
+
+[[workload]]
+name = "plain"
+process = ["nginx"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.agent.engine_timeout, Duration::from_millis(500));
+    let engines: Vec<(&str, &EngineChoice)> = config
+        .engines
+        .iter()
+        .map(|e| (e.workload.as_str(), &e.engine))
+        .collect();
+    assert_eq!(engines.len(), 3, "one per workload with a metrics_url");
+    assert_eq!(engines[0], ("llm", &EngineChoice::Recognise));
+    assert_eq!(
+        engines[1],
+        (
+            "vision",
+            &EngineChoice::Named(crate::model::engine::EngineKind::Triton)
+        )
+    );
+    let EngineChoice::Generic(names) = engines[2].1 else {
+        panic!("{engines:?}");
+    };
+    assert_eq!(
+        names.request_histogram.as_deref(),
+        Some("app_request_seconds")
+    );
+    assert_eq!(names.ttft_histogram.as_deref(), Some("app:ttft_seconds"));
+
+    let workload = "[[workload]]\nname = \"w\"\nprocess = [\"p\"]\n";
+    for (extra, hint) in [
+        ("metrics_url = \"127.0.0.1:8000\"\n", "needs a scheme"),
+        ("metrics_url = \"ftp://x/metrics\"\n", "needs a scheme"),
+        (
+            "metrics_url = \"http://x/metrics\"\nengine = \"ollama\"\n",
+            "engine \"ollama\" is not one envelope reads; use vllm, sglang",
+        ),
+        (
+            "metrics_url = \"http://x/metrics\"\nengine = \"generic\"\n",
+            "needs the names of its histograms",
+        ),
+        (
+            "metrics_url = \"http://x/metrics\"\nrequest_histogram = \"a\"\n",
+            "set engine = \"generic\" with it",
+        ),
+        (
+            "metrics_url = \"http://x/metrics\"\nengine = \"generic\"\nrequest_histogram = \"a_bucket{le}\"\n",
+            "is not a Prometheus metric name",
+        ),
+        ("engine = \"vllm\"\n", "engine needs metrics_url"),
+    ] {
+        let error = parse_config("t.toml", &format!("{workload}{extra}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(hint), "{error:?} should contain {hint:?}");
+        assert!(error.starts_with("t.toml:"), "with its line: {error}");
+    }
+    let error = parse_config("t.toml", "[agent]\nengine_timeout = \"1h\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("engine_timeout"), "{error}");
+}

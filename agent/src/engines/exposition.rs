@@ -24,7 +24,9 @@ fn metric_name(line: &str) -> &str {
 /// The line without a trailing timestamp (`name{labels} value 1700000000000`), which the
 /// parser does not accept and envelope does not need.
 fn without_timestamp(line: &str) -> &str {
-    let after_labels = line.rfind('}').map_or(metric_name(line).len(), |end| end + 1);
+    let after_labels = line
+        .rfind('}')
+        .map_or(metric_name(line).len(), |end| end + 1);
     let tail = &line[after_labels..];
     let mut fields = tail.split_whitespace();
     match (fields.next(), fields.next(), fields.next()) {
@@ -59,9 +61,8 @@ pub fn parse(text: &str, wanted: &HashSet<String>) -> Parsed {
     while !rest.is_empty() {
         match family(rest) {
             Ok((after, family)) if after.len() < rest.len() => {
-                parsed
-                    .series
-                    .extend(family.samples.iter().map(|sample| Series {
+                parsed.series.extend(family.samples.iter().map(|sample| {
+                    Series {
                         name: sample.name().to_string(),
                         labels: sample
                             .labels()
@@ -69,7 +70,8 @@ pub fn parse(text: &str, wanted: &HashSet<String>) -> Parsed {
                             .map(|label| (label.name.to_string(), label.value.clone()))
                             .collect(),
                         value: sample.number(),
-                    }));
+                    }
+                }));
                 rest = after;
             }
             _ => {
@@ -125,7 +127,11 @@ mod tests {
             tgi_batch_current_size 2\n";
         let parsed = parse(
             text,
-            &wanted(&["tgi_queue_size", "tgi_request_success", "tgi_batch_current_size"]),
+            &wanted(&[
+                "tgi_queue_size",
+                "tgi_request_success",
+                "tgi_batch_current_size",
+            ]),
         );
         let values: Vec<(&str, f64)> = parsed
             .series

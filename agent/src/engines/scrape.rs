@@ -65,7 +65,11 @@ fn recognisable_names() -> HashSet<String> {
 }
 
 /// Fetches `url`'s body as text, within the limits; the error is one line for the user.
-async fn fetch(client: reqwest::Client, url: String, limits: ScrapeLimits) -> Result<String, String> {
+async fn fetch(
+    client: reqwest::Client,
+    url: String,
+    limits: ScrapeLimits,
+) -> Result<String, String> {
     let exchange = async {
         let mut response = client
             .get(&url)
@@ -158,9 +162,9 @@ impl EngineEndpoint {
     /// still running then is kept and collected by the next call.
     pub async fn collect(&mut self, deadline: tokio::time::Instant) -> Scraped {
         let Some(handle) = self.in_flight.as_mut() else {
-            let left = self
-                .retry_at
-                .map_or(0, |at| at.saturating_duration_since(Instant::now()).as_secs());
+            let left = self.retry_at.map_or(0, |at| {
+                at.saturating_duration_since(Instant::now()).as_secs()
+            });
             return Scraped::Stale(format!("{}; retrying in {left} s", self.last_error));
         };
         let outcome = match tokio::time::timeout_at(deadline, handle).await {
@@ -225,7 +229,9 @@ impl EngineEndpoint {
                     parsed.unreadable_lines
                 )
             } else {
-                format!("none of {engine}'s metrics in the response")
+                format!(
+                    "none of {engine}'s metrics in the response (is the URL still its /metrics?)"
+                )
             });
         }
         Ok(EngineScrape {

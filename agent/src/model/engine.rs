@@ -201,7 +201,8 @@ impl Catalogue {
                     "vllm:gpu_prefix_cache_queries_total",
                 ]);
                 c.cache_hit_rate = names(&["vllm:gpu_prefix_cache_hit_rate"]);
-                c.kv_cache_usage = names(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]);
+                c.kv_cache_usage =
+                    names(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]);
                 c.running = names(&["vllm:num_requests_running"]);
                 c.waiting = names(&["vllm:num_requests_waiting"]);
                 c.model_label = Some("model_name");
@@ -357,7 +358,11 @@ mod tests {
     #[test]
     fn engines_are_recognised_by_the_prefix_most_of_their_series_carry() {
         assert_eq!(
-            EngineKind::recognise(["vllm:num_requests_running", "vllm:e2e_request_latency_seconds_bucket", "process_cpu_seconds_total"]),
+            EngineKind::recognise([
+                "vllm:num_requests_running",
+                "vllm:e2e_request_latency_seconds_bucket",
+                "process_cpu_seconds_total"
+            ]),
             Some(EngineKind::Vllm)
         );
         assert_eq!(

@@ -239,7 +239,10 @@ fn render_engines(out: &mut String, report: &DiagnoseReport) {
             if let Some(reason) = &engine.stale {
                 notes.push(format!("{}: stale, {reason}", engine.workload));
             } else if engine.restarted {
-                notes.push(format!("{}: the engine restarted; counted from then", engine.workload));
+                notes.push(format!(
+                    "{}: the engine restarted; counted from then",
+                    engine.workload
+                ));
             }
             let count = |n: Option<u64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
             let e2e = match (engine.e2e_p95_ms, engine.e2e_mean_ms) {
@@ -274,8 +277,18 @@ fn render_engines(out: &mut String, report: &DiagnoseReport) {
         .collect();
     let mut table = table(
         &[
-            "workload", "engine", "reqs", "/s", "E2E P95", "TTFT P95", "TPOT P95", "queue P95",
-            "gen tok", "cache", "KV", "run/wait",
+            "workload",
+            "engine",
+            "reqs",
+            "/s",
+            "E2E P95",
+            "TTFT P95",
+            "TPOT P95",
+            "queue P95",
+            "gen tok",
+            "cache",
+            "KV",
+            "run/wait",
         ],
         &[
             false, false, true, true, true, true, true, true, true, true, true, true,

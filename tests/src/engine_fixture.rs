@@ -1,0 +1,143 @@
+//! A stand-in for a serving engine's `/metrics` endpoint: a real HTTP/1.1 server on
+//! loopback whose n-th answer a test scripts (an exposition that grows, a reset, a slow or
+//! huge or garbled answer), and expositions written from each engine family's documented
+//! metric names (`../shared/notes/engines.md`).
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+/// What the endpoint answers to one scrape.
+pub enum Answer {
+    Text(String),
+    /// The text after a delay.
+    Slow(Duration, String),
+    /// `bytes` of comment, with a Content-Length or (false) streamed until the connection
+    /// closes.
+    Huge {
+        bytes: usize,
+        length: bool,
+    },
+    Status(u16),
+}
+
+/// An endpoint answering its n-th request (from 0) with `script(n)`.
+pub struct MetricsEndpoint {
+    pub address: SocketAddr,
+    requests: Arc<AtomicUsize>,
+}
+
+impl MetricsEndpoint {
+    pub fn start(script: impl Fn(usize) -> Answer + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let script = Arc::new(script);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                let script = script.clone();
+                std::thread::spawn(move || answer(stream, script(n)));
+            }
+        });
+        Self { address, requests }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/metrics", self.address)
+    }
+
+    /// Scrapes answered or in progress.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn answer(mut stream: std::net::TcpStream, answer: Answer) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let (status, body) = match answer {
+        Answer::Text(text) => (200, text.into_bytes()),
+        Answer::Slow(delay, text) => {
+            std::thread::sleep(delay);
+            (200, text.into_bytes())
+        }
+        Answer::Huge {
+            bytes,
+            length: true,
+        } => (200, vec![b'#'; bytes]),
+        Answer::Huge {
+            bytes,
+            length: false,
+        } => {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            let chunk = vec![b'#'; 1 << 20];
+            for _ in 0..bytes >> 20 {
+                if stream.write_all(&chunk).is_err() {
+                    return; // the reader gave up, as it should
+                }
+            }
+            return;
+        }
+        Answer::Status(status) => (status, b"error\n".to_vec()),
+    };
+    let _ = stream.write_all(
+        format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let _ = stream.write_all(&body);
+}
+
+/// A Prometheus histogram family: `# TYPE`, cumulative buckets (the last one +Inf), sum and
+/// count, with `labels` (`key="value",` form, may be empty).
+pub fn histogram(
+    name: &str,
+    labels: &str,
+    bounds: &[&str],
+    cumulative: &[u64],
+    sum: f64,
+) -> String {
+    let mut text = format!("# HELP {name} A histogram.\n# TYPE {name} histogram\n");
+    for (bound, count) in bounds.iter().chain(["+Inf"].iter()).zip(cumulative) {
+        text.push_str(&format!(
+            "{name}_bucket{{{labels}le=\"{bound}\"}} {count}.0\n"
+        ));
+    }
+    let total = cumulative.last().copied().unwrap_or(0);
+    let trimmed = labels.trim_end_matches(',');
+    let braces = if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{{{trimmed}}}")
+    };
+    text.push_str(&format!(
+        "{name}_sum{braces} {sum}\n{name}_count{braces} {total}.0\n"
+    ));
+    text
+}
+
+/// A counter or gauge sample line with its `# TYPE`.
+pub fn sample(kind: &str, name: &str, labels: &str, value: f64) -> String {
+    let trimmed = labels.trim_end_matches(',');
+    let braces = if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{{{trimmed}}}")
+    };
+    format!("# TYPE {name} {kind}\n{name}{braces} {value}\n")
+}

@@ -1,0 +1,510 @@
+//! Serving engines' own metrics over real HTTP: fixture endpoints written from each engine
+//! family's documented names, scraped through the agent's reader (`app::engines`), with
+//! quantiles checked against hand-computed `histogram_quantile` values, a counter reset, and
+//! endpoints that are slow, huge, garbled or down. The last test runs `envelope diagnose`
+//! against one (root).
+use std::time::{Duration, Instant};
+
+use envelope::{
+    analysis::engines::EngineSummary,
+    app::engines::EngineReaders,
+    config::EngineEndpointConfig,
+    model::engine::{EngineChoice, EngineKind, GenericNames},
+};
+use integration_tests::{
+    diagnose_json,
+    engine_fixture::{Answer, MetricsEndpoint, histogram, sample},
+    root_or_skip,
+};
+
+const VLLM_LABELS: &str = "engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\",";
+const E2E_BOUNDS: [&str; 6] = ["0.3", "0.5", "0.8", "1.0", "1.5", "2.0"];
+const TTFT_BOUNDS: [&str; 5] = ["0.1", "0.25", "0.5", "0.75", "1.0"];
+
+/// vLLM v1's /metrics after `base` + `n` rounds of traffic. Each round of 100 requests puts
+/// (end to end) 10 in (0.3, 0.5], 30 in (0.5, 0.8], 40 in (0.8, 1], 15 in (1, 1.5], 5 in
+/// (1.5, 2]; (first token) 20 <= 0.1, 50 in (0.1, 0.25], 25 in (0.25, 0.5], 5 in
+/// (0.5, 0.75]; 5,000 prompt tokens of which 3,000 hit the prefix cache, 20,000 generated.
+fn vllm(n: u64) -> String {
+    let base = 7; // counts before the first scrape: the window must subtract them
+    let e2e: Vec<u64> = [0, 10, 40, 80, 95, 100, 100]
+        .iter()
+        .map(|c| c * n + base)
+        .collect();
+    let ttft: Vec<u64> = [20, 70, 95, 100, 100, 100]
+        .iter()
+        .map(|c| c * n + base)
+        .collect();
+    let mut text = String::new();
+    text.push_str(&histogram(
+        "vllm:e2e_request_latency_seconds",
+        VLLM_LABELS,
+        &E2E_BOUNDS,
+        &e2e,
+        86.5 * n as f64,
+    ));
+    text.push_str(&histogram(
+        "vllm:time_to_first_token_seconds",
+        VLLM_LABELS,
+        &TTFT_BOUNDS,
+        &ttft,
+        20.0 * n as f64,
+    ));
+    for (name, per_round) in [
+        ("vllm:request_success_total", 100.0),
+        ("vllm:prompt_tokens_total", 5000.0),
+        ("vllm:generation_tokens_total", 20000.0),
+        ("vllm:prefix_cache_queries_total", 5000.0),
+        ("vllm:prefix_cache_hits_total", 3000.0),
+    ] {
+        let labels = if name == "vllm:request_success_total" {
+            format!("{VLLM_LABELS}finished_reason=\"stop\",")
+        } else {
+            VLLM_LABELS.to_string()
+        };
+        text.push_str(&sample(
+            "counter",
+            name,
+            &labels,
+            per_round * n as f64 + base as f64,
+        ));
+    }
+    text.push_str(&sample(
+        "gauge",
+        "vllm:kv_cache_usage_perc",
+        VLLM_LABELS,
+        0.42,
+    ));
+    text.push_str(&sample(
+        "gauge",
+        "vllm:num_requests_running",
+        VLLM_LABELS,
+        7.0,
+    ));
+    text.push_str(&sample(
+        "gauge",
+        "vllm:num_requests_waiting",
+        VLLM_LABELS,
+        3.0,
+    ));
+    // What else a real vLLM exposes, which the reader must skip.
+    text.push_str("# HELP python_gc_objects_collected_total Objects collected during gc\n");
+    text.push_str("python_gc_objects_collected_total{generation=\"0\"} 12345.0\n");
+    text.push_str(&sample(
+        "gauge",
+        "vllm:cache_config_info",
+        "block_size=\"16\",",
+        1.0,
+    ));
+    text
+}
+
+fn reader(url: &str, engine: EngineChoice, timeout: Duration) -> EngineReaders {
+    let mut readers = EngineReaders::default();
+    readers.configure(
+        &[EngineEndpointConfig {
+            workload: "llm".into(),
+            url: url.into(),
+            engine,
+        }],
+        timeout,
+    );
+    readers
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Two windows of one reader: the start scrape, then `windows` window ends.
+fn windows(readers: &mut EngineReaders, count: usize) -> Vec<EngineSummary> {
+    runtime().block_on(async {
+        readers.start().await;
+        let mut all = Vec::new();
+        for _ in 0..count {
+            all.extend(readers.window().await);
+        }
+        all
+    })
+}
+
+#[test]
+fn vllm_figures_are_the_window_increase_with_exact_histogram_quantiles() {
+    let endpoint = MetricsEndpoint::start(|n| Answer::Text(vllm(n as u64)));
+    let mut readers = reader(
+        &endpoint.url(),
+        EngineChoice::Recognise,
+        Duration::from_secs(2),
+    );
+    let started = Instant::now();
+    let window = windows(&mut readers, 1).remove(0);
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(window.stale, None, "{window:#?}");
+    assert_eq!(window.engine, Some(EngineKind::Vllm));
+    assert_eq!(
+        window.model.as_deref(),
+        Some("meta-llama/Llama-3.1-8B-Instruct")
+    );
+    assert_eq!(window.requests, Some(100));
+    // histogram_quantile by hand on the window's buckets (0.3:0 0.5:10 0.8:40 1:80 1.5:95
+    // 2:100 +Inf:100): P50 rank 50 in (0.8, 1]: 0.8 + 0.2 * 10/40 = 0.85 s; P95 rank 95 in
+    // (1, 1.5]: 1 + 0.5 * 15/15 = 1.5 s; P99 rank 99 in (1.5, 2]: 1.5 + 0.5 * 4/5 = 1.9 s.
+    assert_eq!(window.e2e_p50_ms, Some(850.0));
+    assert_eq!(window.e2e_p95_ms, Some(1500.0));
+    assert_eq!(window.e2e_p99_ms, Some(1900.0));
+    assert_eq!(window.e2e_mean_ms, Some(865.0), "86.5 s over 100 requests");
+    // First token (0.1:20 0.25:70 0.5:95 0.75:100): P50 0.1 + 0.15 * 30/50 = 0.19 s, P95
+    // 0.25 + 0.25 * 25/25 = 0.5 s, P99 0.5 + 0.25 * 4/5 = 0.7 s.
+    assert_eq!(window.ttft_p50_ms, Some(190.0));
+    assert_eq!(window.ttft_p95_ms, Some(500.0));
+    assert_eq!(window.ttft_p99_ms, Some(700.0));
+    assert_eq!(window.prompt_tokens, Some(5000));
+    assert_eq!(window.generation_tokens, Some(20000));
+    assert_eq!(window.prefix_cache_hit_rate, Some(0.6));
+    assert_eq!(window.kv_cache_usage, Some(0.42));
+    assert_eq!((window.running, window.waiting), (Some(7.0), Some(3.0)));
+    // Not exported by this fixture: absent, not 0.
+    assert_eq!((window.tpot_p95_ms, window.queue_p95_ms), (None, None));
+    // The rate is over the time between the two scrapes, which lies within the test's.
+    let rate = window.rate_per_s.unwrap();
+    assert!(
+        rate >= 100.0 / elapsed,
+        "{rate}/s over at most {elapsed:.3} s"
+    );
+    assert_eq!(
+        endpoint.requests(),
+        2,
+        "one scrape at the start, one at the window's end"
+    );
+}
+
+#[test]
+fn an_engine_restart_counts_from_zero() {
+    // Scrapes 0 and 1 grow; the engine restarts before scrape 2 (one round since).
+    let endpoint = MetricsEndpoint::start(|n| {
+        Answer::Text(match n {
+            0 => vllm(3),
+            1 => vllm(5),
+            _ => vllm(1).replace(" 7.0\n", " 0.0\n"),
+        })
+    });
+    let mut readers = reader(
+        &endpoint.url(),
+        EngineChoice::Recognise,
+        Duration::from_secs(2),
+    );
+    let all = windows(&mut readers, 2);
+    assert_eq!(all[0].requests, Some(200));
+    assert!(!all[0].restarted);
+    assert!(all[1].restarted, "{:#?}", all[1]);
+    // After the restart the counters hold one round plus the base (7 each).
+    assert_eq!(all[1].requests, Some(107));
+    assert_eq!(all[1].generation_tokens, Some(20007));
+}
+
+/// Each recognised family from its documented names: the engine it is taken for and a
+/// figure only it has.
+#[test]
+fn every_engine_family_is_recognised_from_its_own_names() {
+    let sglang = |n: u64| {
+        let labels = "model_name=\"qwen\",";
+        let mut text = histogram(
+            "sglang:time_to_first_token_seconds",
+            labels,
+            &["0.1", "0.2", "0.4"],
+            &[0, 10 * n, 20 * n, 20 * n],
+            1.0,
+        );
+        text.push_str(&sample(
+            "counter",
+            "sglang:num_requests_total",
+            labels,
+            20.0 * n as f64,
+        ));
+        text.push_str(&sample(
+            "counter",
+            "sglang:prompt_tokens_total",
+            labels,
+            1000.0 * n as f64,
+        ));
+        text.push_str(&sample(
+            "counter",
+            "sglang:cached_tokens_total",
+            labels,
+            250.0 * n as f64,
+        ));
+        text.push_str(&sample("gauge", "sglang:num_queue_reqs", labels, 4.0));
+        text
+    };
+    // TGI's exporter: counters without _total, blank lines between families.
+    let tgi = |n: u64| {
+        let mut text = histogram(
+            "tgi_request_duration",
+            "",
+            &["0.5", "1", "2"],
+            &[0, 0, 10 * n, 10 * n],
+            15.0 * n as f64,
+        );
+        text.push('\n');
+        text.push_str(&sample(
+            "counter",
+            "tgi_request_success",
+            "",
+            10.0 * n as f64,
+        ));
+        text.push('\n');
+        text.push_str(&sample("gauge", "tgi_queue_size", "", 2.0));
+        text
+    };
+    let triton = |n: u64| {
+        let labels = "model=\"resnet\",version=\"1\",";
+        let mut text = sample(
+            "counter",
+            "nv_inference_request_success",
+            labels,
+            40.0 * n as f64,
+        );
+        text.push_str(&sample(
+            "counter",
+            "nv_inference_request_duration_us",
+            labels,
+            40.0 * n as f64 * 12_500.0,
+        ));
+        text.push_str(&sample(
+            "counter",
+            "nv_inference_queue_duration_us",
+            labels,
+            40.0 * n as f64 * 500.0,
+        ));
+        text
+    };
+    let llamacpp = |n: u64| {
+        let mut text = sample(
+            "counter",
+            "llamacpp:tokens_predicted_total",
+            "",
+            300.0 * n as f64,
+        );
+        text.push_str(&sample(
+            "counter",
+            "llamacpp:tokens_predicted_seconds_total",
+            "",
+            6.0 * n as f64,
+        ));
+        text.push_str(&sample("gauge", "llamacpp:requests_processing", "", 2.0));
+        text
+    };
+    type Exposition = fn(u64) -> String;
+    let cases: [(EngineKind, Exposition); 4] = [
+        (EngineKind::Sglang, sglang),
+        (EngineKind::Tgi, tgi),
+        (EngineKind::Triton, triton),
+        (EngineKind::Llamacpp, llamacpp),
+    ];
+    for (kind, exposition) in cases {
+        let endpoint = MetricsEndpoint::start(move |n| Answer::Text(exposition(n as u64 + 1)));
+        let mut readers = reader(
+            &endpoint.url(),
+            EngineChoice::Recognise,
+            Duration::from_secs(2),
+        );
+        let window = windows(&mut readers, 1).remove(0);
+        assert_eq!(window.engine, Some(kind), "{window:#?}");
+        assert_eq!(window.stale, None, "{window:#?}");
+        match kind {
+            EngineKind::Sglang => {
+                // 10 in (0.1, 0.2], 10 in (0.2, 0.4]: P50 rank 10 at 0.2 s.
+                assert_eq!(window.ttft_p50_ms, Some(200.0));
+                assert_eq!(window.requests, Some(20));
+                assert_eq!(
+                    window.prefix_cache_hit_rate,
+                    Some(0.25),
+                    "cached over prompt tokens"
+                );
+                assert_eq!(window.waiting, Some(4.0));
+            }
+            EngineKind::Tgi => {
+                // All 10 in (1, 2]: P95 rank 9.5: 1 + 1 * 9.5/10.
+                assert_eq!(window.e2e_p95_ms, Some(1950.0));
+                assert_eq!(window.requests, Some(10));
+                assert_eq!(window.ttft_p95_ms, None, "TGI has no TTFT");
+            }
+            EngineKind::Triton => {
+                assert_eq!(window.requests, Some(40));
+                assert_eq!(window.e2e_mean_ms, Some(12.5), "a mean, from microseconds");
+                assert_eq!(window.queue_mean_ms, Some(0.5));
+                assert_eq!(window.e2e_p95_ms, None, "no histogram, no quantile");
+            }
+            _ => {
+                assert_eq!(window.tpot_mean_ms, Some(20.0), "6 s over 300 tokens");
+                assert_eq!(window.generation_tokens, Some(300));
+                assert_eq!(window.requests, None, "llama.cpp counts no requests");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_generic_engine_reads_the_histograms_the_user_names() {
+    let endpoint = MetricsEndpoint::start(|n| {
+        let n = n as u64;
+        Answer::Text(histogram(
+            "app_request_seconds",
+            "route=\"/v1/chat\",",
+            &["0.1", "1"],
+            &[4 * n, 8 * n, 8 * n],
+            2.0 * n as f64,
+        ))
+    });
+    let names = GenericNames {
+        request_histogram: Some("app_request_seconds".into()),
+        ..GenericNames::default()
+    };
+    let mut readers = reader(
+        &endpoint.url(),
+        EngineChoice::Generic(names),
+        Duration::from_secs(2),
+    );
+    let window = windows(&mut readers, 1).remove(0);
+    assert_eq!(window.engine, Some(EngineKind::Generic));
+    assert_eq!(window.requests, Some(8), "the request histogram's count");
+    // 4 <= 0.1, 4 in (0.1, 1]: P95 rank 7.6: 0.1 + 0.9 * 3.6/4 = 0.91 s.
+    assert_eq!(window.e2e_p95_ms, Some(910.0));
+}
+
+#[test]
+fn slow_huge_garbled_and_failing_endpoints_are_stale_with_a_reason_and_never_hold_the_window() {
+    let cases: [(&str, Answer, &str); 6] = [
+        (
+            "slow",
+            Answer::Slow(Duration::from_secs(5), vllm(1)),
+            "no answer within 250 ms",
+        ),
+        (
+            "huge",
+            Answer::Huge {
+                bytes: 50 << 20,
+                length: true,
+            },
+            "larger than 8 MiB",
+        ),
+        (
+            "huge, streamed",
+            Answer::Huge {
+                bytes: 50 << 20,
+                length: false,
+            },
+            "larger than 8 MiB",
+        ),
+        (
+            "garbled",
+            Answer::Text("<html>\u{1}\u{2} not metrics</html>\n".into()),
+            "none of vllm's metrics in the response",
+        ),
+        ("failing", Answer::Status(500), "HTTP 500"),
+        (
+            "vllm garbage",
+            Answer::Text("vllm:num_requests_running{{{ 3\n".into()),
+            "could not be parsed",
+        ),
+    ];
+    for (what, answer, reason) in cases {
+        let answer = std::sync::Mutex::new(Some(answer));
+        // The start scrape is good; the window's end gets the bad answer, then good again.
+        let endpoint = MetricsEndpoint::start(move |n| match n {
+            1 => answer.lock().unwrap().take().unwrap(),
+            _ => Answer::Text(vllm(n as u64)),
+        });
+        let mut readers = reader(
+            &endpoint.url(),
+            EngineChoice::Recognise,
+            Duration::from_secs(2),
+        );
+        let started = Instant::now();
+        let window = windows(&mut readers, 1).remove(0);
+        let elapsed = started.elapsed();
+        let stale = window
+            .stale
+            .as_deref()
+            .unwrap_or_else(|| panic!("{what}: {window:#?}"));
+        assert!(
+            stale.contains(reason),
+            "{what}: {stale:?} should say {reason:?}"
+        );
+        assert_eq!(window.requests, None, "{what}: no figures when stale");
+        assert_eq!(window.engine, Some(EngineKind::Vllm), "{what}: still known");
+        // The slow one: the window waited its grace, not the 2 s timeout or the 5 s answer.
+        assert!(elapsed < Duration::from_millis(1900), "{what}: {elapsed:?}");
+    }
+}
+
+#[test]
+fn an_endpoint_that_is_down_is_retried_with_backoff() {
+    // A port nothing listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut readers = reader(&url, EngineChoice::Recognise, Duration::from_secs(2));
+    let all = windows(&mut readers, 2);
+    assert!(
+        all[0]
+            .stale
+            .as_deref()
+            .is_some_and(|s| s.contains("cannot connect")),
+        "{:#?}",
+        all[0]
+    );
+    assert_eq!(all[0].engine, None, "never answered: not recognised");
+    // The second window comes at once: inside the backoff, no new attempt.
+    assert!(
+        all[1]
+            .stale
+            .as_deref()
+            .is_some_and(|s| s.contains("retrying in")),
+        "{:#?}",
+        all[1]
+    );
+}
+
+/// The whole path: `envelope diagnose` with a workload naming the endpoint.
+#[test]
+fn diagnose_reports_the_engines_figures_in_json() {
+    if !root_or_skip("diagnose with an engine endpoint") {
+        return;
+    }
+    let endpoint = MetricsEndpoint::start(|n| Answer::Text(vllm(n as u64)));
+    let directory = std::env::temp_dir().join(integration_tests::unique_name("engines"));
+    std::fs::create_dir_all(&directory).unwrap();
+    let config = directory.join("envelope.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[workload]]\nname = \"llm\"\nprocess = [\"vllm\"]\nmetrics_url = \"{}\"\n",
+            endpoint.url()
+        ),
+    )
+    .unwrap();
+    let (_, report) = diagnose_json(1, &["--config", config.to_str().unwrap()], &[]);
+    let engines = report["engines"].as_array().expect("engines[]");
+    assert_eq!(engines.len(), 1, "{engines:#?}");
+    let llm = &engines[0];
+    assert_eq!(llm["workload"], "llm");
+    assert_eq!(llm["engine"], "vllm");
+    assert_eq!(llm["requests"], 100);
+    assert_eq!(llm["e2e_p95_ms"], 1500.0);
+    assert_eq!(llm["ttft_p99_ms"], 700.0);
+    assert_eq!(
+        llm["tpot_p95_ms"],
+        serde_json::Value::Null,
+        "absent is null, not 0"
+    );
+    assert_eq!(llm["stale"], serde_json::Value::Null);
+    let _ = std::fs::remove_dir_all(directory);
+}
