@@ -105,6 +105,9 @@ pub struct GpuEvidence {
     /// 0..1; None when the GPU does not report it.
     pub utilization: Option<f64>,
     pub throttle_reasons: Vec<String>,
+    /// GPU memory the workload's processes held on it (the most seen in the window, summed
+    /// over its processes); None when the driver does not say.
+    pub memory_bytes: Option<u64>,
 }
 
 /// A block device the workload queued I/O to.
@@ -124,6 +127,8 @@ pub struct PeerEvidence {
     pub peer: String,
     pub rtt_p95_ms: Option<f64>,
     pub retransmits: u64,
+    /// Connects the workload made to it (SYN_SENT -> ESTABLISHED), P95.
+    pub connect_p95_ms: Option<f64>,
 }
 
 /// Requests the workload served on one port, or made to one upstream.
@@ -178,6 +183,9 @@ pub struct WorkloadWindow {
     pub served: Vec<RequestEvidence>,
     /// Requests it made, slowest upstream (response P95) first.
     pub upstreams: Vec<RequestEvidence>,
+    /// Its serving engine's own figures, when it has a `metrics_url` (filled by the window
+    /// step once the engines are scraped).
+    pub engine: Option<super::engines::EngineSummary>,
 }
 
 /// Thresholds of the rules; the defaults are what README.md documents.
@@ -343,7 +351,7 @@ pub fn workload_windows(
     }
 
     // Peers: RTT and retransmits of this workload's own sockets.
-    let mut peers: BTreeMap<(String, String), (Histogram, u64)> = BTreeMap::new();
+    let mut peers: BTreeMap<(String, String), (Histogram, u64, Histogram)> = BTreeMap::new();
     for (key, histogram) in &delta.peer_rtt {
         if let (Some(name), Some(ip)) = (
             workload_of.get(&key.tgid),
@@ -357,6 +365,19 @@ pub fn workload_windows(
                 .add(histogram);
         }
     }
+    for (key, histogram) in &delta.peer_connect_latency {
+        if let (Some(name), Some(ip)) = (
+            workload_of.get(&key.tgid),
+            peer_address(key.family, &key.address),
+        ) {
+            let peer = std::net::SocketAddr::new(ip, key.port).to_string();
+            peers
+                .entry((name.clone(), peer))
+                .or_default()
+                .2
+                .add(histogram);
+        }
+    }
     for (key, counters) in &delta.peer_counters {
         if let (Some(name), Some(ip)) = (
             workload_of.get(&key.tgid),
@@ -366,12 +387,13 @@ pub fn workload_windows(
             peers.entry((name.clone(), peer)).or_default().1 += counters.retransmits;
         }
     }
-    for ((name, peer), (rtt, retransmits)) in peers {
+    for ((name, peer), (rtt, retransmits, connect)) in peers {
         if let Some(workload) = workloads.get_mut(&name) {
             workload.peers.push(PeerEvidence {
                 peer,
                 rtt_p95_ms: rtt.quantile_ms(0.95),
                 retransmits,
+                connect_p95_ms: connect.quantile_ms(0.95),
             });
         }
     }
@@ -428,6 +450,12 @@ pub fn workload_windows(
                 index: device.index,
                 name: device.name.clone(),
                 utilization: device.utilization,
+                memory_bytes: gpu
+                    .processes
+                    .iter()
+                    .filter(|p| p.gpu_index == device.index && workload.pids.contains(&p.pid))
+                    .map(|p| p.memory_bytes)
+                    .sum(),
                 throttle_reasons: device
                     .throttle_reasons
                     .iter()
@@ -930,6 +958,7 @@ mod tests {
             peer: "10.251.1.2:5201".into(),
             rtt_p95_ms: Some(120.0),
             retransmits: 3,
+            connect_p95_ms: None,
         }];
         let verdict = decide(&w, &Rules::default());
         assert_eq!(verdict.bottleneck, Bottleneck::Network);
@@ -955,6 +984,7 @@ mod tests {
             name: "H100".into(),
             utilization: Some(0.97),
             throttle_reasons: vec!["idle".into(), "sw_power_cap".into()],
+            memory_bytes: None,
         }];
         let verdict = decide(&w, &Rules::default());
         assert_eq!(verdict.bottleneck, Bottleneck::Model);
@@ -1012,6 +1042,7 @@ mod tests {
             name: "T4".into(),
             utilization: Some(0.5),
             throttle_reasons: vec![],
+            memory_bytes: None,
         }];
         assert_eq!(decide(&w, &Rules::default()).bottleneck, Bottleneck::None);
     }

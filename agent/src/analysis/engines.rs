@@ -37,6 +37,8 @@ pub struct EngineSummary {
     pub queue_mean_ms: Option<f64>,
     pub prompt_tokens: Option<u64>,
     pub generation_tokens: Option<u64>,
+    /// Prompt and generated tokens per second over the window.
+    pub tokens_per_s: Option<f64>,
     /// Prefix-cache hits over lookups in the window, 0-1.
     pub prefix_cache_hit_rate: Option<f64>,
     /// KV-cache blocks in use, 0-1, at the window's end.
@@ -322,6 +324,8 @@ pub fn summarize_engine(
         })
         .unwrap_or_default();
     let count = |value: Option<f64>| value.map(|v| v.round() as u64);
+    let prompt_tokens = increase.first_counter(&catalogue.prompt_tokens);
+    let generation_tokens = increase.first_counter(&catalogue.generation_tokens);
     EngineSummary {
         workload: workload.to_string(),
         url: url.to_string(),
@@ -342,8 +346,14 @@ pub fn summarize_engine(
         tpot_mean_ms: mean(&tpot, &catalogue.tpot_mean),
         queue_p95_ms: quantile(&queue, 0.95),
         queue_mean_ms: mean(&queue, &catalogue.queue_mean),
-        prompt_tokens: count(increase.first_counter(&catalogue.prompt_tokens)),
-        generation_tokens: count(increase.first_counter(&catalogue.generation_tokens)),
+        prompt_tokens: count(prompt_tokens),
+        generation_tokens: count(generation_tokens),
+        tokens_per_s: match (prompt_tokens, generation_tokens) {
+            (None, None) => None,
+            (p, g) => seconds.map(|s| {
+                ((p.unwrap_or(0.0) + g.unwrap_or(0.0)) / s * 1000.0).round() / 1000.0
+            }),
+        },
         prefix_cache_hit_rate: hit_rate.map(|r| (r * 1e4).round() / 1e4),
         kv_cache_usage: increase.gauge(&catalogue.kv_cache_usage, true),
         running: increase.gauge(&catalogue.running, false),

@@ -192,6 +192,9 @@ impl WindowStep {
             &config.workloads,
         );
         attribution::name_request_workloads(&mut summary.requests, &workloads);
+        for workload in &mut workloads {
+            workload.engine = engines.iter().find(|e| e.workload == workload.name).cloned();
+        }
         let mut seen: Vec<(u64, String)> = workloads
             .iter()
             .map(|w| (w.time.active_ns(), w.name.clone()))

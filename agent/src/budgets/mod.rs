@@ -16,7 +16,10 @@ pub mod actions;
 pub mod store;
 
 use crate::{
-    analysis::attribution::{DeviceEvidence, TimeBreakdown, WorkloadWindow},
+    analysis::{
+        attribution::{DeviceEvidence, TimeBreakdown, WorkloadWindow},
+        engines::EngineSummary,
+    },
     config::{Budget, LoadedConfig, Pricing},
 };
 pub use crate::{
@@ -292,6 +295,19 @@ pub struct BudgetResult {
     pub good: Option<bool>,
     /// True when the window had nothing to measure (`observed` and `good` are null).
     pub no_data: bool,
+    /// Where the figure came from, for metrics with more than one source ("engine, vllm",
+    /// "kernel, port 8000"); null otherwise.
+    pub source: Option<String>,
+}
+
+/// Three decimals, or six significant digits for small figures (a cost per request of
+/// 0.000123 must not read 0).
+fn round_observation(value: f64) -> f64 {
+    if value.abs() >= 1.0 || value == 0.0 {
+        return (value * 1000.0).round() / 1000.0;
+    }
+    let scale = 10f64.powi(5 - value.abs().log10().floor() as i32);
+    (value * scale).round() / scale
 }
 
 /// What one budget's metric measured in a window for its workload (or the node, `"*"`);
@@ -330,6 +346,52 @@ pub fn measure(budget: &Budget, windows: &[WorkloadWindow], pricing: &Pricing) -
         .first()
         .map_or(1.0, |w| w.window_ns as f64 / 1e9)
         .max(1e-9);
+    // The engine's figure (the workload's, or the node's worst for "*").
+    let engine = |pick: fn(&EngineSummary) -> Option<f64>| {
+        let values: Vec<f64> = chosen
+            .iter()
+            .filter_map(|w| w.engine.as_ref())
+            .filter_map(pick)
+            .collect();
+        values.into_iter().reduce(f64::max)
+    };
+    // The kernel's view of the port the workload serves most requests on.
+    let served = || {
+        chosen
+            .iter()
+            .flat_map(|w| w.served.first())
+            .max_by_key(|s| s.requests)
+    };
+    let request_rate = || {
+        let engines: Vec<f64> = chosen
+            .iter()
+            .filter_map(|w| w.engine.as_ref().and_then(|e| e.rate_per_s))
+            .collect();
+        if engines.is_empty() {
+            let served: Vec<f64> = chosen
+                .iter()
+                .flat_map(|w| w.served.iter())
+                .map(|s| s.rate_per_s)
+                .collect();
+            (!served.is_empty()).then(|| served.iter().sum())
+        } else {
+            Some(engines.iter().sum())
+        }
+    };
+    let cost_rate = || {
+        let gpus = chosen.iter().map(|w| w.gpus.len()).sum::<usize>() as f64;
+        let cores = chosen
+            .iter()
+            .map(|w| w.time.on_cpu_ns as f64 / 1e9)
+            .sum::<f64>()
+            / window_s;
+        cost_per_hour(
+            gpus,
+            cores,
+            pricing.gpu_hour.unwrap_or(0.0),
+            pricing.cpu_core_hour.unwrap_or(0.0),
+        )
+    };
     let lost_share = |pick: fn(&crate::analysis::attribution::TimeShares) -> f64| {
         let mut total = TimeBreakdown::default();
         for w in &chosen {
@@ -362,24 +424,82 @@ pub fn measure(budget: &Budget, windows: &[WorkloadWindow], pricing: &Pricing) -
                 ))
             })
         }
-        BudgetMetric::CostPerHour => {
-            let gpus = chosen.iter().map(|w| w.gpus.len()).sum::<usize>() as f64;
-            let cores = chosen
-                .iter()
-                .map(|w| w.time.on_cpu_ns as f64 / 1e9)
-                .sum::<f64>()
-                / window_s;
-            Some(cost_per_hour(
-                gpus,
-                cores,
-                pricing.gpu_hour.unwrap_or(0.0),
-                pricing.cpu_core_hour.unwrap_or(0.0),
-            ))
-        }
+        BudgetMetric::CostPerHour => Some(cost_rate()),
         BudgetMetric::LostShareStorage => lost_share(|s| s.storage),
         BudgetMetric::LostShareNetwork => lost_share(|s| s.network),
         BudgetMetric::LostShareModel => lost_share(|s| s.gpu),
         BudgetMetric::LostShareCpu => lost_share(|s| s.on_cpu + s.waiting_for_cpu),
+        BudgetMetric::RequestP95Ms => {
+            engine(|e| e.e2e_p95_ms).or_else(|| served().and_then(|s| s.p95_ms))
+        }
+        BudgetMetric::TtftP95Ms => {
+            engine(|e| e.ttft_p95_ms).or_else(|| served().and_then(|s| s.first_byte_p95_ms))
+        }
+        BudgetMetric::TpotP95Ms => engine(|e| e.tpot_p95_ms),
+        BudgetMetric::QueueP95Ms => engine(|e| e.queue_p95_ms),
+        BudgetMetric::RequestsPerS => request_rate(),
+        BudgetMetric::CacheHitRate => engine(|e| e.prefix_cache_hit_rate),
+        BudgetMetric::CostPerRequest => {
+            let rate = request_rate().filter(|r| *r > 0.0)?;
+            Some(cost_rate() / 3600.0 / rate)
+        }
+        BudgetMetric::CostPer1kTokens => {
+            let rate = engine(|e| e.tokens_per_s).filter(|r| *r > 0.0)?;
+            Some(cost_rate() / 3600.0 / rate * 1000.0)
+        }
+        BudgetMetric::GpuMemoryBytes => max_of(
+            chosen
+                .iter()
+                .flat_map(|w| w.gpus.iter())
+                .filter_map(|g| g.memory_bytes.map(|b| b as f64))
+                .collect(),
+        ),
+        BudgetMetric::ConnectP95Ms => max_of(peers().filter_map(|p| p.connect_p95_ms).collect()),
+        BudgetMetric::RetransmitsPerS => {
+            let mut peers = peers().peekable();
+            peers.peek()?;
+            Some(peers.map(|p| p.retransmits as f64).sum::<f64>() / window_s)
+        }
+    }
+}
+
+/// Where a budget's figure came from, when it has more than one source: the engine's own
+/// metrics, or the kernel's timing of the sockets.
+pub fn source(budget: &Budget, windows: &[WorkloadWindow]) -> Option<String> {
+    let chosen = windows
+        .iter()
+        .filter(|w| budget.workload == "*" || w.name == budget.workload);
+    let has_engine = |pick: fn(&EngineSummary) -> Option<f64>| {
+        chosen
+            .clone()
+            .any(|w| w.engine.as_ref().and_then(pick).is_some())
+    };
+    let kernel = || {
+        chosen
+            .clone()
+            .flat_map(|w| w.served.first())
+            .max_by_key(|s| s.requests)
+            .map(|s| format!("kernel, {}", s.endpoint))
+    };
+    let engine_name = || {
+        chosen
+            .clone()
+            .find_map(|w| w.engine.as_ref().and_then(|e| e.engine))
+            .map_or_else(|| "engine".to_string(), |kind| format!("engine, {}", kind.as_str()))
+    };
+    let from = |pick: fn(&EngineSummary) -> Option<f64>| {
+        if has_engine(pick) {
+            Some(engine_name())
+        } else {
+            kernel()
+        }
+    };
+    match budget.metric {
+        BudgetMetric::RequestP95Ms => from(|e| e.e2e_p95_ms),
+        BudgetMetric::TtftP95Ms => from(|e| e.ttft_p95_ms),
+        BudgetMetric::RequestsPerS | BudgetMetric::CostPerRequest => from(|e| e.rate_per_s),
+        metric if metric.engine_only() => Some(engine_name()),
+        _ => None,
     }
 }
 
@@ -400,7 +520,8 @@ pub fn evaluate_window(
                 metric: budget.metric,
                 bound: budget.bound,
                 threshold: budget.threshold,
-                observed: observed.map(|v| (v * 1000.0).round() / 1000.0),
+                observed: observed.map(round_observation),
+                source: observed.and_then(|_| source(budget, windows)),
                 good: observed.map(|v| observe(at_s, v, budget.threshold, budget.bound).good),
                 no_data: observed.is_none(),
             }
@@ -595,6 +716,7 @@ max = 0.3
                 name: "H100".into(),
                 utilization: Some(0.4),
                 throttle_reasons: vec![],
+                memory_bytes: None,
             }],
             devices: vec![DeviceEvidence {
                 device: "vda".into(),
@@ -612,6 +734,7 @@ max = 0.3
                 peer: "10.0.0.7:443".into(),
                 rtt_p95_ms: Some(20.0),
                 retransmits: 0,
+                connect_p95_ms: None,
             }],
             ..WorkloadWindow::default()
         };
@@ -795,5 +918,180 @@ max = 0.3
             state.record_window("b", at, 10.0, None, &policy());
         }
         assert_eq!(state.silence_to_report(0, &policy()), None);
+    }
+}
+
+#[cfg(test)]
+mod request_budget_tests {
+    use super::*;
+    use crate::analysis::attribution::{GpuEvidence, PeerEvidence, RequestEvidence};
+    use crate::model::engine::EngineKind;
+
+    const CONFIG: &str = r#"
+[pricing]
+gpu_hour = 3.6
+cpu_core_hour = 0.36
+
+[[workload]]
+name = "llm"
+process = ["vllm"]
+metrics_url = "http://127.0.0.1:8000/metrics"
+
+[[workload]]
+name = "api"
+process = ["uvicorn"]
+"#;
+
+    fn budgets(metrics: &[(&str, &str, &str)]) -> LoadedConfig {
+        let mut text = CONFIG.to_string();
+        for (i, (workload, metric, bound)) in metrics.iter().enumerate() {
+            text.push_str(&format!(
+                "[[budget]]\nname = \"b{i}\"\nworkload = \"{workload}\"\nmetric = \"{metric}\"\n{bound}\n"
+            ));
+        }
+        crate::config::parse_config("t.toml", &text).unwrap()
+    }
+
+    /// llm: an engine answering 4 requests/s (P95 1.5 s, TTFT 400 ms) with 1,000 tokens/s,
+    /// one GPU (72 GB held), 1 core busy over 10 s; api: no engine, 20 requests/s served on
+    /// port 8000 (P95 80 ms), a peer with 3 retransmits and connects at 12 ms.
+    fn windows() -> Vec<WorkloadWindow> {
+        let llm = WorkloadWindow {
+            name: "llm".into(),
+            window_ns: 10_000_000_000,
+            time: TimeBreakdown {
+                on_cpu_ns: 10_000_000_000,
+                ..Default::default()
+            },
+            gpus: vec![GpuEvidence {
+                index: 0,
+                name: "H100".into(),
+                utilization: Some(0.9),
+                throttle_reasons: vec![],
+                memory_bytes: Some(72_000_000_000),
+            }],
+            served: vec![RequestEvidence {
+                endpoint: "port 8000".into(),
+                requests: 40,
+                rate_per_s: 4.0,
+                p95_ms: Some(1490.0),
+                ..Default::default()
+            }],
+            engine: Some(EngineSummary {
+                workload: "llm".into(),
+                engine: Some(EngineKind::Vllm),
+                rate_per_s: Some(4.0),
+                e2e_p95_ms: Some(1500.0),
+                ttft_p95_ms: Some(400.0),
+                tpot_p95_ms: Some(30.0),
+                queue_p95_ms: Some(5.0),
+                prefix_cache_hit_rate: Some(0.65),
+                tokens_per_s: Some(1000.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let api = WorkloadWindow {
+            name: "api".into(),
+            window_ns: 10_000_000_000,
+            served: vec![RequestEvidence {
+                endpoint: "port 8000".into(),
+                requests: 200,
+                rate_per_s: 20.0,
+                p95_ms: Some(80.0),
+                first_byte_p95_ms: Some(10.0),
+                ..Default::default()
+            }],
+            peers: vec![PeerEvidence {
+                peer: "10.0.0.7:6333".into(),
+                rtt_p95_ms: Some(0.2),
+                retransmits: 3,
+                connect_p95_ms: Some(12.0),
+            }],
+            ..Default::default()
+        };
+        vec![llm, api]
+    }
+
+    #[test]
+    fn request_budgets_read_the_engine_first_and_the_kernel_otherwise_and_say_which() {
+        let config = budgets(&[
+            ("llm", "request_p95_ms", "max = 1000.0"),
+            ("api", "request_p95_ms", "max = 100.0"),
+            ("llm", "ttft_p95_ms", "max = 500.0"),
+            ("api", "ttft_p95_ms", "max = 5.0"),
+            ("llm", "tpot_p95_ms", "max = 50.0"),
+            ("llm", "queue_p95_ms", "max = 1.0"),
+            ("llm", "requests_per_s", "min = 5.0"),
+            ("api", "requests_per_s", "min = 5.0"),
+            ("llm", "cache_hit_rate", "min = 0.7"),
+            ("llm", "cost_per_request", "max = 0.0005"),
+            ("llm", "cost_per_1k_tokens", "max = 0.01"),
+            ("llm", "gpu_memory_bytes", "max = 80e9"),
+            ("api", "connect_p95_ms", "max = 10.0"),
+            ("api", "retransmits_per_s", "max = 1.0"),
+        ]);
+        let results = evaluate_window(&config, &windows(), 100);
+        let seen: Vec<(Option<f64>, Option<bool>, Option<&str>)> = results
+            .iter()
+            .map(|r| (r.observed, r.good, r.source.as_deref()))
+            .collect();
+        // Cost: 1 GPU x 3.6/h + 1 core x 0.36/h = 3.96/h = 0.0011/s; at 4 requests/s that is
+        // 0.000275 per request; at 1,000 tokens/s, 0.0011 per 1,000 tokens.
+        assert_eq!(
+            seen,
+            vec![
+                (Some(1500.0), Some(false), Some("engine, vllm")),
+                (Some(80.0), Some(true), Some("kernel, port 8000")),
+                (Some(400.0), Some(true), Some("engine, vllm")),
+                (Some(10.0), Some(false), Some("kernel, port 8000")),
+                (Some(30.0), Some(true), Some("engine, vllm")),
+                (Some(5.0), Some(false), Some("engine, vllm")),
+                (Some(4.0), Some(false), Some("engine, vllm")),
+                (Some(20.0), Some(true), Some("kernel, port 8000")),
+                (Some(0.65), Some(false), Some("engine, vllm")),
+                (Some(0.000275), Some(true), Some("engine, vllm")),
+                (Some(0.0011), Some(true), Some("engine, vllm")),
+                (Some(72e9), Some(true), None),
+                (Some(12.0), Some(false), None),
+                (Some(0.3), Some(true), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn engine_only_budgets_need_a_metrics_url_and_cost_budgets_need_prices() {
+        for (text, hint) in [
+            (
+                "[[budget]]\nname = \"x\"\nworkload = \"api\"\nmetric = \"tpot_p95_ms\"\nmax = 50.0\n",
+                "tpot_p95_ms comes from the serving engine's own metrics: give workload \"api\" a metrics_url",
+            ),
+            (
+                "[[budget]]\nname = \"x\"\nworkload = \"api\"\nmetric = \"cache_hit_rate\"\nmin = 0.5\n",
+                "give workload \"api\" a metrics_url",
+            ),
+        ] {
+            let error = crate::config::parse_config("t.toml", &format!("{CONFIG}{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(hint), "{error}");
+        }
+        let no_prices = CONFIG.replace("gpu_hour = 3.6\ncpu_core_hour = 0.36\n", "");
+        let error = crate::config::parse_config(
+            "t.toml",
+            &format!("{no_prices}[[budget]]\nname = \"x\"\nworkload = \"llm\"\nmetric = \"cost_per_request\"\nmax = 0.01\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("cost_per_request needs [pricing]"), "{error}");
+    }
+
+    #[test]
+    fn a_window_without_requests_has_no_cost_per_request() {
+        let config = budgets(&[("api", "cost_per_request", "max = 1.0")]);
+        let mut idle = windows();
+        idle[1].served.clear();
+        let results = evaluate_window(&config, &idle, 100);
+        assert_eq!((results[0].observed, results[0].no_data), (None, true));
     }
 }

@@ -209,10 +209,18 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
         .iter()
         .map(|w| w.name.get_ref().as_str())
         .collect();
+    let with_engine: HashSet<&str> = engines.iter().map(|e| e.workload.as_str()).collect();
     let mut budget_names = HashSet::new();
     let mut budgets = Vec::with_capacity(file.budgets.len());
     for entry in &file.budgets {
-        let budget = check_budget(&checker, entry, &names, &pricing, alerting.https_only)?;
+        let budget = check_budget(
+            &checker,
+            entry,
+            &names,
+            &with_engine,
+            &pricing,
+            alerting.https_only,
+        )?;
         if !budget_names.insert(budget.name.clone()) {
             return Err(checker.at(
                 entry.name.span(),
@@ -674,6 +682,7 @@ fn check_budget(
     checker: &Checker<'_>,
     entry: &file::BudgetEntry,
     workloads: &HashSet<&str>,
+    with_engine: &HashSet<&str>,
     pricing: &Pricing,
     https_only: bool,
 ) -> Checked<Budget> {
@@ -736,13 +745,21 @@ fn check_budget(
             format!("{context}workload {workload:?} is not defined; add a [[workload]] with that name, or use \"*\" for the node"),
         ));
     }
-    if metric == BudgetMetric::CostPerHour
-        && pricing.gpu_hour.is_none()
+    if matches!(
+        metric,
+        BudgetMetric::CostPerHour | BudgetMetric::CostPerRequest | BudgetMetric::CostPer1kTokens
+    ) && pricing.gpu_hour.is_none()
         && pricing.cpu_core_hour.is_none()
     {
         return Err(checker.at(
             entry.metric.span(),
-            format!("{context}cost_per_hour needs [pricing] gpu_hour and/or cpu_core_hour"),
+            format!("{context}{metric} needs [pricing] gpu_hour and/or cpu_core_hour"),
+        ));
+    }
+    if metric.engine_only() && workload != "*" && !with_engine.contains(workload.as_str()) {
+        return Err(checker.at(
+            entry.metric.span(),
+            format!("{context}{metric} comes from the serving engine's own metrics: give workload {workload:?} a metrics_url"),
         ));
     }
     if let Some(device) = &entry.device

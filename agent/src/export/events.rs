@@ -124,6 +124,7 @@ mod tests {
             observed: Some(84.0),
             good: Some(false),
             no_data: false,
+            source: None,
         };
         let verdict = Verdict {
             bottleneck: Bottleneck::Storage,

@@ -118,6 +118,10 @@ pub enum MetricUnit {
     Flag,
     /// [pricing] currency per hour.
     CostPerHour,
+    /// [pricing] currency (per request, per 1,000 tokens).
+    Cost,
+    PerSecond,
+    Bytes,
 }
 
 /// The metrics a budget can bound.
@@ -134,10 +138,22 @@ pub enum BudgetMetric {
     LostShareNetwork,
     LostShareModel,
     LostShareCpu,
+    RequestP95Ms,
+    TtftP95Ms,
+    TpotP95Ms,
+    QueueP95Ms,
+    RequestsPerS,
+    CacheHitRate,
+    CostPerRequest,
+    #[serde(rename = "cost_per_1k_tokens")]
+    CostPer1kTokens,
+    GpuMemoryBytes,
+    ConnectP95Ms,
+    RetransmitsPerS,
 }
 
 impl BudgetMetric {
-    pub const ALL: [BudgetMetric; 10] = [
+    pub const ALL: [BudgetMetric; 21] = [
         BudgetMetric::StorageP95Ms,
         BudgetMetric::NetworkRttP95Ms,
         BudgetMetric::Retransmits,
@@ -148,6 +164,17 @@ impl BudgetMetric {
         BudgetMetric::LostShareNetwork,
         BudgetMetric::LostShareModel,
         BudgetMetric::LostShareCpu,
+        BudgetMetric::RequestP95Ms,
+        BudgetMetric::TtftP95Ms,
+        BudgetMetric::TpotP95Ms,
+        BudgetMetric::QueueP95Ms,
+        BudgetMetric::RequestsPerS,
+        BudgetMetric::CacheHitRate,
+        BudgetMetric::CostPerRequest,
+        BudgetMetric::CostPer1kTokens,
+        BudgetMetric::GpuMemoryBytes,
+        BudgetMetric::ConnectP95Ms,
+        BudgetMetric::RetransmitsPerS,
     ];
 
     pub fn name(self) -> &'static str {
@@ -162,6 +189,17 @@ impl BudgetMetric {
             BudgetMetric::LostShareNetwork => "lost_share_network",
             BudgetMetric::LostShareModel => "lost_share_model",
             BudgetMetric::LostShareCpu => "lost_share_cpu",
+            BudgetMetric::RequestP95Ms => "request_p95_ms",
+            BudgetMetric::TtftP95Ms => "ttft_p95_ms",
+            BudgetMetric::TpotP95Ms => "tpot_p95_ms",
+            BudgetMetric::QueueP95Ms => "queue_p95_ms",
+            BudgetMetric::RequestsPerS => "requests_per_s",
+            BudgetMetric::CacheHitRate => "cache_hit_rate",
+            BudgetMetric::CostPerRequest => "cost_per_request",
+            BudgetMetric::CostPer1kTokens => "cost_per_1k_tokens",
+            BudgetMetric::GpuMemoryBytes => "gpu_memory_bytes",
+            BudgetMetric::ConnectP95Ms => "connect_p95_ms",
+            BudgetMetric::RetransmitsPerS => "retransmits_per_s",
         }
     }
 
@@ -190,21 +228,63 @@ impl BudgetMetric {
             BudgetMetric::LostShareCpu => {
                 "share of the workload's active time running or waiting for a CPU, 0..1"
             }
+            BudgetMetric::RequestP95Ms => {
+                "end-to-end request P95: the engine's when it has a metrics_url, else the kernel's \
+                 timing of the port the workload serves most requests on"
+            }
+            BudgetMetric::TtftP95Ms => {
+                "time to first token P95: the engine's, else the kernel's time to the first \
+                 response byte"
+            }
+            BudgetMetric::TpotP95Ms => "time per output token P95 (the engine's)",
+            BudgetMetric::QueueP95Ms => "time queued in the engine P95",
+            BudgetMetric::RequestsPerS => {
+                "requests finished per second: the engine's, else the kernel's on its ports"
+            }
+            BudgetMetric::CacheHitRate => "the engine's prefix-cache hit rate, 0..1",
+            BudgetMetric::CostPerRequest => "cost_per_hour over requests per hour, at [pricing]",
+            BudgetMetric::CostPer1kTokens => {
+                "cost_per_hour over the engine's prompt and generated tokens per hour, x1000"
+            }
+            BudgetMetric::GpuMemoryBytes => "GPU memory the workload holds on its fullest GPU",
+            BudgetMetric::ConnectP95Ms => "TCP connect P95 to the workload's slowest peer",
+            BudgetMetric::RetransmitsPerS => "retransmitted packets per second to its peers",
         }
     }
 
     pub fn unit(self) -> MetricUnit {
         match self {
-            BudgetMetric::StorageP95Ms | BudgetMetric::NetworkRttP95Ms => MetricUnit::Milliseconds,
+            BudgetMetric::StorageP95Ms
+            | BudgetMetric::NetworkRttP95Ms
+            | BudgetMetric::RequestP95Ms
+            | BudgetMetric::TtftP95Ms
+            | BudgetMetric::TpotP95Ms
+            | BudgetMetric::QueueP95Ms
+            | BudgetMetric::ConnectP95Ms => MetricUnit::Milliseconds,
             BudgetMetric::Retransmits => MetricUnit::Count,
+            BudgetMetric::RequestsPerS | BudgetMetric::RetransmitsPerS => MetricUnit::PerSecond,
+            BudgetMetric::GpuMemoryBytes => MetricUnit::Bytes,
             BudgetMetric::GpuThrottled => MetricUnit::Flag,
             BudgetMetric::CostPerHour => MetricUnit::CostPerHour,
-            BudgetMetric::GpuUtilization
+            BudgetMetric::CostPerRequest | BudgetMetric::CostPer1kTokens => MetricUnit::Cost,
+            BudgetMetric::CacheHitRate
+            | BudgetMetric::GpuUtilization
             | BudgetMetric::LostShareStorage
             | BudgetMetric::LostShareNetwork
             | BudgetMetric::LostShareModel
             | BudgetMetric::LostShareCpu => MetricUnit::Ratio,
         }
+    }
+
+    /// Figures only a serving engine's own metrics give (the workload needs a metrics_url).
+    pub fn engine_only(self) -> bool {
+        matches!(
+            self,
+            BudgetMetric::TpotP95Ms
+                | BudgetMetric::QueueP95Ms
+                | BudgetMetric::CacheHitRate
+                | BudgetMetric::CostPer1kTokens
+        )
     }
 
     /// Latency metrics: their thresholds become bounds of the exported histograms.
@@ -220,6 +300,9 @@ impl BudgetMetric {
             MetricUnit::Ratio => (0.0, 1.0, "between 0 and 1 (a fraction: 0.9 is 90%)"),
             MetricUnit::Flag => (0.0, 1.0, "0 or 1"),
             MetricUnit::CostPerHour => (0.0, 1e12, "0 or more, in [pricing]'s currency per hour"),
+            MetricUnit::Cost => (0.0, 1e12, "0 or more, in [pricing]'s currency"),
+            MetricUnit::PerSecond => (0.0, 1e12, "0 or more, per second"),
+            MetricUnit::Bytes => (0.0, 1e18, "0 or more bytes"),
         }
     }
 

@@ -902,6 +902,7 @@ mod tests {
                 observed: None,
                 good: None,
                 no_data: true,
+                source: None,
             }],
             engines: vec![
                 EngineSummary {
