@@ -20,6 +20,7 @@ use crate::{
     budgets::{
         self, BreachEvent, BudgetState,
         actions::{self, ActionOutcome, RateLimiter},
+        cause::{RecentWindows, WindowCause},
         observe,
     },
     config::{AgentSettings, Budget, LoadedConfig, archive},
@@ -100,6 +101,9 @@ struct Daemon {
     /// Actions still running (their outcome is logged when they end); awaited at shutdown.
     actions_in_flight: Vec<tokio::task::JoinHandle<()>>,
     budget_states: BTreeMap<String, BudgetState>,
+    /// Each budget's last windows with where its workload's time went: what a breach event
+    /// explains itself with (in memory: after a restart, from the windows since).
+    recent: BTreeMap<String, RecentWindows>,
     rate_limiter: RateLimiter,
     metrics: MetricsState,
     exporter: Option<OtlpExporter>,
@@ -119,6 +123,19 @@ fn latency_thresholds_s(config: &LoadedConfig) -> Vec<f64> {
         // Through whole nanoseconds, so 0.1 ms becomes exactly the bound 0.0001, not 1.0000000000000001e-4.
         .map(|b| (b.threshold * 1e6).round() / 1e9)
         .collect()
+}
+
+/// How many windows a breach's cause looks back on: those of the shortest burn window's short
+/// half (the one that must also burn for a breach to fire), 3 to 60.
+fn recent_capacity(policy: &crate::config::BudgetPolicy, window: Duration) -> usize {
+    let short_s = policy
+        .burn_rate_windows
+        .iter()
+        .map(|w| w.short_s)
+        .min()
+        .unwrap_or(300);
+    let windows = short_s as f64 / window.as_secs_f64().max(0.001);
+    (windows.round() as usize).clamp(3, 60)
 }
 
 fn limits(config: &LoadedConfig) -> Limits {
@@ -198,13 +215,38 @@ impl Daemon {
             let observation = result
                 .observed
                 .map(|observed| observe(at_s, observed, budget.threshold, budget.bound));
-            let transition = state.record_window(
+            let mut transition = state.record_window(
                 &budget.name,
                 at_s,
                 budget.threshold,
                 observation.as_ref(),
                 &policy,
             );
+            // Where the workload's time went this window, for the cause of a breach.
+            let judged = if budget.workload == "*" {
+                window
+                    .workloads
+                    .iter()
+                    .find(|j| Some(&j.window.name) == window.node.workload.as_ref())
+                    .map(|j| (&j.window.time, &window.node))
+            } else {
+                window
+                    .workloads
+                    .iter()
+                    .find(|j| j.window.name == budget.workload)
+                    .map(|j| (&j.window.time, &j.verdict))
+            };
+            let cause = WindowCause::of(result.good, result.observed, judged);
+            if result.good == Some(false) {
+                *state.bad_windows_by_cause.entry(cause.bottleneck).or_default() += 1;
+            }
+            let recent = self.recent.entry(budget.name.clone()).or_default();
+            recent.push(cause, recent_capacity(&policy, self.config.agent.window));
+            if let Some(event) = transition.as_mut() {
+                event.cause =
+                    recent.explain(&budget.workload, budget.metric, budget.bound, budget.threshold);
+                event.source = result.source.clone();
+            }
             if let Some(silent_s) = state.silence_to_report(at_s, &policy) {
                 tracing::info!(
                     "budget {:?}: no data for {} (longer than its longest burn window): its workload {:?} is idle or gone; windows without data {} (on_no_data = {:?})",
@@ -241,6 +283,7 @@ impl Daemon {
                 objective: budget.objective,
                 good_windows: state.good_windows,
                 bad_windows: state.bad_windows,
+                bad_windows_by_cause: state.bad_windows_by_cause.clone(),
             });
             if let Some(event) = transition {
                 let verdict = if budget.workload == "*" {
@@ -457,6 +500,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         state_dir,
         step,
         budget_states,
+        recent: BTreeMap::new(),
         exporter,
         start_unix_ns,
         last_export: None,

@@ -48,6 +48,24 @@ pub fn breach_environment(event: &BreachEvent, workload: &str) -> Vec<(String, S
         ),
         ("ENVELOPE_THRESHOLD".into(), event.threshold.to_string()),
         ("ENVELOPE_REASON".into(), event.reason.clone()),
+        (
+            "ENVELOPE_CAUSE".into(),
+            event
+                .cause
+                .as_ref()
+                .map_or_else(String::new, |c| c.summary.clone()),
+        ),
+        (
+            "ENVELOPE_BOTTLENECK".into(),
+            event
+                .cause
+                .as_ref()
+                .map_or_else(String::new, |c| c.bottleneck.name().to_string()),
+        ),
+        (
+            "ENVELOPE_SOURCE".into(),
+            event.source.clone().unwrap_or_default(),
+        ),
     ]
 }
 
@@ -337,6 +355,8 @@ mod tests {
             threshold: 10.0,
             burn_rates: vec![(3600, 20.0, 30.0)],
             reason: "burn rate 20 over 1h and 30 over 5m reached 14.4".into(),
+            cause: None,
+            source: Some("engine, vllm".into()),
         }
     }
 

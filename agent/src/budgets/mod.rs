@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 pub mod actions;
+pub mod cause;
 pub mod store;
 
 use crate::{
@@ -24,7 +25,7 @@ use crate::{
 };
 pub use crate::{
     config::{BudgetPolicy, BurnRateWindow, DEFAULT_BURN_RATE_WINDOWS},
-    model::vocabulary::{Bound, BreachStatus, BudgetMetric, NoDataPolicy},
+    model::vocabulary::{Bottleneck, Bound, BreachStatus, BudgetMetric, NoDataPolicy},
 };
 
 /// A window's observation for one budget: observed vs threshold.
@@ -75,6 +76,10 @@ pub struct BudgetState {
     /// The long silence was logged (once per silence).
     #[serde(default)]
     pub silence_reported: bool,
+    /// Bad windows so far by the class that held the workload back in each (`model`,
+    /// `storage`, `network`, `cpu`, `none`): which cause burned the error budget.
+    #[serde(default)]
+    pub bad_windows_by_cause: std::collections::BTreeMap<Bottleneck, u64>,
 }
 
 /// A state change, explained.
@@ -91,6 +96,11 @@ pub struct BreachEvent {
     pub burn_rates: Vec<(u64, f64, f64)>,
     /// Why it fired or resolved, in words.
     pub reason: String,
+    /// The bad windows behind it and where the workload's time went in them (filled by the
+    /// daemon, which remembers the recent windows).
+    pub cause: Option<cause::BreachCause>,
+    /// Where the budget's figure came from, when it has two sources ("engine, vllm").
+    pub source: Option<String>,
 }
 
 /// "1h", "5m", "3days": a burn window as the configuration writes it.
@@ -217,6 +227,8 @@ impl BudgetState {
             threshold,
             burn_rates: burn_rates.clone(),
             reason,
+            cause: None,
+            source: None,
         };
         match self.firing_since_s {
             None if self.consecutive_alerting >= policy.enter_after => {

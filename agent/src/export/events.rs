@@ -57,6 +57,12 @@ pub fn explain(
     if !event.reason.is_empty() {
         line.push_str(&format!("; {status}: {}", event.reason));
     }
+    if let Some(cause) = &event.cause {
+        line.push_str(&format!("; cause: {}", cause.summary));
+    }
+    if let Some(source) = &event.source {
+        line.push_str(&format!("; measured by the {source}"));
+    }
     let mut attributes = vec![
         ("envelope.budget".to_string(), event.budget.clone()),
         ("envelope.workload".to_string(), result.workload.clone()),
@@ -73,6 +79,26 @@ pub fn explain(
             event.threshold.to_string(),
         ),
     ];
+    if let Some(cause) = &event.cause {
+        attributes.extend([
+            ("envelope.breach.cause".to_string(), cause.summary.clone()),
+            (
+                "envelope.breach.cause.bottleneck".to_string(),
+                cause.bottleneck.name().to_string(),
+            ),
+            (
+                "envelope.breach.cause.share".to_string(),
+                cause.share.to_string(),
+            ),
+            (
+                "envelope.breach.bad_windows".to_string(),
+                format!("{}/{}", cause.bad_windows, cause.windows),
+            ),
+        ]);
+    }
+    if let Some(source) = &event.source {
+        attributes.push(("envelope.budget.source".to_string(), source.clone()));
+    }
     for ((_, long, _), label) in event.burn_rates.iter().zip(window_labels) {
         attributes.push((format!("envelope.burn_rate.{label}"), long.to_string()));
     }
@@ -114,6 +140,8 @@ mod tests {
             threshold: 10.0,
             burn_rates: vec![(3600, 20.0, 30.0)],
             reason: String::new(),
+            cause: None,
+            source: None,
         };
         let result = BudgetResult {
             name: "loader p95".into(),
@@ -157,5 +185,67 @@ mod tests {
             attribute("envelope.top_offender"),
             Some("nvme0n1: P95 84 ms")
         );
+        assert_eq!(attribute("envelope.breach.cause"), None, "no cause was given");
+    }
+
+    #[test]
+    fn a_breach_event_carries_its_cause_and_source_in_the_line_and_the_attributes() {
+        use crate::analysis::attribution::TimeBreakdown;
+        use crate::budgets::cause::{RecentWindows, WindowCause};
+        let verdict = Verdict {
+            bottleneck: Bottleneck::Model,
+            confidence: 0.9,
+            workload: Some("llm".into()),
+            pid: Some(42),
+            summary: "model - llm (pid 42) spent 58% waiting on GPU 0 at 99% utilization".into(),
+            evidence: vec![],
+            share: 0.58,
+            note: None,
+        };
+        let time = TimeBreakdown {
+            gpu_ns: 580,
+            on_cpu_ns: 420,
+            ..Default::default()
+        };
+        let mut recent = RecentWindows::default();
+        for _ in 0..2 {
+            recent.push(WindowCause::of(Some(false), Some(612.0), Some((&time, &verdict))), 6);
+        }
+        let event = BreachEvent {
+            budget: "ttft".into(),
+            status: BreachStatus::Firing,
+            breach_id: "ttft@1800".into(),
+            observed: Some(612.0),
+            threshold: 400.0,
+            burn_rates: vec![],
+            reason: String::new(),
+            cause: recent.explain("llm", BudgetMetric::TtftP95Ms, Bound::Ceiling, 400.0),
+            source: Some("engine, vllm".into()),
+        };
+        let result = BudgetResult {
+            name: "ttft".into(),
+            workload: "llm".into(),
+            metric: BudgetMetric::TtftP95Ms,
+            bound: Bound::Ceiling,
+            threshold: 400.0,
+            observed: Some(612.0),
+            good: Some(false),
+            no_data: false,
+            source: Some("engine, vllm".into()),
+        };
+        let (line, log) = explain(&event, &result, Some(&verdict), &[], UNIX_EPOCH);
+        let cause = "ttft_p95_ms 612 > 400 in 2 of the last 2 windows; in those windows llm lost 58% of its active time waiting on the GPU; latest: model - llm (pid 42) spent 58% waiting on GPU 0 at 99% utilization";
+        assert!(line.ends_with(&format!("; cause: {cause}; measured by the engine, vllm")), "{line}");
+        let attribute = |key: &str| {
+            log.attributes
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(attribute("envelope.breach.cause"), Some(cause));
+        assert_eq!(attribute("envelope.breach.cause.bottleneck"), Some("model"));
+        assert_eq!(attribute("envelope.breach.cause.share"), Some("0.58"));
+        assert_eq!(attribute("envelope.breach.bad_windows"), Some("2/2"));
+        assert_eq!(attribute("envelope.budget.source"), Some("engine, vllm"));
     }
 }

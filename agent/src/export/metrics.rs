@@ -120,6 +120,7 @@ metrics! {
     BUDGET_BREACHES = "envelope.budget.breaches", "{breach}", "Breaches that fired";
     BUDGET_OBJECTIVE = "envelope.budget.objective", "", "The budget's objective: the share of windows that must be good, e.g. 0.99";
     BUDGET_WINDOWS = "envelope.budget.windows", "{window}", "Windows evaluated, by envelope.budget.outcome (good, bad): the input of burn-rate alert rules";
+    BUDGET_BAD_WINDOWS = "envelope.budget.bad_windows", "{window}", "Bad windows by envelope.bottleneck, the class that held the workload back in each (model, storage, network, cpu, none): which cause burned the error budget";
 }
 
 /// Admits the first `limit` values of a label for good; later ones become "other".
@@ -175,6 +176,8 @@ pub struct BudgetView {
     pub objective: f64,
     pub good_windows: u64,
     pub bad_windows: u64,
+    /// Bad windows by the class that held the workload back in each.
+    pub bad_windows_by_cause: BTreeMap<Bottleneck, u64>,
 }
 
 /// What lives between exports: userspace totals and the admitted label values.
@@ -714,6 +717,15 @@ fn budget_series(budgets: &[BudgetView], out: &mut Vec<Series>) {
                 value: Value::Counter(windows as f64),
             });
         }
+        for (cause, windows) in &budget.bad_windows_by_cause {
+            let mut attributes = attributes.clone();
+            attributes.push(("envelope.bottleneck", cause.name().to_string()));
+            out.push(Series {
+                metric: &BUDGET_BAD_WINDOWS,
+                attributes,
+                value: Value::Counter(*windows as f64),
+            });
+        }
         out.push(Series {
             metric: &BUDGET_BREACHES,
             attributes,
@@ -979,6 +991,7 @@ mod tests {
             objective: 0.99,
             good_windows: 7,
             bad_windows: 3,
+            bad_windows_by_cause: [(Bottleneck::Model, 2), (Bottleneck::Storage, 1)].into(),
         };
         let series = state.series(
             &KernelSnapshot::default(),
@@ -1005,6 +1018,21 @@ mod tests {
         assert_eq!(
             value("envelope.budget.windows"),
             vec![Value::Counter(7.0), Value::Counter(3.0)]
+        );
+        let causes: Vec<(String, Value)> = series
+            .iter()
+            .filter(|s| s.metric.name == "envelope.budget.bad_windows")
+            .map(|s| {
+                let cause = s.attributes.iter().find(|(k, _)| *k == "envelope.bottleneck");
+                (cause.map(|(_, v)| v.clone()).unwrap_or_default(), s.value.clone())
+            })
+            .collect();
+        assert_eq!(
+            causes,
+            vec![
+                ("model".to_string(), Value::Counter(2.0)),
+                ("storage".to_string(), Value::Counter(1.0))
+            ]
         );
     }
 
