@@ -508,3 +508,165 @@ fn diagnose_reports_the_engines_figures_in_json() {
     assert_eq!(llm["stale"], serde_json::Value::Null);
     let _ = std::fs::remove_dir_all(directory);
 }
+
+/// The daemon: request budgets on an engine's figures breach and resolve with one event and
+/// one action each, and the event says what the bad windows were, what held the workload
+/// back in them, and that the engine measured it.
+#[test]
+fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_their_cause() {
+    use integration_tests::{
+        daemon::{Daemon, Scratch, wait_for},
+        otlp_receiver::{OtlpReceiver, attribute},
+    };
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+    if !root_or_skip("request budgets through envelope run") {
+        return;
+    }
+    // Each scrape adds a window of traffic: slow and thin while `bad` (10 requests, first
+    // tokens in (0.25, 0.5]: P95 0.4875 s), else 100 requests with first tokens <= 0.25 s.
+    let bad = Arc::new(AtomicBool::new(true));
+    let cumulative = Arc::new(Mutex::new([0u64; 6]));
+    let served = (bad.clone(), cumulative.clone());
+    let endpoint = MetricsEndpoint::start(move |_| {
+        let (bad, cumulative) = (&served.0, &served.1);
+        let mut counts = cumulative.lock().unwrap();
+        let add: [u64; 6] = if bad.load(Ordering::SeqCst) {
+            [0, 0, 10, 10, 10, 10]
+        } else {
+            [20, 100, 100, 100, 100, 100]
+        };
+        for (count, more) in counts.iter_mut().zip(add) {
+            *count += more;
+        }
+        let mut text = histogram(
+            "vllm:time_to_first_token_seconds",
+            VLLM_LABELS,
+            &TTFT_BOUNDS,
+            &counts[..],
+            0.0,
+        );
+        text.push_str(&sample(
+            "counter",
+            "vllm:request_success_total",
+            VLLM_LABELS,
+            counts[5] as f64,
+        ));
+        Answer::Text(text)
+    });
+    let dir = Scratch::new();
+    let receiver = OtlpReceiver::start();
+    // This test process is the workload (its threads serve the scrapes).
+    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let config = dir.0.join("envelope.toml");
+    let actions = dir.0.join("actions.log");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+window = "1s"
+state_dir = "{state}"
+
+[export]
+endpoint = "{otlp}"
+timeout = "2s"
+
+[alerting]
+windows = [{{ long = "10s", short = "2s", factor = 1.0 }}]
+enter_after = 2
+leave_after = 2
+
+[[workload]]
+name = "llm"
+process = ["{me}"]
+metrics_url = "{url}"
+
+[[budget]]
+name = "ttft"
+workload = "llm"
+metric = "ttft_p95_ms"
+max = 400.0
+objective = 0.5
+actions = [{{ command = ["sh", "-c", "echo \"ttft $ENVELOPE_STATUS|$ENVELOPE_SOURCE|$ENVELOPE_CAUSE\" >> {actions}"] }}]
+
+[[budget]]
+name = "throughput"
+workload = "llm"
+metric = "requests_per_s"
+min = 50.0
+objective = 0.5
+actions = [{{ command = ["sh", "-c", "echo \"throughput $ENVELOPE_STATUS|$ENVELOPE_SOURCE\" >> {actions}"] }}]
+"#,
+            state = dir.0.join("state").display(),
+            otlp = receiver.endpoint(),
+            me = me.trim(),
+            url = endpoint.url(),
+            actions = actions.display(),
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config, &[]);
+    let records = |budget: &str, status: &str| {
+        receiver
+            .log_records()
+            .into_iter()
+            .filter(|r| {
+                r.event_name == "envelope.budget.breach"
+                    && attribute(&r.attributes, "envelope.budget") == Some(budget)
+                    && attribute(&r.attributes, "envelope.breach.status") == Some(status)
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_for("both breaches to fire", Duration::from_secs(40), || {
+        !records("ttft", "firing").is_empty() && !records("throughput", "firing").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let firing = records("ttft", "firing");
+    assert_eq!(firing.len(), 1, "one event while it stays bad");
+    assert_eq!(records("throughput", "firing").len(), 1);
+    let cause = attribute(&firing[0].attributes, "envelope.breach.cause").unwrap_or_default();
+    // 10 first tokens in (0.25, 0.5]: rank 9.5 -> 0.25 + 0.25 * 9.5/10 = 0.4875 s.
+    assert!(cause.starts_with("ttft_p95_ms 487.5 > 400 in "), "{cause}");
+    assert_eq!(
+        attribute(&firing[0].attributes, "envelope.budget.source"),
+        Some("engine, vllm")
+    );
+    assert!(attribute(&firing[0].attributes, "envelope.breach.cause.bottleneck").is_some());
+
+    bad.store(false, Ordering::SeqCst);
+    wait_for("both breaches to resolve", Duration::from_secs(40), || {
+        !records("ttft", "resolved").is_empty() && !records("throughput", "resolved").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(records("ttft", "firing").len(), 1);
+    assert_eq!(records("ttft", "resolved").len(), 1);
+    assert_eq!(records("throughput", "resolved").len(), 1);
+    wait_for("the actions", Duration::from_secs(10), || {
+        std::fs::read_to_string(&actions).is_ok_and(|log| log.lines().count() == 4)
+    });
+    let log = std::fs::read_to_string(&actions).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let ttft: Vec<&&str> = lines.iter().filter(|l| l.starts_with("ttft ")).collect();
+    assert_eq!(ttft.len(), 2, "{log}");
+    assert!(
+        ttft[0].starts_with("ttft firing|engine, vllm|ttft_p95_ms 487.5 > 400 in "),
+        "{log}"
+    );
+    assert!(ttft[1].starts_with("ttft resolved|engine, vllm|"), "{log}");
+    let throughput: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("throughput "))
+        .collect();
+    assert_eq!(
+        throughput,
+        [
+            &"throughput firing|engine, vllm",
+            &"throughput resolved|engine, vllm"
+        ],
+        "{log}"
+    );
+    assert_eq!(daemon.stop(), 0);
+}

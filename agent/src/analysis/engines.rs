@@ -350,9 +350,8 @@ pub fn summarize_engine(
         generation_tokens: count(generation_tokens),
         tokens_per_s: match (prompt_tokens, generation_tokens) {
             (None, None) => None,
-            (p, g) => seconds.map(|s| {
-                ((p.unwrap_or(0.0) + g.unwrap_or(0.0)) / s * 1000.0).round() / 1000.0
-            }),
+            (p, g) => seconds
+                .map(|s| ((p.unwrap_or(0.0) + g.unwrap_or(0.0)) / s * 1000.0).round() / 1000.0),
         },
         prefix_cache_hit_rate: hit_rate.map(|r| (r * 1e4).round() / 1e4),
         kv_cache_usage: increase.gauge(&catalogue.kv_cache_usage, true),

@@ -236,15 +236,27 @@ impl Daemon {
                     .find(|j| j.window.name == budget.workload)
                     .map(|j| (&j.window.time, &j.verdict))
             };
-            let cause = WindowCause::of(result.good, result.observed, judged);
+            let cause = WindowCause::of(
+                result.good,
+                result.observed,
+                window.elapsed.as_nanos() as u64,
+                judged,
+            );
             if result.good == Some(false) {
-                *state.bad_windows_by_cause.entry(cause.bottleneck).or_default() += 1;
+                *state
+                    .bad_windows_by_cause
+                    .entry(cause.bottleneck)
+                    .or_default() += 1;
             }
             let recent = self.recent.entry(budget.name.clone()).or_default();
             recent.push(cause, recent_capacity(&policy, self.config.agent.window));
             if let Some(event) = transition.as_mut() {
-                event.cause =
-                    recent.explain(&budget.workload, budget.metric, budget.bound, budget.threshold);
+                event.cause = recent.explain(
+                    &budget.workload,
+                    budget.metric,
+                    budget.bound,
+                    budget.threshold,
+                );
                 event.source = result.source.clone();
             }
             if let Some(silent_s) = state.silence_to_report(at_s, &policy) {

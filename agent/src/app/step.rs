@@ -193,7 +193,10 @@ impl WindowStep {
         );
         attribution::name_request_workloads(&mut summary.requests, &workloads);
         for workload in &mut workloads {
-            workload.engine = engines.iter().find(|e| e.workload == workload.name).cloned();
+            workload.engine = engines
+                .iter()
+                .find(|e| e.workload == workload.name)
+                .cloned();
         }
         let mut seen: Vec<(u64, String)> = workloads
             .iter()

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use serde::Serialize;
 
 use crate::{
-    analysis::attribution::{TimeBreakdown, TimeShares, Verdict},
+    analysis::attribution::{Rules, TimeBreakdown, TimeShares, Verdict},
     model::vocabulary::{Bottleneck, Bound, BudgetMetric},
 };
 
@@ -19,16 +19,24 @@ pub struct WindowCause {
     pub observed: Option<f64>,
     /// The budget's workload (or, for "*", the node's held-back workload) in the window.
     pub time: TimeBreakdown,
+    /// The window's length.
+    pub window_ns: u64,
     pub bottleneck: Bottleneck,
     /// The verdict's one line.
     pub summary: String,
 }
 
 impl WindowCause {
-    pub fn of(good: Option<bool>, observed: Option<f64>, judged: Option<(&TimeBreakdown, &Verdict)>) -> Self {
+    pub fn of(
+        good: Option<bool>,
+        observed: Option<f64>,
+        window_ns: u64,
+        judged: Option<(&TimeBreakdown, &Verdict)>,
+    ) -> Self {
         Self {
             good,
             observed,
+            window_ns,
             time: judged.map(|(time, _)| *time).unwrap_or_default(),
             bottleneck: judged.map_or(Bottleneck::None, |(_, v)| v.bottleneck),
             summary: judged.map(|(_, v)| v.summary.clone()).unwrap_or_default(),
@@ -86,14 +94,23 @@ impl RecentWindows {
             .collect();
         let latest = bad.last()?;
         let mut time = TimeBreakdown::default();
+        let mut window_ns = 0;
         for window in &bad {
             time.add(&window.time);
+            window_ns += window.window_ns;
         }
+        // Active thread time per second of window, as the verdict's idle rule reads it.
+        let active = time.active_ns() as f64 / window_ns.max(1) as f64;
+        let idle = active < Rules::default().min_active;
         let shares = time.active_shares();
         let classes = [
             (Bottleneck::Model, shares.gpu, "waiting on the GPU"),
             (Bottleneck::Storage, shares.storage, "blocked on storage"),
-            (Bottleneck::Network, shares.network, "waiting on the network"),
+            (
+                Bottleneck::Network,
+                shares.network,
+                "waiting on the network",
+            ),
             (
                 Bottleneck::Cpu,
                 shares.on_cpu + shares.waiting_for_cpu,
@@ -104,7 +121,7 @@ impl RecentWindows {
             .iter()
             .copied()
             .max_by(|a, b| a.1.total_cmp(&b.1))
-            .filter(|(_, share, _)| *share >= 0.2)
+            .filter(|(_, share, _)| *share >= 0.2 && !idle)
             .unwrap_or((Bottleneck::None, 0.0, ""));
         let relation = match bound {
             Bound::Ceiling => ">",
@@ -120,6 +137,13 @@ impl RecentWindows {
         );
         if time.active_ns() == 0 {
             summary.push_str(&format!("; {workload} did not run in them"));
+        } else if idle {
+            summary.push_str(&format!(
+                "; in those windows {workload} was mostly idle on this node (active {:.0}% of \
+                 the time): what held its requests back is not here (its clients, an \
+                 upstream, or work it waits for elsewhere)",
+                active * 100.0
+            ));
         } else if bottleneck == Bottleneck::None {
             summary.push_str(&format!(
                 "; in those windows no class took a fifth of {workload}'s active time"
@@ -169,11 +193,19 @@ mod tests {
             other_sleep_ns: 5_000_000_000,
             ..Default::default()
         };
-        let bottleneck = if gpu_ms > cpu_ms { Bottleneck::Model } else { Bottleneck::Cpu };
+        let bottleneck = if gpu_ms > cpu_ms {
+            Bottleneck::Model
+        } else {
+            Bottleneck::Cpu
+        };
         WindowCause::of(
             Some(good),
             Some(observed),
-            Some((&time, &verdict(bottleneck, &format!("{bottleneck} - llm (pid 42)")))),
+            1_000_000_000,
+            Some((
+                &time,
+                &verdict(bottleneck, &format!("{bottleneck} - llm (pid 42)")),
+            )),
         )
     }
 
@@ -209,13 +241,41 @@ mod tests {
             None,
             "the bad window fell out of the last 3"
         );
-        recent.push(WindowCause::of(None, None, None), 3);
+        recent.push(WindowCause::of(None, None, 1_000_000_000, None), 3);
         recent.push(window(false, 2.0, 100, 900), 3);
         let cause = recent
             .explain("llm", BudgetMetric::RequestsPerS, Bound::Floor, 5.0)
             .unwrap();
-        assert_eq!((cause.bad_windows, cause.windows), (1, 2), "no-data windows are not evaluated");
+        assert_eq!(
+            (cause.bad_windows, cause.windows),
+            (1, 2),
+            "no-data windows are not evaluated"
+        );
         assert_eq!(cause.bottleneck, Bottleneck::Cpu);
-        assert!(cause.summary.starts_with("requests_per_s 2 < 5 in 1 of the last 2 windows"), "{}", cause.summary);
+        assert!(
+            cause
+                .summary
+                .starts_with("requests_per_s 2 < 5 in 1 of the last 2 windows"),
+            "{}",
+            cause.summary
+        );
+    }
+
+    #[test]
+    fn a_mostly_idle_workload_is_not_said_to_lose_its_time_to_a_class() {
+        let mut recent = RecentWindows::default();
+        // 30 ms of CPU in a 1 s window: the verdict's idle rule (active < 25%).
+        recent.push(window(false, 9.0, 0, 30), 3);
+        let cause = recent
+            .explain("llm", BudgetMetric::TtftP95Ms, Bound::Ceiling, 5.0)
+            .unwrap();
+        assert_eq!(cause.bottleneck, Bottleneck::None);
+        assert!(
+            cause
+                .summary
+                .contains("llm was mostly idle on this node (active 3% of the time)"),
+            "{}",
+            cause.summary
+        );
     }
 }

@@ -497,7 +497,10 @@ pub fn source(budget: &Budget, windows: &[WorkloadWindow]) -> Option<String> {
         chosen
             .clone()
             .find_map(|w| w.engine.as_ref().and_then(|e| e.engine))
-            .map_or_else(|| "engine".to_string(), |kind| format!("engine, {}", kind.as_str()))
+            .map_or_else(
+                || "engine".to_string(),
+                |kind| format!("engine, {}", kind.as_str()),
+            )
     };
     let from = |pick: fn(&EngineSummary) -> Option<f64>| {
         if has_engine(pick) {
@@ -1095,7 +1098,10 @@ process = ["uvicorn"]
         )
         .unwrap_err()
         .to_string();
-        assert!(error.contains("cost_per_request needs [pricing]"), "{error}");
+        assert!(
+            error.contains("cost_per_request needs [pricing]"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -185,7 +185,11 @@ mod tests {
             attribute("envelope.top_offender"),
             Some("nvme0n1: P95 84 ms")
         );
-        assert_eq!(attribute("envelope.breach.cause"), None, "no cause was given");
+        assert_eq!(
+            attribute("envelope.breach.cause"),
+            None,
+            "no cause was given"
+        );
     }
 
     #[test]
@@ -209,7 +213,10 @@ mod tests {
         };
         let mut recent = RecentWindows::default();
         for _ in 0..2 {
-            recent.push(WindowCause::of(Some(false), Some(612.0), Some((&time, &verdict))), 6);
+            recent.push(
+                WindowCause::of(Some(false), Some(612.0), 1_000, Some((&time, &verdict))),
+                6,
+            );
         }
         let event = BreachEvent {
             budget: "ttft".into(),
@@ -235,7 +242,10 @@ mod tests {
         };
         let (line, log) = explain(&event, &result, Some(&verdict), &[], UNIX_EPOCH);
         let cause = "ttft_p95_ms 612 > 400 in 2 of the last 2 windows; in those windows llm lost 58% of its active time waiting on the GPU; latest: model - llm (pid 42) spent 58% waiting on GPU 0 at 99% utilization";
-        assert!(line.ends_with(&format!("; cause: {cause}; measured by the engine, vllm")), "{line}");
+        assert!(
+            line.ends_with(&format!("; cause: {cause}; measured by the engine, vllm")),
+            "{line}"
+        );
         let attribute = |key: &str| {
             log.attributes
                 .iter()

@@ -1023,8 +1023,14 @@ mod tests {
             .iter()
             .filter(|s| s.metric.name == "envelope.budget.bad_windows")
             .map(|s| {
-                let cause = s.attributes.iter().find(|(k, _)| *k == "envelope.bottleneck");
-                (cause.map(|(_, v)| v.clone()).unwrap_or_default(), s.value.clone())
+                let cause = s
+                    .attributes
+                    .iter()
+                    .find(|(k, _)| *k == "envelope.bottleneck");
+                (
+                    cause.map(|(_, v)| v.clone()).unwrap_or_default(),
+                    s.value.clone(),
+                )
             })
             .collect();
         assert_eq!(
