@@ -56,7 +56,7 @@ fn check_passes_the_shipped_example_and_fails_a_bad_file() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/envelope.toml");
     let (code, stdout, stderr) = envelope(&["check", "--config", example]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains(": ok (6 budgets"), "{stdout}");
+    assert!(stdout.contains(": ok (8 budgets, 5 workloads"), "{stdout}");
     let (code, _, stderr) = envelope(&["check", "--config", "/nonexistent/envelope.toml"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("cannot read the configuration"), "{stderr}");

@@ -258,6 +258,9 @@ impl Daemon {
                     budget.threshold,
                 );
                 event.source = result.source.clone();
+                if event.status == BreachStatus::Firing {
+                    event.stage = result.overspent_stage().cloned();
+                }
             }
             if let Some(silent_s) = state.silence_to_report(at_s, &policy) {
                 tracing::info!(

@@ -66,6 +66,28 @@ pub fn breach_environment(event: &BreachEvent, workload: &str) -> Vec<(String, S
             "ENVELOPE_SOURCE".into(),
             event.source.clone().unwrap_or_default(),
         ),
+        (
+            "ENVELOPE_STAGE".into(),
+            event
+                .stage
+                .as_ref()
+                .map_or_else(String::new, |s| s.stage.clone()),
+        ),
+        (
+            "ENVELOPE_STAGE_OBSERVED".into(),
+            event
+                .stage
+                .as_ref()
+                .and_then(|s| s.observed)
+                .map_or_else(String::new, |v| v.to_string()),
+        ),
+        (
+            "ENVELOPE_STAGE_ALLOCATION".into(),
+            event
+                .stage
+                .as_ref()
+                .map_or_else(String::new, |s| s.allocation.to_string()),
+        ),
     ]
 }
 
@@ -357,6 +379,7 @@ mod tests {
             reason: "burn rate 20 over 1h and 30 over 5m reached 14.4".into(),
             cause: None,
             source: Some("engine, vllm".into()),
+            stage: None,
         }
     }
 

@@ -101,6 +101,9 @@ pub struct BreachEvent {
     pub cause: Option<cause::BreachCause>,
     /// Where the budget's figure came from, when it has two sources ("engine, vllm").
     pub source: Option<String>,
+    /// An envelope's breach: the stage that overspent its allocation the most in the window
+    /// that fired it.
+    pub stage: Option<StageResult>,
 }
 
 /// "1h", "5m", "3days": a burn window as the configuration writes it.
@@ -229,6 +232,7 @@ impl BudgetState {
             reason,
             cause: None,
             source: None,
+            stage: None,
         };
         match self.firing_since_s {
             None if self.consecutive_alerting >= policy.enter_after => {
@@ -310,6 +314,58 @@ pub struct BudgetResult {
     /// Where the figure came from, for metrics with more than one source ("engine, vllm",
     /// "kernel, port 8000"); null otherwise.
     pub source: Option<String>,
+    /// An envelope's stages: each one's allocation and what it measured (empty for a plain
+    /// budget).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageResult>,
+}
+
+/// One stage of an envelope in one window.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageResult {
+    pub stage: String,
+    pub allocation: f64,
+    /// None when the window had nothing to measure for it.
+    pub observed: Option<f64>,
+}
+
+impl BudgetResult {
+    /// The stage that overspent its allocation by the most (in the bound's unit); None when
+    /// every measured stage kept within its own.
+    pub fn overspent_stage(&self) -> Option<&StageResult> {
+        self.stages
+            .iter()
+            .filter_map(|s| s.observed.map(|o| (s, o - s.allocation)))
+            .filter(|(_, over)| *over > 0.0)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(stage, _)| stage)
+    }
+}
+
+/// What an envelope stage measured: its workload's own figure for the bound's metric, or the
+/// entry workload's requests to its upstream (response P95).
+fn measure_stage(
+    budget: &Budget,
+    stage: &crate::config::StageAllocation,
+    windows: &[WorkloadWindow],
+    pricing: &Pricing,
+) -> Option<f64> {
+    if let Some(workload) = &stage.workload {
+        let as_budget = Budget {
+            workload: workload.clone(),
+            stages: Vec::new(),
+            ..budget.clone()
+        };
+        return measure(&as_budget, windows, pricing);
+    }
+    let peer = stage.peer.as_ref()?;
+    windows
+        .iter()
+        .filter(|w| w.name == budget.workload)
+        .flat_map(|w| w.upstreams.iter())
+        .filter(|u| &u.endpoint == peer)
+        .filter_map(|u| u.p95_ms)
+        .reduce(f64::max)
 }
 
 /// Three decimals, or six significant digits for small figures (a cost per request of
@@ -537,6 +593,16 @@ pub fn evaluate_window(
                 threshold: budget.threshold,
                 observed: observed.map(round_observation),
                 source: observed.and_then(|_| source(budget, windows)),
+                stages: budget
+                    .stages
+                    .iter()
+                    .map(|stage| StageResult {
+                        stage: stage.name.clone(),
+                        allocation: stage.allocation,
+                        observed: measure_stage(budget, stage, windows, &config.pricing)
+                            .map(round_observation),
+                    })
+                    .collect(),
                 good: observed.map(|v| observe(at_s, v, budget.threshold, budget.bound).good),
                 no_data: observed.is_none(),
             }
@@ -1102,6 +1168,70 @@ process = ["uvicorn"]
             error.contains("cost_per_request needs [pricing]"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn an_envelope_measures_its_stages_and_names_the_one_that_overspent_most() {
+        let config = crate::config::parse_config(
+            "t.toml",
+            r#"
+[[workload]]
+name = "api"
+process = ["uvicorn"]
+
+[[workload]]
+name = "llm"
+process = ["vllm"]
+metrics_url = "http://127.0.0.1:8000/metrics"
+
+[[envelope]]
+name = "assistant"
+entry = "api"
+request_p95_ms = 1000.0
+
+[[envelope.stage]]
+name = "retrieval"
+peer = "10.0.0.7:6333"
+request_p95_ms = 100.0
+
+[[envelope.stage]]
+name = "generation"
+workload = "llm"
+request_p95_ms = 800.0
+"#,
+        )
+        .unwrap();
+        let mut windows = windows();
+        // The entry waited 250 ms P95 on its vector database; generation took 1500 ms.
+        windows[1].upstreams = vec![RequestEvidence {
+            endpoint: "10.0.0.7:6333".into(),
+            requests: 20,
+            p95_ms: Some(250.0),
+            ..Default::default()
+        }];
+        let results = evaluate_window(&config, &windows, 100);
+        let envelope = &results[0];
+        assert_eq!(envelope.name, "assistant: request_p95_ms");
+        assert_eq!(
+            (envelope.observed, envelope.good),
+            (Some(80.0), Some(true)),
+            "measured at the entry (the kernel's P95 on its port)"
+        );
+        let stages: Vec<(&str, f64, Option<f64>)> = envelope
+            .stages
+            .iter()
+            .map(|s| (s.stage.as_str(), s.allocation, s.observed))
+            .collect();
+        assert_eq!(
+            stages,
+            [("retrieval", 100.0, Some(250.0)), ("generation", 800.0, Some(1500.0))]
+        );
+        let worst = envelope.overspent_stage().unwrap();
+        assert_eq!(worst.stage, "generation", "700 ms over beats 150 ms over");
+        let mut within = envelope.clone();
+        within.stages[1].observed = Some(700.0);
+        within.stages[0].observed = None;
+        assert_eq!(within.overspent_stage(), None);
     }
 
     #[test]

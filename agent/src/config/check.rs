@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::{
     Action, AgentSettings, Alerting, Budget, BurnRateWindow, ConfigError, EngineEndpointConfig,
-    ExportConfig, LoadedConfig, Pricing,
+    ExportConfig, LoadedConfig, Pricing, StageAllocation,
     file::{self, Text},
     workloads::{WorkloadMatcher, WorkloadRules, glob_set},
 };
@@ -231,6 +231,24 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
             ));
         }
         budgets.push(budget);
+    }
+    for entry in &file.envelopes {
+        for budget in check_envelope(
+            &checker,
+            entry,
+            &names,
+            &with_engine,
+            &pricing,
+            alerting.https_only,
+        )? {
+            if !budget_names.insert(budget.name.clone()) {
+                return Err(checker.at(
+                    entry.name.span(),
+                    format!("envelope {:?}: another envelope or budget is named {:?}", entry.name.get_ref(), budget.name),
+                ));
+            }
+            budgets.push(budget);
+        }
     }
     Ok(LoadedConfig {
         workloads,
@@ -678,6 +696,154 @@ fn check_export(checker: &Checker<'_>, export: &file::ExportEntry) -> Checked<Ex
     })
 }
 
+/// A peer as the report writes it (canonical text, IPv4-mapped IPv6 as IPv4), so a
+/// configured one matches; None when it is not address:port.
+fn canonical_peer(text: &str) -> Option<String> {
+    let address = text.parse::<std::net::SocketAddr>().ok()?;
+    let ip = match address.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    Some(std::net::SocketAddr::new(ip, address.port()).to_string())
+}
+
+/// An envelope, as the budgets it becomes: one per end-to-end bound (`request_p95_ms`,
+/// `cost_per_request`) on its entry workload, each with its stages' allocations, which must
+/// fit in it.
+fn check_envelope(
+    checker: &Checker<'_>,
+    entry: &file::EnvelopeEntry,
+    workloads: &HashSet<&str>,
+    with_engine: &HashSet<&str>,
+    pricing: &Pricing,
+    https_only: bool,
+) -> Checked<Vec<Budget>> {
+    let name = entry.name.get_ref();
+    let context = format!("envelope {name:?}: ");
+    let bounds = [
+        (BudgetMetric::RequestP95Ms, &entry.request_p95_ms),
+        (BudgetMetric::CostPerRequest, &entry.cost_per_request),
+    ];
+    if bounds.iter().all(|(_, bound)| bound.is_none()) {
+        return Err(checker.at(
+            entry.name.span(),
+            format!("{context}give its end-to-end bounds: request_p95_ms and/or cost_per_request"),
+        ));
+    }
+    let mut stage_names = HashSet::new();
+    for stage in &entry.stages {
+        let stage_name = stage.name.get_ref();
+        let here = format!("{context}stage {stage_name:?}: ");
+        if stage_name.trim().is_empty() || !stage_names.insert(stage_name.as_str()) {
+            return Err(checker.at(
+                stage.name.span(),
+                format!("{here}stage names must be unique and not empty"),
+            ));
+        }
+        match (&stage.workload, &stage.peer) {
+            (Some(workload), None) => {
+                if !workloads.contains(workload.get_ref().as_str()) {
+                    return Err(checker.at(
+                        workload.span(),
+                        format!("{here}workload {:?} is not defined; add a [[workload]] with that name", workload.get_ref()),
+                    ));
+                }
+            }
+            (None, Some(peer)) => {
+                if canonical_peer(peer.get_ref()).is_none() {
+                    return Err(checker.at(peer.span(), format!("{here}peer {:?} must be address:port, the upstream the entry workload calls, e.g. \"10.0.0.7:6333\"", peer.get_ref())));
+                }
+                if let Some(cost) = &stage.cost_per_request {
+                    return Err(checker.at(cost.span(), format!("{here}an upstream's cost is not measured on this node; give cost_per_request to workload stages")));
+                }
+            }
+            _ => {
+                return Err(checker.at(
+                    stage.name.span(),
+                    format!("{here}give exactly one of workload (a stage on this node) or peer (an upstream of {:?})", entry.entry.get_ref()),
+                ));
+            }
+        }
+        for (metric, allocation) in [
+            (BudgetMetric::RequestP95Ms, &stage.request_p95_ms),
+            (BudgetMetric::CostPerRequest, &stage.cost_per_request),
+        ] {
+            let Some(allocation) = allocation else { continue };
+            let (low, high, range) = metric.valid_range();
+            if !finite_in(*allocation.get_ref(), low, high) {
+                return Err(checker.at(allocation.span(), format!("{here}{metric} {} is outside what it can be; use a finite number {range}", allocation.get_ref())));
+            }
+            if bounds.iter().any(|(m, bound)| *m == metric && bound.is_none()) {
+                return Err(checker.at(allocation.span(), format!("{here}{metric} is allocated, but the envelope has no end-to-end {metric} to split")));
+            }
+        }
+    }
+    let mut budgets = Vec::new();
+    for (metric, bound) in bounds {
+        let Some(bound) = bound else { continue };
+        let synthesised = file::BudgetEntry {
+            name: toml::Spanned::new(entry.name.span(), format!("{name}: {metric}")),
+            workload: entry.entry.clone(),
+            stage: None,
+            metric: toml::Spanned::new(bound.span(), metric.name().to_string()),
+            max: Some(bound.clone()),
+            min: None,
+            objective: entry.objective.clone(),
+            device: None,
+            peer: None,
+            on_no_data: entry.on_no_data.clone(),
+            actions: entry.actions.clone(),
+        };
+        let mut budget = check_budget(checker, &synthesised, workloads, with_engine, pricing, https_only)
+            .map_err(|error| match error {
+                // Say it is about the envelope, not a budget the user never wrote.
+                ConfigError::At {
+                    path,
+                    line,
+                    column,
+                    message,
+                } => ConfigError::At {
+                    path,
+                    line,
+                    column,
+                    message: message.replace(&format!("budget \"{name}: {metric}\": "), &context),
+                },
+                other => other,
+            })?;
+        let mut parts = Vec::new();
+        for stage in &entry.stages {
+            let allocation = match metric {
+                BudgetMetric::RequestP95Ms => &stage.request_p95_ms,
+                _ => &stage.cost_per_request,
+            };
+            let Some(allocation) = allocation else { continue };
+            parts.push(format!("{} {}", stage.name.get_ref(), allocation.get_ref()));
+            budget.stages.push(StageAllocation {
+                name: stage.name.get_ref().clone(),
+                workload: stage.workload.as_ref().map(|w| w.get_ref().clone()),
+                peer: stage.peer.as_ref().and_then(|p| canonical_peer(p.get_ref())),
+                allocation: *allocation.get_ref(),
+            });
+        }
+        let allocated: f64 = budget.stages.iter().map(|s| s.allocation).sum();
+        if allocated > budget.threshold * (1.0 + 1e-9) {
+            return Err(checker.at(
+                bound.span(),
+                format!(
+                    "{context}the stages' {metric} allocations sum to {allocated} ({}), {} more than the end-to-end bound {}; lower a stage's allocation or raise the bound",
+                    parts.join(" + "),
+                    ((allocated - budget.threshold) * 1e6).round() / 1e6,
+                    budget.threshold,
+                ),
+            ));
+        }
+        budgets.push(budget);
+    }
+    Ok(budgets)
+}
+
 fn check_budget(
     checker: &Checker<'_>,
     entry: &file::BudgetEntry,
@@ -784,20 +950,7 @@ fn check_budget(
             return Err(checker.at(peer.span(), format!("{context}peer {:?} must be address:port, e.g. \"10.0.0.7:6333\" or \"[2001:db8::1]:443\"", peer.get_ref())));
         }
     }
-    // As the report writes peers (canonical text, IPv4-mapped IPv6 as IPv4), so it matches.
-    let peer = entry
-        .peer
-        .as_ref()
-        .and_then(|p| p.get_ref().parse::<std::net::SocketAddr>().ok())
-        .map(|address| {
-            let ip = match address.ip() {
-                std::net::IpAddr::V6(v6) => v6
-                    .to_ipv4_mapped()
-                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-                v4 => v4,
-            };
-            std::net::SocketAddr::new(ip, address.port()).to_string()
-        });
+    let peer = entry.peer.as_ref().and_then(|p| canonical_peer(p.get_ref()));
     let on_no_data = match &entry.on_no_data {
         None => NoDataPolicy::Ignore,
         Some(value) => match value.get_ref().as_str() {
@@ -827,6 +980,7 @@ fn check_budget(
         peer,
         on_no_data,
         actions,
+        stages: Vec::new(),
     })
 }
 

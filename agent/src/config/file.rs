@@ -15,6 +15,8 @@ pub struct File {
     pub workloads: Vec<WorkloadEntry>,
     #[serde(default, rename = "budget")]
     pub budgets: Vec<BudgetEntry>,
+    #[serde(default, rename = "envelope")]
+    pub envelopes: Vec<EnvelopeEntry>,
     #[serde(default)]
     pub pricing: PricingEntry,
     #[serde(default)]
@@ -68,7 +70,34 @@ pub struct BudgetEntry {
     pub actions: Vec<Spanned<ActionEntry>>,
 }
 
+/// An inference envelope: end-to-end bounds measured at its entry workload, and the stages
+/// (workloads, or upstreams of the entry) each bound's allocation is split between.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeEntry {
+    pub name: Text,
+    pub entry: Text,
+    pub request_p95_ms: Option<Spanned<f64>>,
+    pub cost_per_request: Option<Spanned<f64>>,
+    pub objective: Option<Spanned<f64>>,
+    pub on_no_data: Option<Text>,
+    #[serde(default)]
+    pub actions: Vec<Spanned<ActionEntry>>,
+    #[serde(default, rename = "stage")]
+    pub stages: Vec<StageEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageEntry {
+    pub name: Text,
+    pub workload: Option<Text>,
+    pub peer: Option<Text>,
+    pub request_p95_ms: Option<Spanned<f64>>,
+    pub cost_per_request: Option<Spanned<f64>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionEntry {
     pub command: Option<Spanned<Vec<String>>>,

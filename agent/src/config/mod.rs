@@ -97,6 +97,21 @@ pub struct Budget {
     /// A window without data: no event (default) or a bad one.
     pub on_no_data: NoDataPolicy,
     pub actions: Vec<Action>,
+    /// An envelope's end-to-end bound: the stages its allocation is split between (empty
+    /// for a plain budget).
+    pub stages: Vec<StageAllocation>,
+}
+
+/// One stage's share of an envelope bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageAllocation {
+    pub name: String,
+    /// The stage is this workload's own figure...
+    pub workload: Option<String>,
+    /// ... or the entry workload's requests to this upstream ("addr:port").
+    pub peer: Option<String>,
+    /// In the bound's unit.
+    pub allocation: f64,
 }
 
 /// One action: run a command (argv, no shell) or POST the breach to a webhook.

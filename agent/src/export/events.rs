@@ -63,6 +63,15 @@ pub fn explain(
     if let Some(source) = &event.source {
         line.push_str(&format!("; measured by the {source}"));
     }
+    if let Some(stage) = &event.stage {
+        line.push_str(&format!(
+            "; stage {:?} overspent the most: {} = {} against its allocation {}",
+            stage.stage,
+            result.metric,
+            stage.observed.map_or_else(|| "no data".to_string(), |v| v.to_string()),
+            stage.allocation
+        ));
+    }
     let mut attributes = vec![
         ("envelope.budget".to_string(), event.budget.clone()),
         ("envelope.workload".to_string(), result.workload.clone()),
@@ -98,6 +107,19 @@ pub fn explain(
     }
     if let Some(source) = &event.source {
         attributes.push(("envelope.budget.source".to_string(), source.clone()));
+    }
+    if let Some(stage) = &event.stage {
+        attributes.extend([
+            ("envelope.stage".to_string(), stage.stage.clone()),
+            (
+                "envelope.stage.observed".to_string(),
+                stage.observed.map_or_else(String::new, |v| v.to_string()),
+            ),
+            (
+                "envelope.stage.allocation".to_string(),
+                stage.allocation.to_string(),
+            ),
+        ]);
     }
     for ((_, long, _), label) in event.burn_rates.iter().zip(window_labels) {
         attributes.push((format!("envelope.burn_rate.{label}"), long.to_string()));
@@ -142,6 +164,7 @@ mod tests {
             reason: String::new(),
             cause: None,
             source: None,
+            stage: None,
         };
         let result = BudgetResult {
             name: "loader p95".into(),
@@ -153,6 +176,7 @@ mod tests {
             good: Some(false),
             no_data: false,
             source: None,
+            stages: vec![],
         };
         let verdict = Verdict {
             bottleneck: Bottleneck::Storage,
@@ -228,6 +252,7 @@ mod tests {
             reason: String::new(),
             cause: recent.explain("llm", BudgetMetric::TtftP95Ms, Bound::Ceiling, 400.0),
             source: Some("engine, vllm".into()),
+            stage: None,
         };
         let result = BudgetResult {
             name: "ttft".into(),
@@ -239,6 +264,7 @@ mod tests {
             good: Some(false),
             no_data: false,
             source: Some("engine, vllm".into()),
+            stages: vec![],
         };
         let (line, log) = explain(&event, &result, Some(&verdict), &[], UNIX_EPOCH);
         let cause = "ttft_p95_ms 612 > 400 in 2 of the last 2 windows; in those windows llm lost 58% of its active time waiting on the GPU; latest: model - llm (pid 42) spent 58% waiting on GPU 0 at 99% utilization";

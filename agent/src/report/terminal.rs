@@ -128,12 +128,30 @@ pub fn render(report: &DiagnoseReport) -> String {
         let rows = report
             .budgets
             .iter()
-            .map(|budget| {
+            .flat_map(|budget| {
                 let comparison = match budget.bound {
                     Bound::Ceiling => "<=",
                     Bound::Floor => ">=",
                 };
-                vec![
+                // An envelope's stages under it: what each spent of its allocation.
+                let stages = budget.stages.iter().map(move |stage| {
+                    vec![
+                        format!("  stage {}", stage.stage),
+                        String::new(),
+                        String::new(),
+                        stage
+                            .observed
+                            .map_or_else(|| "-".to_string(), |v| format!("{v}")),
+                        format!("{comparison} {}", stage.allocation),
+                        match stage.observed {
+                            Some(v) if v > stage.allocation => "over",
+                            Some(_) => "ok",
+                            None => "no data",
+                        }
+                        .to_string(),
+                    ]
+                });
+                std::iter::once(vec![
                     budget.name.clone(),
                     budget.metric.name().to_string(),
                     budget.workload.clone(),
@@ -147,7 +165,8 @@ pub fn render(report: &DiagnoseReport) -> String {
                         None => "no data",
                     }
                     .to_string(),
-                ]
+                ])
+                .chain(stages)
             })
             .collect();
         let mut budgets = table(
@@ -903,6 +922,7 @@ mod tests {
                 good: None,
                 no_data: true,
                 source: None,
+                stages: vec![],
             }],
             engines: vec![
                 EngineSummary {
