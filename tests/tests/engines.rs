@@ -528,15 +528,17 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
     // Each scrape adds a window of traffic: slow and thin while `bad` (10 requests, first
     // tokens in (0.25, 0.5]: P95 0.4875 s), else 100 requests with first tokens <= 0.25 s.
     let bad = Arc::new(AtomicBool::new(true));
-    let cumulative = Arc::new(Mutex::new([0u64; 6]));
+    // [the TTFT buckets' counts..., requests answered slowly end to end]
+    let cumulative = Arc::new(Mutex::new([0u64; 7]));
+    let slow_total = |counts: &[u64; 7]| counts[6];
     let served = (bad.clone(), cumulative.clone());
     let endpoint = MetricsEndpoint::start(move |_| {
         let (bad, cumulative) = (&served.0, &served.1);
         let mut counts = cumulative.lock().unwrap();
-        let add: [u64; 6] = if bad.load(Ordering::SeqCst) {
-            [0, 0, 10, 10, 10, 10]
+        let add: [u64; 7] = if bad.load(Ordering::SeqCst) {
+            [0, 0, 10, 10, 10, 10, 10]
         } else {
-            [20, 100, 100, 100, 100, 100]
+            [20, 100, 100, 100, 100, 100, 0]
         };
         for (count, more) in counts.iter_mut().zip(add) {
             *count += more;
@@ -545,7 +547,7 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
             "vllm:time_to_first_token_seconds",
             VLLM_LABELS,
             &TTFT_BOUNDS,
-            &counts[..],
+            &counts[..6],
             0.0,
         );
         text.push_str(&sample(
@@ -553,6 +555,23 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
             "vllm:request_success_total",
             VLLM_LABELS,
             counts[5] as f64,
+        ));
+        // End to end: the same requests, all in (1.5, 2] s while bad, else in (0.3, 0.5].
+        let e2e: Vec<u64> = E2E_BOUNDS
+            .iter()
+            .chain(["+Inf"].iter())
+            .map(|bound| match *bound {
+                "0.3" => 0,
+                "0.5" | "0.8" | "1.0" | "1.5" => counts[5] - slow_total(&counts),
+                _ => counts[5],
+            })
+            .collect();
+        text.push_str(&histogram(
+            "vllm:e2e_request_latency_seconds",
+            VLLM_LABELS,
+            &E2E_BOUNDS,
+            &e2e,
+            0.0,
         ));
         Answer::Text(text)
     });
@@ -599,6 +618,23 @@ metric = "requests_per_s"
 min = 50.0
 objective = 0.5
 actions = [{{ command = ["sh", "-c", "echo \"throughput $ENVELOPE_STATUS|$ENVELOPE_SOURCE\" >> {actions}"] }}]
+
+[[envelope]]
+name = "assistant"
+entry = "llm"
+request_p95_ms = 1000.0
+objective = 0.5
+actions = [{{ command = ["sh", "-c", "echo \"assistant $ENVELOPE_STATUS|$ENVELOPE_STAGE|$ENVELOPE_STAGE_OBSERVED|$ENVELOPE_STAGE_ALLOCATION\" >> {actions}"] }}]
+
+[[envelope.stage]]
+name = "retrieval"
+peer = "127.0.0.1:9"
+request_p95_ms = 100.0
+
+[[envelope.stage]]
+name = "generation"
+workload = "llm"
+request_p95_ms = 800.0
 "#,
             state = dir.0.join("state").display(),
             otlp = receiver.endpoint(),
@@ -620,8 +656,9 @@ actions = [{{ command = ["sh", "-c", "echo \"throughput $ENVELOPE_STATUS|$ENVELO
             })
             .collect::<Vec<_>>()
     };
-    wait_for("both breaches to fire", Duration::from_secs(40), || {
-        !records("ttft", "firing").is_empty() && !records("throughput", "firing").is_empty()
+    let budgets = ["ttft", "throughput", "assistant: request_p95_ms"];
+    wait_for("the breaches to fire", Duration::from_secs(40), || {
+        budgets.iter().all(|b| !records(b, "firing").is_empty())
     });
     std::thread::sleep(Duration::from_secs(3));
     let firing = records("ttft", "firing");
@@ -635,17 +672,25 @@ actions = [{{ command = ["sh", "-c", "echo \"throughput $ENVELOPE_STATUS|$ENVELO
         Some("engine, vllm")
     );
     assert!(attribute(&firing[0].attributes, "envelope.breach.cause.bottleneck").is_some());
+    // The envelope names the stage that overspent: generation, 10 of 10 requests in (1.5, 2]
+    // s: P95 rank 9.5 -> 1.5 + 0.5 * 9.5/10 = 1.975 s against its 800 ms.
+    let envelope = records("assistant: request_p95_ms", "firing");
+    assert_eq!(envelope.len(), 1);
+    let stage = |key: &str| attribute(&envelope[0].attributes, key).map(str::to_string);
+    assert_eq!(stage("envelope.stage").as_deref(), Some("generation"));
+    assert_eq!(stage("envelope.stage.observed").as_deref(), Some("1975"));
+    assert_eq!(stage("envelope.stage.allocation").as_deref(), Some("800"));
 
     bad.store(false, Ordering::SeqCst);
-    wait_for("both breaches to resolve", Duration::from_secs(40), || {
-        !records("ttft", "resolved").is_empty() && !records("throughput", "resolved").is_empty()
+    wait_for("the breaches to resolve", Duration::from_secs(40), || {
+        budgets.iter().all(|b| !records(b, "resolved").is_empty())
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(records("ttft", "firing").len(), 1);
     assert_eq!(records("ttft", "resolved").len(), 1);
     assert_eq!(records("throughput", "resolved").len(), 1);
     wait_for("the actions", Duration::from_secs(10), || {
-        std::fs::read_to_string(&actions).is_ok_and(|log| log.lines().count() == 4)
+        std::fs::read_to_string(&actions).is_ok_and(|log| log.lines().count() == 6)
     });
     let log = std::fs::read_to_string(&actions).unwrap();
     let lines: Vec<&str> = log.lines().collect();
@@ -665,6 +710,18 @@ actions = [{{ command = ["sh", "-c", "echo \"throughput $ENVELOPE_STATUS|$ENVELO
         [
             &"throughput firing|engine, vllm",
             &"throughput resolved|engine, vllm"
+        ],
+        "{log}"
+    );
+    let assistant: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("assistant "))
+        .collect();
+    assert_eq!(
+        assistant,
+        [
+            &"assistant firing|generation|1975|800",
+            &"assistant resolved|||"
         ],
         "{log}"
     );

@@ -1224,7 +1224,10 @@ request_p95_ms = 800.0
             .collect();
         assert_eq!(
             stages,
-            [("retrieval", 100.0, Some(250.0)), ("generation", 800.0, Some(1500.0))]
+            [
+                ("retrieval", 100.0, Some(250.0)),
+                ("generation", 800.0, Some(1500.0))
+            ]
         );
         let worst = envelope.overspent_stage().unwrap();
         assert_eq!(worst.stage, "generation", "700 ms over beats 150 ms over");

@@ -244,7 +244,11 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
             if !budget_names.insert(budget.name.clone()) {
                 return Err(checker.at(
                     entry.name.span(),
-                    format!("envelope {:?}: another envelope or budget is named {:?}", entry.name.get_ref(), budget.name),
+                    format!(
+                        "envelope {:?}: another envelope or budget is named {:?}",
+                        entry.name.get_ref(),
+                        budget.name
+                    ),
                 ));
             }
             budgets.push(budget);
@@ -747,7 +751,10 @@ fn check_envelope(
                 if !workloads.contains(workload.get_ref().as_str()) {
                     return Err(checker.at(
                         workload.span(),
-                        format!("{here}workload {:?} is not defined; add a [[workload]] with that name", workload.get_ref()),
+                        format!(
+                            "{here}workload {:?} is not defined; add a [[workload]] with that name",
+                            workload.get_ref()
+                        ),
                     ));
                 }
             }
@@ -770,12 +777,23 @@ fn check_envelope(
             (BudgetMetric::RequestP95Ms, &stage.request_p95_ms),
             (BudgetMetric::CostPerRequest, &stage.cost_per_request),
         ] {
-            let Some(allocation) = allocation else { continue };
+            let Some(allocation) = allocation else {
+                continue;
+            };
             let (low, high, range) = metric.valid_range();
             if !finite_in(*allocation.get_ref(), low, high) {
-                return Err(checker.at(allocation.span(), format!("{here}{metric} {} is outside what it can be; use a finite number {range}", allocation.get_ref())));
+                return Err(checker.at(
+                    allocation.span(),
+                    format!(
+                        "{here}{metric} {} is outside what it can be; use a finite number {range}",
+                        allocation.get_ref()
+                    ),
+                ));
             }
-            if bounds.iter().any(|(m, bound)| *m == metric && bound.is_none()) {
+            if bounds
+                .iter()
+                .any(|(m, bound)| *m == metric && bound.is_none())
+            {
                 return Err(checker.at(allocation.span(), format!("{here}{metric} is allocated, but the envelope has no end-to-end {metric} to split")));
             }
         }
@@ -796,34 +814,46 @@ fn check_envelope(
             on_no_data: entry.on_no_data.clone(),
             actions: entry.actions.clone(),
         };
-        let mut budget = check_budget(checker, &synthesised, workloads, with_engine, pricing, https_only)
-            .map_err(|error| match error {
-                // Say it is about the envelope, not a budget the user never wrote.
-                ConfigError::At {
-                    path,
-                    line,
-                    column,
-                    message,
-                } => ConfigError::At {
-                    path,
-                    line,
-                    column,
-                    message: message.replace(&format!("budget \"{name}: {metric}\": "), &context),
-                },
-                other => other,
-            })?;
+        let mut budget = check_budget(
+            checker,
+            &synthesised,
+            workloads,
+            with_engine,
+            pricing,
+            https_only,
+        )
+        .map_err(|error| match error {
+            // Say it is about the envelope, not a budget the user never wrote.
+            ConfigError::At {
+                path,
+                line,
+                column,
+                message,
+            } => ConfigError::At {
+                path,
+                line,
+                column,
+                message: message.replace(&format!("budget \"{name}: {metric}\": "), &context),
+            },
+            other => other,
+        })?;
         let mut parts = Vec::new();
         for stage in &entry.stages {
             let allocation = match metric {
                 BudgetMetric::RequestP95Ms => &stage.request_p95_ms,
                 _ => &stage.cost_per_request,
             };
-            let Some(allocation) = allocation else { continue };
+            let Some(allocation) = allocation else {
+                continue;
+            };
             parts.push(format!("{} {}", stage.name.get_ref(), allocation.get_ref()));
             budget.stages.push(StageAllocation {
                 name: stage.name.get_ref().clone(),
                 workload: stage.workload.as_ref().map(|w| w.get_ref().clone()),
-                peer: stage.peer.as_ref().and_then(|p| canonical_peer(p.get_ref())),
+                peer: stage
+                    .peer
+                    .as_ref()
+                    .and_then(|p| canonical_peer(p.get_ref())),
                 allocation: *allocation.get_ref(),
             });
         }
@@ -950,7 +980,10 @@ fn check_budget(
             return Err(checker.at(peer.span(), format!("{context}peer {:?} must be address:port, e.g. \"10.0.0.7:6333\" or \"[2001:db8::1]:443\"", peer.get_ref())));
         }
     }
-    let peer = entry.peer.as_ref().and_then(|p| canonical_peer(p.get_ref()));
+    let peer = entry
+        .peer
+        .as_ref()
+        .and_then(|p| canonical_peer(p.get_ref()));
     let on_no_data = match &entry.on_no_data {
         None => NoDataPolicy::Ignore,
         Some(value) => match value.get_ref().as_str() {

@@ -147,7 +147,11 @@ fn errors_say_where_and_what() {
 fn the_shipped_example_is_valid() {
     let text = include_str!("../../../systemd/envelope.toml");
     let config = parse_config("systemd/envelope.toml", text).unwrap();
-    assert_eq!(config.budgets.len(), 8, "6 budgets and an envelope's 2 bounds");
+    assert_eq!(
+        config.budgets.len(),
+        8,
+        "6 budgets and an envelope's 2 bounds"
+    );
     assert_eq!(config.engines.len(), 2);
     assert_eq!(config.budgets[6].stages.len(), 3);
     assert_eq!(config.alerting.burn_rate_windows[0].long_s, 3_600);
@@ -708,14 +712,25 @@ fn an_envelope_becomes_one_budget_per_end_to_end_bound_with_its_stages() {
     assert_eq!(names, ["rag: request_p95_ms", "rag: cost_per_request"]);
     let latency = &config.budgets[0];
     assert_eq!(
-        (latency.workload.as_str(), latency.threshold, latency.objective),
+        (
+            latency.workload.as_str(),
+            latency.threshold,
+            latency.objective
+        ),
         ("gateway", 1500.0, 0.99)
     );
     assert_eq!(latency.actions.len(), 1);
     let stages: Vec<(&str, Option<&str>, Option<&str>, f64)> = latency
         .stages
         .iter()
-        .map(|s| (s.name.as_str(), s.workload.as_deref(), s.peer.as_deref(), s.allocation))
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.workload.as_deref(),
+                s.peer.as_deref(),
+                s.allocation,
+            )
+        })
         .collect();
     assert_eq!(
         stages,
@@ -725,7 +740,11 @@ fn an_envelope_becomes_one_budget_per_end_to_end_bound_with_its_stages() {
             ("generation", Some("llm"), None, 1000.0),
         ]
     );
-    let cost: Vec<f64> = config.budgets[1].stages.iter().map(|s| s.allocation).collect();
+    let cost: Vec<f64> = config.budgets[1]
+        .stages
+        .iter()
+        .map(|s| s.allocation)
+        .collect();
     assert_eq!(cost, [0.001, 0.015], "only the stages that allocate a cost");
 }
 
@@ -739,19 +758,52 @@ fn stage_allocations_that_cannot_fit_are_refused_saying_by_how_much() {
         ),
         "{error}"
     );
-    assert!(error.starts_with("rag.toml:21:"), "at the bound's line: {error}");
+    assert!(
+        error.starts_with("rag.toml:21:"),
+        "at the bound's line: {error}"
+    );
     let costly = RAG.replace("cost_per_request = 0.015", "cost_per_request = 0.025");
     let error = parse_config("rag.toml", &costly).unwrap_err().to_string();
-    assert!(error.contains("cost_per_request allocations sum to 0.026"), "{error}");
-    assert!(error.contains("0.006 more than the end-to-end bound 0.02"), "{error}");
+    assert!(
+        error.contains("cost_per_request allocations sum to 0.026"),
+        "{error}"
+    );
+    assert!(
+        error.contains("0.006 more than the end-to-end bound 0.02"),
+        "{error}"
+    );
     for (from, to, hint) in [
-        ("entry = \"gateway\"", "entry = \"nobody\"", "envelope \"rag\": workload \"nobody\" is not defined"),
-        ("peer = \"10.0.0.7:6333\"", "peer = \"vector-db\"", "must be address:port"),
-        ("peer = \"10.0.0.7:6333\"", "peer = \"10.0.0.7:6333\"\nworkload = \"llm\"", "give exactly one of workload"),
-        ("name = \"retrieval\"", "name = \"generation\"", "stage names must be unique"),
-        ("request_p95_ms = 1500.0\n", "", "request_p95_ms is allocated, but the envelope has no end-to-end request_p95_ms"),
+        (
+            "entry = \"gateway\"",
+            "entry = \"nobody\"",
+            "envelope \"rag\": workload \"nobody\" is not defined",
+        ),
+        (
+            "peer = \"10.0.0.7:6333\"",
+            "peer = \"vector-db\"",
+            "must be address:port",
+        ),
+        (
+            "peer = \"10.0.0.7:6333\"",
+            "peer = \"10.0.0.7:6333\"\nworkload = \"llm\"",
+            "give exactly one of workload",
+        ),
+        (
+            "name = \"retrieval\"",
+            "name = \"generation\"",
+            "stage names must be unique",
+        ),
+        (
+            "request_p95_ms = 1500.0\n",
+            "",
+            "request_p95_ms is allocated, but the envelope has no end-to-end request_p95_ms",
+        ),
         ("gpu_hour = 2.5", "", "cost_per_request needs [pricing]"),
-        ("peer = \"10.0.0.7:6333\"\nrequest_p95_ms = 300.0", "peer = \"10.0.0.7:6333\"\ncost_per_request = 0.001", "an upstream's cost is not measured on this node"),
+        (
+            "peer = \"10.0.0.7:6333\"\nrequest_p95_ms = 300.0",
+            "peer = \"10.0.0.7:6333\"\ncost_per_request = 0.001",
+            "an upstream's cost is not measured on this node",
+        ),
     ] {
         let text = RAG.replacen(from, to, 1);
         assert_ne!(text, RAG, "{from}");

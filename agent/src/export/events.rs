@@ -68,7 +68,9 @@ pub fn explain(
             "; stage {:?} overspent the most: {} = {} against its allocation {}",
             stage.stage,
             result.metric,
-            stage.observed.map_or_else(|| "no data".to_string(), |v| v.to_string()),
+            stage
+                .observed
+                .map_or_else(|| "no data".to_string(), |v| v.to_string()),
             stage.allocation
         ));
     }
