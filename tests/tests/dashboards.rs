@@ -12,6 +12,7 @@ use std::{
 use integration_tests::{
     ScratchFile,
     daemon::{Daemon, ReadLoad, Scratch, wait_for},
+    engine_fixture::{Answer, MetricsEndpoint, vllm},
     fake_nvml_library, root_or_skip,
 };
 
@@ -213,6 +214,10 @@ fn every_dashboard_query_parses_and_returns_data_from_a_real_database() {
         .to_string(),
     )
     .unwrap();
+    // A vLLM endpoint served by this process, which is also the workload that holds the GPU:
+    // the Envelope row's engine figures, cost per request and burn by cause.
+    let engine = MetricsEndpoint::start(|n| Answer::Text(vllm(n as u64)));
+    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
     let config = dir.0.join("envelope.toml");
     std::fs::write(
         &config,
@@ -221,6 +226,9 @@ fn every_dashboard_query_parses_and_returns_data_from_a_real_database() {
 [agent]
 window = "1s"
 state_dir = "{state}"
+
+[pricing]
+gpu_hour = 2.5
 
 [export]
 protocol = "http/protobuf"
@@ -244,9 +252,29 @@ name = "node rtt p95"
 workload = "*"
 metric = "network_rtt_p95_ms"
 max = 20.0
+
+[[workload]]
+name = "llm"
+process = ["{me}"]
+metrics_url = "{engine}"
+
+# Always breached (first tokens take 190 ms and more): bad windows to count by cause.
+[[budget]]
+name = "llm ttft"
+workload = "llm"
+metric = "ttft_p95_ms"
+max = 1.0
+
+[[budget]]
+name = "llm cost per request"
+workload = "llm"
+metric = "cost_per_request"
+max = 0.01
 "#,
             state = dir.0.join("state").display(),
             port = database.port,
+            me = me.trim(),
+            engine = engine.url(),
         ),
     )
     .unwrap();
@@ -270,6 +298,9 @@ max = 20.0
                     .is_ok_and(|n| n > 0)
                 && database
                     .query("envelope_storage_latency_seconds_count")
+                    .is_ok_and(|n| n > 0)
+                && database
+                    .query("envelope_budget_bad_windows_total")
                     .is_ok_and(|n| n > 0)
         },
     );

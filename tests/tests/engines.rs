@@ -13,91 +13,11 @@ use envelope::{
 };
 use integration_tests::{
     diagnose_json,
-    engine_fixture::{Answer, MetricsEndpoint, histogram, sample},
+    engine_fixture::{
+        Answer, E2E_BOUNDS, MetricsEndpoint, TTFT_BOUNDS, VLLM_LABELS, histogram, sample, vllm,
+    },
     root_or_skip,
 };
-
-const VLLM_LABELS: &str = "engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\",";
-const E2E_BOUNDS: [&str; 6] = ["0.3", "0.5", "0.8", "1.0", "1.5", "2.0"];
-const TTFT_BOUNDS: [&str; 5] = ["0.1", "0.25", "0.5", "0.75", "1.0"];
-
-/// vLLM v1's /metrics after `base` + `n` rounds of traffic. Each round of 100 requests puts
-/// (end to end) 10 in (0.3, 0.5], 30 in (0.5, 0.8], 40 in (0.8, 1], 15 in (1, 1.5], 5 in
-/// (1.5, 2]; (first token) 20 <= 0.1, 50 in (0.1, 0.25], 25 in (0.25, 0.5], 5 in
-/// (0.5, 0.75]; 5,000 prompt tokens of which 3,000 hit the prefix cache, 20,000 generated.
-fn vllm(n: u64) -> String {
-    let base = 7; // counts before the first scrape: the window must subtract them
-    let e2e: Vec<u64> = [0, 10, 40, 80, 95, 100, 100]
-        .iter()
-        .map(|c| c * n + base)
-        .collect();
-    let ttft: Vec<u64> = [20, 70, 95, 100, 100, 100]
-        .iter()
-        .map(|c| c * n + base)
-        .collect();
-    let mut text = String::new();
-    text.push_str(&histogram(
-        "vllm:e2e_request_latency_seconds",
-        VLLM_LABELS,
-        &E2E_BOUNDS,
-        &e2e,
-        86.5 * n as f64,
-    ));
-    text.push_str(&histogram(
-        "vllm:time_to_first_token_seconds",
-        VLLM_LABELS,
-        &TTFT_BOUNDS,
-        &ttft,
-        20.0 * n as f64,
-    ));
-    for (name, per_round) in [
-        ("vllm:request_success_total", 100.0),
-        ("vllm:prompt_tokens_total", 5000.0),
-        ("vllm:generation_tokens_total", 20000.0),
-        ("vllm:prefix_cache_queries_total", 5000.0),
-        ("vllm:prefix_cache_hits_total", 3000.0),
-    ] {
-        let labels = if name == "vllm:request_success_total" {
-            format!("{VLLM_LABELS}finished_reason=\"stop\",")
-        } else {
-            VLLM_LABELS.to_string()
-        };
-        text.push_str(&sample(
-            "counter",
-            name,
-            &labels,
-            per_round * n as f64 + base as f64,
-        ));
-    }
-    text.push_str(&sample(
-        "gauge",
-        "vllm:kv_cache_usage_perc",
-        VLLM_LABELS,
-        0.42,
-    ));
-    text.push_str(&sample(
-        "gauge",
-        "vllm:num_requests_running",
-        VLLM_LABELS,
-        7.0,
-    ));
-    text.push_str(&sample(
-        "gauge",
-        "vllm:num_requests_waiting",
-        VLLM_LABELS,
-        3.0,
-    ));
-    // What else a real vLLM exposes, which the reader must skip.
-    text.push_str("# HELP python_gc_objects_collected_total Objects collected during gc\n");
-    text.push_str("python_gc_objects_collected_total{generation=\"0\"} 12345.0\n");
-    text.push_str(&sample(
-        "gauge",
-        "vllm:cache_config_info",
-        "block_size=\"16\",",
-        1.0,
-    ));
-    text
-}
 
 fn reader(url: &str, engine: EngineChoice, timeout: Duration) -> EngineReaders {
     let mut readers = EngineReaders::default();

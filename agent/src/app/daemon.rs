@@ -193,6 +193,7 @@ impl Daemon {
             );
         }
         self.metrics.add_window(&window.workloads, &window.gpu);
+        self.metrics.add_engines(&window.engines);
         self.export(&window, &views, last).await;
     }
 

@@ -22,6 +22,7 @@ use agent_common::{
 use crate::{
     analysis::{
         attribution::{Judged, Verdict},
+        engines::EngineSummary,
         gpu::GpuSummary,
     },
     model::{
@@ -95,6 +96,13 @@ metrics! {
     REQUEST_DURATION = "envelope.request.duration", "s", "Requests served (envelope.request.role = server, by local server.port) and made (client, by upstream server.address and server.port): first request byte to last response byte, timed in the kernel from the sockets' sends and receives";
     REQUEST_FIRST_BYTE = "envelope.request.first_byte", "s", "Request start to the first response byte (the first token of a streamed answer), same keys as envelope.request.duration";
     REQUEST_UNTIMED = "envelope.request.untimed", "{request}", "Requests that ended without a response (the connection closed first, or a one-way stream)";
+    ENGINE_REQUESTS = "envelope.engine.requests", "{request}", "Requests a serving engine finished, from its own /metrics (envelope.workload, envelope.engine)";
+    ENGINE_TOKENS = "envelope.engine.tokens", "{token}", "Tokens a serving engine processed, by gen_ai.token.type (input = prompt, output = generated)";
+    ENGINE_LATENCY = "envelope.engine.latency", "s", "A serving engine's latency quantile over the latest window (envelope.engine.phase e2e, ttft, tpot, queue; envelope.quantile 0.5, 0.95, 0.99; or mean), computed from its own histograms";
+    ENGINE_PREFIX_CACHE_HIT_RATIO = "envelope.engine.prefix_cache.hit_ratio", "1", "A serving engine's prefix-cache hits over lookups in the latest window";
+    ENGINE_KV_CACHE_USAGE = "envelope.engine.kv_cache.usage", "1", "A serving engine's KV cache in use at the latest window's end";
+    ENGINE_ACTIVE_REQUESTS = "envelope.engine.requests.active", "{request}", "Requests in a serving engine at the latest window's end, by envelope.engine.request.state (running, waiting)";
+    ENGINE_STALE = "envelope.engine.stale", "", "1 when the engine's endpoint gave no figures in the latest window (slow, down, oversized or not an engine's), else 0";
     WORKLOAD_TIME_LOST = "envelope.workload.time_lost", "s", "Time a workload's threads spent blocked on each bottleneck class (model = waiting on the GPU, cpu = runnable but not running)";
     WORKLOAD_BOTTLENECK = "envelope.workload.bottleneck", "", "1 for the bottleneck class of the workload's latest window, 0 for the others";
     WORKLOAD_BOTTLENECK_SHARE = "envelope.workload.bottleneck.share", "1", "Share of the workload's active time lost to its bottleneck in the latest window";
@@ -196,6 +204,18 @@ pub struct MetricsState {
     xid_errors: BTreeMap<String, u64>,
     /// Latest verdict per workload.
     verdicts: BTreeMap<String, Verdict>,
+    /// Per engine endpoint (workload): requests and tokens since start, and its latest window.
+    engines: BTreeMap<String, EngineTotals>,
+}
+
+/// A serving engine's counts since the agent started (the sum of its windows' increases, so
+/// an engine restart does not reset them), and its latest window.
+#[derive(Debug, Default)]
+struct EngineTotals {
+    requests: f64,
+    input_tokens: f64,
+    output_tokens: f64,
+    latest: EngineSummary,
 }
 
 /// The classes time is lost to (every class but none).
@@ -228,6 +248,19 @@ impl MetricsState {
             time_lost_s: BTreeMap::new(),
             xid_errors: BTreeMap::new(),
             verdicts: BTreeMap::new(),
+            engines: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one window of the serving engines' own figures.
+    pub fn add_engines(&mut self, engines: &[EngineSummary]) {
+        for engine in engines {
+            let name = self.workloads.admit(&engine.workload);
+            let totals = self.engines.entry(name).or_default();
+            totals.requests += engine.requests.unwrap_or(0) as f64;
+            totals.input_tokens += engine.prompt_tokens.unwrap_or(0) as f64;
+            totals.output_tokens += engine.generation_tokens.unwrap_or(0) as f64;
+            totals.latest = engine.clone();
         }
     }
 
@@ -291,6 +324,7 @@ impl MetricsState {
         self.request_series(kernel, &mut out);
         self.attribution_series(&mut out);
         self.gpu_series(gpu, &mut out);
+        self.engine_series(&mut out);
         budget_series(budgets, &mut out);
         probe_series(kernel, &mut out);
         out
@@ -525,6 +559,91 @@ impl MetricsState {
                     verdict.share
                 }),
             });
+        }
+    }
+
+    fn engine_series(&self, out: &mut Vec<Series>) {
+        for (workload, totals) in &self.engines {
+            let engine = &totals.latest;
+            let mut attributes = vec![("envelope.workload", workload.clone())];
+            if let Some(kind) = engine.engine {
+                attributes.push(("envelope.engine", kind.as_str().to_string()));
+            }
+            let with = |extra: &[(&'static str, &str)]| {
+                let mut all = attributes.clone();
+                all.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+                all
+            };
+            out.push(Series {
+                metric: &ENGINE_STALE,
+                attributes: attributes.clone(),
+                value: Value::Gauge(f64::from(u8::from(engine.stale.is_some()))),
+            });
+            if engine.engine.is_none() {
+                continue; // never answered: nothing else to say
+            }
+            out.push(Series {
+                metric: &ENGINE_REQUESTS,
+                attributes: attributes.clone(),
+                value: Value::Counter(totals.requests),
+            });
+            for (kind, tokens) in [
+                ("input", totals.input_tokens),
+                ("output", totals.output_tokens),
+            ] {
+                out.push(Series {
+                    metric: &ENGINE_TOKENS,
+                    attributes: with(&[("gen_ai.token.type", kind)]),
+                    value: Value::Counter(tokens),
+                });
+            }
+            // Quantiles and means of the latest window, in seconds; absent ones are not sent.
+            let latencies = [
+                ("e2e", "0.5", engine.e2e_p50_ms),
+                ("e2e", "0.95", engine.e2e_p95_ms),
+                ("e2e", "0.99", engine.e2e_p99_ms),
+                ("e2e", "mean", engine.e2e_mean_ms),
+                ("ttft", "0.5", engine.ttft_p50_ms),
+                ("ttft", "0.95", engine.ttft_p95_ms),
+                ("ttft", "0.99", engine.ttft_p99_ms),
+                ("tpot", "0.95", engine.tpot_p95_ms),
+                ("tpot", "mean", engine.tpot_mean_ms),
+                ("queue", "0.95", engine.queue_p95_ms),
+                ("queue", "mean", engine.queue_mean_ms),
+            ];
+            for (phase, quantile, ms) in latencies {
+                if let Some(ms) = ms {
+                    out.push(Series {
+                        metric: &ENGINE_LATENCY,
+                        attributes: with(&[
+                            ("envelope.engine.phase", phase),
+                            ("envelope.quantile", quantile),
+                        ]),
+                        value: Value::Gauge(ms / 1e3),
+                    });
+                }
+            }
+            for (metric, value) in [
+                (&ENGINE_PREFIX_CACHE_HIT_RATIO, engine.prefix_cache_hit_rate),
+                (&ENGINE_KV_CACHE_USAGE, engine.kv_cache_usage),
+            ] {
+                if let Some(value) = value {
+                    out.push(Series {
+                        metric,
+                        attributes: attributes.clone(),
+                        value: Value::Gauge(value),
+                    });
+                }
+            }
+            for (state, value) in [("running", engine.running), ("waiting", engine.waiting)] {
+                if let Some(value) = value {
+                    out.push(Series {
+                        metric: &ENGINE_ACTIVE_REQUESTS,
+                        attributes: with(&[("envelope.engine.request.state", state)]),
+                        value: Value::Gauge(value),
+                    });
+                }
+            }
         }
     }
 
@@ -1039,6 +1158,98 @@ mod tests {
                 ("model".to_string(), Value::Counter(2.0)),
                 ("storage".to_string(), Value::Counter(1.0))
             ]
+        );
+    }
+
+    #[test]
+    fn engine_figures_export_as_totals_that_survive_restarts_and_latest_window_gauges() {
+        use crate::model::engine::EngineKind;
+        let mut state = MetricsState::new(limits(4), &[]);
+        let window = |requests, ttft_p95_ms, restarted| EngineSummary {
+            workload: "llm".into(),
+            engine: Some(EngineKind::Vllm),
+            requests: Some(requests),
+            prompt_tokens: Some(1000),
+            generation_tokens: Some(4000),
+            ttft_p95_ms,
+            prefix_cache_hit_rate: Some(0.6),
+            running: Some(3.0),
+            restarted,
+            ..EngineSummary::default()
+        };
+        state.add_engines(&[window(100, Some(250.0), false)]);
+        // The engine restarted: its window counts from zero, the exported total goes on.
+        state.add_engines(&[window(40, None, true)]);
+        let series = state.series(
+            &KernelSnapshot::default(),
+            &Names,
+            &GpuSummary::default(),
+            &[],
+        );
+        let values = |name: &str| -> Vec<(Vec<String>, Value)> {
+            series
+                .iter()
+                .filter(|s| s.metric.name == name)
+                .map(|s| {
+                    let attributes = s
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    (attributes, s.value.clone())
+                })
+                .collect()
+        };
+        let base = [
+            "envelope.workload=llm".to_string(),
+            "envelope.engine=vllm".to_string(),
+        ];
+        assert_eq!(
+            values("envelope.engine.requests"),
+            [(base.to_vec(), Value::Counter(140.0))]
+        );
+        let tokens: Vec<Value> = values("envelope.engine.tokens")
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(tokens, [Value::Counter(2000.0), Value::Counter(8000.0)]);
+        assert!(
+            values("envelope.engine.latency").is_empty(),
+            "the latest window had no TTFT: nothing stale is sent"
+        );
+        assert_eq!(
+            values("envelope.engine.prefix_cache.hit_ratio")[0].1,
+            Value::Gauge(0.6)
+        );
+        let mut running = base.to_vec();
+        running.push("envelope.engine.request.state=running".into());
+        assert_eq!(
+            values("envelope.engine.requests.active"),
+            [(running, Value::Gauge(3.0))]
+        );
+        assert_eq!(values("envelope.engine.stale")[0].1, Value::Gauge(0.0));
+        state.add_engines(&[window(10, Some(250.0), false)]);
+        let series = state.series(
+            &KernelSnapshot::default(),
+            &Names,
+            &GpuSummary::default(),
+            &[],
+        );
+        let ttft: Vec<&Series> = series
+            .iter()
+            .filter(|s| s.metric.name == "envelope.engine.latency")
+            .collect();
+        assert_eq!(ttft.len(), 1);
+        assert_eq!(ttft[0].value, Value::Gauge(0.25), "in seconds");
+        assert!(
+            ttft[0]
+                .attributes
+                .contains(&("envelope.engine.phase", "ttft".into()))
+        );
+        assert!(
+            ttft[0]
+                .attributes
+                .contains(&("envelope.quantile", "0.95".into()))
         );
     }
 
