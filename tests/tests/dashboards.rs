@@ -323,3 +323,101 @@ max = 0.01
         failures.join("\n")
     );
 }
+
+/// `[export] prometheus = true`: the daemon serves the same catalogue for scraping, promtool
+/// accepts the exposition, and the names are those the dashboard and rules query.
+#[test]
+fn the_prometheus_endpoint_serves_the_catalogue_and_promtool_accepts_it() {
+    if !root_or_skip("the Prometheus endpoint of envelope run") {
+        return;
+    }
+    let Some(promtool) = test_tool("promtool") else {
+        return;
+    };
+    let dir = Scratch::new();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let engine = MetricsEndpoint::start(|n| Answer::Text(vllm(n as u64)));
+    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let config = dir.0.join("envelope.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+window = "1s"
+state_dir = "{state}"
+
+[export]
+enabled = false
+prometheus = true
+prometheus_listen = "127.0.0.1:{port}"
+
+[[workload]]
+name = "reader"
+process = ["dd"]
+
+[[workload]]
+name = "llm \"quoted\""
+process = ["{me}"]
+metrics_url = "{engine}"
+
+[[budget]]
+name = "reader storage p95"
+workload = "reader"
+metric = "storage_p95_ms"
+max = 50.0
+"#,
+            state = dir.0.join("state").display(),
+            me = me.trim(),
+            engine = engine.url(),
+        ),
+    )
+    .unwrap();
+    let file = ScratchFile::create(16 << 20);
+    let _load = ReadLoad::start(&file.path);
+    let daemon = Daemon::start(&config, &[]);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut text = String::new();
+    wait_for("a full exposition", Duration::from_secs(30), || {
+        text = ureq_get(&url).unwrap_or_default();
+        text.contains("envelope_storage_latency_seconds_bucket")
+            && text.contains("envelope_engine_requests_total")
+    });
+    for expected in [
+        "# TYPE envelope_budget_state gauge",
+        "# TYPE envelope_budget_windows_total counter",
+        "# TYPE envelope_storage_latency_seconds histogram",
+        "envelope_workload=\"llm \\\"quoted\\\"\"",
+        "host_name=\"",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in:\n{text}");
+    }
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = check.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let missing = ureq_get(&format!("http://127.0.0.1:{port}/other")).unwrap_err();
+    assert!(missing.contains("serves /metrics only"), "{missing}");
+    assert_eq!(daemon.stop(), 0);
+}

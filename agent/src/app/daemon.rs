@@ -28,6 +28,7 @@ use crate::{
         events::explain,
         metrics::{BudgetView, Limits, MetricsState},
         otlp::{LogEvent, OtlpExporter, OtlpSettings, metrics_request, unix_ns},
+        prometheus,
     },
     host::system::LiveSystem,
     model::vocabulary::{BreachStatus, NoDataPolicy},
@@ -101,6 +102,8 @@ struct Daemon {
     /// Actions still running (their outcome is logged when they end); awaited at shutdown.
     actions_in_flight: Vec<tokio::task::JoinHandle<()>>,
     budget_states: BTreeMap<String, BudgetState>,
+    /// The Prometheus scrape endpoint's exposition, when `[export] prometheus` is on.
+    prometheus: Option<prometheus::Exposition>,
     /// Each budget's last windows with where its workload's time went: what a breach event
     /// explains itself with (in memory: after a restart, from the windows since).
     recent: BTreeMap<String, RecentWindows>,
@@ -123,6 +126,13 @@ fn latency_thresholds_s(config: &LoadedConfig) -> Vec<f64> {
         // Through whole nanoseconds, so 0.1 ms becomes exactly the bound 0.0001, not 1.0000000000000001e-4.
         .map(|b| (b.threshold * 1e6).round() / 1e9)
         .collect()
+}
+
+/// The node's name, as the OTLP resource's `host.name` has it.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// How many windows a breach's cause looks back on: those of the shortest burn window's short
@@ -365,6 +375,12 @@ impl Daemon {
     }
 
     async fn export(&mut self, window: &Window, views: &[BudgetView], last: bool) {
+        if let Some(exposition) = &self.prometheus {
+            let series =
+                self.metrics
+                    .series(self.step.latest_snapshot(), &LiveSystem, &window.gpu, views);
+            *exposition.write().await = prometheus::render(&series, &host_name());
+        }
         let Some(exporter) = self.exporter.as_mut() else {
             return;
         };
@@ -500,6 +516,21 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         None => tracing::info!("[export] enabled = false: measuring and evaluating only"),
     }
+    let prometheus = match config.export.prometheus_listen {
+        None => None,
+        Some(address) => {
+            let exposition = prometheus::Exposition::default();
+            prometheus::serve(address, exposition.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen for Prometheus scrapes on {address}; set [export] prometheus_listen to a free address:port, or prometheus = false"
+                    )
+                })?;
+            tracing::info!("serving Prometheus scrapes on http://{address}/metrics");
+            Some(exposition)
+        }
+    };
 
     let mut step = WindowStep::start(config.agent.nvml_lib.clone(), config.agent.gpu_interval, 10)?;
     step.start_engines(&config).await;
@@ -517,6 +548,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         step,
         budget_states,
         recent: BTreeMap::new(),
+        prometheus,
         exporter,
         start_unix_ns,
         last_export: None,

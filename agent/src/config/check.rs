@@ -697,7 +697,36 @@ fn check_export(checker: &Checker<'_>, export: &file::ExportEntry) -> Checked<Ex
             .map(|v| checker.duration(context, "timeout", v, ABOVE_ZERO, MAX_EXPORT_TIMEOUT, "10s"))
             .transpose()?,
         ca_file,
+        prometheus_listen: check_prometheus(checker, export)?,
     })
+}
+
+/// `prometheus = true` (and where it listens): off by default, this node only unless the
+/// address says otherwise.
+fn check_prometheus(
+    checker: &Checker<'_>,
+    export: &file::ExportEntry,
+) -> Checked<Option<std::net::SocketAddr>> {
+    let context = "[export]: ";
+    let on = export.prometheus.unwrap_or(false);
+    match &export.prometheus_listen {
+        Some(listen) if !on => Err(checker.at(
+            listen.span(),
+            format!("{context}prometheus_listen needs prometheus = true"),
+        )),
+        Some(listen) => listen.get_ref().parse().map(Some).map_err(|_| {
+            checker.at(
+                listen.span(),
+                format!(
+                    "{context}prometheus_listen {:?} must be address:port, e.g. \"{}\" (this node only) or \"0.0.0.0:9464\" (every interface)",
+                    listen.get_ref(),
+                    super::DEFAULT_PROMETHEUS_LISTEN
+                ),
+            )
+        }),
+        None if on => Ok(super::DEFAULT_PROMETHEUS_LISTEN.parse().ok()),
+        None => Ok(None),
+    }
 }
 
 /// A peer as the report writes it (canonical text, IPv4-mapped IPv6 as IPv4), so a

@@ -163,4 +163,7 @@ pub struct ExportEntry {
     pub interval: Option<Text>,
     pub timeout: Option<Text>,
     pub ca_file: Option<Text>,
+    /// A Prometheus scrape endpoint on the agent (off by default).
+    pub prometheus: Option<bool>,
+    pub prometheus_listen: Option<Text>,
 }

@@ -305,7 +305,13 @@ pub struct ExportConfig {
     pub timeout: Option<Duration>,
     /// PEM file of the CA that signed the collector's certificate (https endpoints).
     pub ca_file: Option<String>,
+    /// Where the Prometheus scrape endpoint listens; None: off.
+    pub prometheus_listen: Option<std::net::SocketAddr>,
 }
+
+/// Where `[export] prometheus = true` listens unless `prometheus_listen` says otherwise:
+/// this node only (the OpenTelemetry Prometheus exporter's port).
+pub const DEFAULT_PROMETHEUS_LISTEN: &str = "127.0.0.1:9464";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
