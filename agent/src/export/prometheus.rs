@@ -92,7 +92,7 @@ pub fn render(series: &[Series], host: &str) -> String {
             .collect();
         labels.sort_by(|a, b| a.name().cmp(b.name()));
         let mut metric = Metric::default();
-        metric.set_label(labels.into());
+        metric.set_label(labels);
         match &one.value {
             Value::Gauge(value) => {
                 let mut gauge = Gauge::default();
@@ -121,7 +121,7 @@ pub fn render(series: &[Series], host: &str) -> String {
                         bucket
                     })
                     .collect();
-                out.set_bucket(buckets.into());
+                out.set_bucket(buckets);
                 metric.set_histogram(out);
             }
         }
