@@ -144,6 +144,12 @@ pub struct RequestEvidence {
     /// (its connections' lowest RTT, no delayed ACKs in it): the network's part of a response.
     pub rtt_p95_ms: Option<f64>,
     pub path_rtt_ms: Option<f64>,
+    /// Served requests: the window's latency and first-byte histograms (what a budget that
+    /// counts requests reads: how many were within its bound).
+    #[serde(skip)]
+    pub latency: Histogram,
+    #[serde(skip)]
+    pub first_byte: Histogram,
 }
 
 impl RequestEvidence {
@@ -161,6 +167,7 @@ impl RequestEvidence {
             first_byte_p95_ms: figures.first_byte_p95_ms,
             rtt_p95_ms,
             path_rtt_ms,
+            ..Self::default()
         }
     }
 }
@@ -404,12 +411,23 @@ pub fn workload_windows(
             .get(&server.pid)
             .and_then(|n| workloads.get_mut(n))
         {
-            workload.served.push(RequestEvidence::of(
-                format!("port {}", server.port),
-                &server.figures,
-                None,
-                None,
-            ));
+            let mut served =
+                RequestEvidence::of(format!("port {}", server.port), &server.figures, None, None);
+            let key = agent_common::requests::request_key(
+                agent_common::requests::role::SERVER,
+                server.pid,
+                server.port,
+                0,
+                [0; 16],
+                0,
+            );
+            if let Some(latency) = delta.request_latency.get(&key) {
+                served.latency = latency.clone();
+            }
+            if let Some(first_byte) = delta.request_first_byte.get(&key) {
+                served.first_byte = first_byte.clone();
+            }
+            workload.served.push(served);
         }
     }
     for client in &window.requests.clients {
@@ -834,6 +852,7 @@ mod tests {
             first_byte_p95_ms: Some(p95_ms - 0.1),
             rtt_p95_ms: Some(40.0),
             path_rtt_ms: Some(rtt_p95_ms),
+            ..Default::default()
         };
         w.upstreams = vec![upstream(300.0, 0.2)];
         w.served = vec![RequestEvidence {
@@ -844,6 +863,7 @@ mod tests {
             first_byte_p95_ms: Some(5.0),
             rtt_p95_ms: None,
             path_rtt_ms: None,
+            ..Default::default()
         }];
         let verdict = decide(&w, &Rules::default());
         assert_eq!(verdict.bottleneck, Bottleneck::Network);

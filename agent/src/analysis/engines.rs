@@ -52,6 +52,35 @@ pub struct EngineSummary {
     /// The engine's counters went down since the last scrape (a restart): the window counts
     /// from the restart.
     pub restarted: bool,
+    /// The window's end-to-end and first-token buckets, `(upper bound in seconds, requests
+    /// in that bucket and below)`: what a budget that counts requests reads.
+    #[serde(skip)]
+    pub e2e_buckets: Vec<(f64, f64)>,
+    #[serde(skip)]
+    pub ttft_buckets: Vec<(f64, f64)>,
+}
+
+/// How many of a window's requests took at most `bound_s`, from cumulative `(le, count)`
+/// buckets, interpolated inside the bucket that holds the bound as `histogram_quantile`
+/// interpolates (uniform within a bucket, the lowest one starting at 0). None without
+/// observations or a +Inf bucket.
+pub fn count_at_most(buckets: &[(f64, f64)], bound_s: f64) -> Option<f64> {
+    let total = buckets.last().filter(|(le, _)| *le == f64::INFINITY)?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if bound_s < le {
+            if le == f64::INFINITY {
+                return Some(lower.1); // above the highest finite bound: all of those below it
+            }
+            let fraction = ((bound_s - lower.0) / (le - lower.0)).clamp(0.0, 1.0);
+            return Some(lower.1 + (count - lower.1) * fraction);
+        }
+        lower = (le, count);
+    }
+    Some(total)
 }
 
 impl EngineSummary {
@@ -241,6 +270,18 @@ struct WindowHistogram<'h> {
 }
 
 impl WindowHistogram<'_> {
+    /// Cumulative buckets in seconds.
+    fn cumulative_s(&self) -> Vec<(f64, f64)> {
+        let mut total = 0.0;
+        self.buckets
+            .iter()
+            .map(|(le, count)| {
+                total = f64::max(total, *count);
+                (le * self.name.seconds_per_unit, total)
+            })
+            .collect()
+    }
+
     /// The quantile in milliseconds.
     fn quantile_ms(&self, q: f64) -> Option<f64> {
         histogram_quantile(q, &self.buckets).map(|v| round_ms(v * self.name.seconds_per_unit * 1e3))
@@ -359,6 +400,14 @@ pub fn summarize_engine(
         waiting: increase.gauge(&catalogue.waiting, false),
         stale: None,
         restarted: increase.restarted,
+        e2e_buckets: e2e
+            .as_ref()
+            .map(WindowHistogram::cumulative_s)
+            .unwrap_or_default(),
+        ttft_buckets: ttft
+            .as_ref()
+            .map(WindowHistogram::cumulative_s)
+            .unwrap_or_default(),
     }
 }
 
@@ -496,6 +545,39 @@ mod tests {
             "absent, not 0"
         );
         assert!(!window.restarted);
+    }
+
+    #[test]
+    fn requests_within_a_bound_are_counted_from_the_buckets_as_prometheus_interpolates() {
+        // 4 <= 0.5 s, 6 in (0.5, 1], 8 in (1, 2.5], 2 above.
+        let buckets = [(0.5, 4.0), (1.0, 10.0), (2.5, 18.0), (f64::INFINITY, 20.0)];
+        assert_eq!(count_at_most(&buckets, 0.5), Some(4.0));
+        assert_eq!(
+            count_at_most(&buckets, 0.25),
+            Some(2.0),
+            "the lowest bucket starts at 0"
+        );
+        assert_eq!(count_at_most(&buckets, 0.75), Some(7.0), "half of (0.5, 1]");
+        assert_eq!(
+            count_at_most(&buckets, 10.0),
+            Some(18.0),
+            "the +Inf bucket's are above"
+        );
+        assert_eq!(
+            count_at_most(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 1.0),
+            None
+        );
+        let window = summarize_engine(
+            "llm",
+            "u",
+            &Catalogue::of(EngineKind::Vllm),
+            Some(&vllm(100.0, [1.0, 2.0, 3.0, 3.0], 2.0, 100.0, 2.0)),
+            &vllm(110.0, [5.0, 12.0, 21.0, 23.0], 32.0, 1100.0, 7.0),
+        );
+        assert_eq!(
+            window.e2e_buckets, buckets,
+            "the window's increase, in seconds"
+        );
     }
 
     #[test]

@@ -223,9 +223,11 @@ impl Daemon {
             let state = self.budget_states.entry(budget.name.clone()).or_default();
             // Every window is evaluated, with data or without (a window without data adds no
             // event unless on_no_data = "breach"), so a breach resolves when its workload idles.
-            let observation = result
-                .observed
-                .map(|observed| observe(at_s, observed, budget.threshold, budget.bound));
+            let observation = result.observed.map(|observed| {
+                let mut observation = observe(at_s, observed, budget.threshold, budget.bound);
+                observation.requests = result.requests_within.zip(result.requests_beyond);
+                observation
+            });
             let mut transition = state.record_window(
                 &budget.name,
                 at_s,

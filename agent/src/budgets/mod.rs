@@ -25,7 +25,9 @@ use crate::{
 };
 pub use crate::{
     config::{BudgetPolicy, BurnRateWindow, DEFAULT_BURN_RATE_WINDOWS},
-    model::vocabulary::{Bottleneck, Bound, BreachStatus, BudgetMetric, NoDataPolicy},
+    model::vocabulary::{
+        Bottleneck, Bound, BreachStatus, BudgetMetric, NoDataPolicy, ObjectiveBasis,
+    },
 };
 
 /// A window's observation for one budget: observed vs threshold.
@@ -37,6 +39,9 @@ pub struct Observation {
     pub threshold: f64,
     /// True when the observation is within the budget.
     pub good: bool,
+    /// Budgets that count requests: the window's requests within the bound and beyond it.
+    #[serde(default)]
+    pub requests: Option<(u64, u64)>,
 }
 
 pub fn observe(at_s: u64, observed: f64, threshold: f64, bound: Bound) -> Observation {
@@ -49,6 +54,7 @@ pub fn observe(at_s: u64, observed: f64, threshold: f64, bound: Bound) -> Observ
         observed,
         threshold,
         good,
+        requests: None,
     }
 }
 
@@ -80,6 +86,26 @@ pub struct BudgetState {
     /// `storage`, `network`, `cpu`, `none`): which cause burned the error budget.
     #[serde(default)]
     pub bad_windows_by_cause: std::collections::BTreeMap<Bottleneck, u64>,
+    /// Budgets that count requests: (window end, requests within the bound, beyond it),
+    /// bounded like `history`.
+    #[serde(default)]
+    pub request_history: VecDeque<(u64, u64, u64)>,
+}
+
+/// The burn rate over the last `span_s` seconds counting requests: the share of requests
+/// beyond the bound over the error budget. None without a request in the span.
+pub fn request_burn_rate(
+    history: &VecDeque<(u64, u64, u64)>,
+    now_s: u64,
+    span_s: u64,
+    objective: f64,
+) -> Option<f64> {
+    let (good, bad) = history
+        .iter()
+        .filter(|(at, _, _)| at.saturating_add(span_s) > now_s && *at <= now_s)
+        .fold((0u64, 0u64), |(good, bad), (_, g, b)| (good + g, bad + b));
+    let error_budget = (1.0 - objective).max(1e-9);
+    (good + bad > 0).then(|| bad as f64 / (good + bad) as f64 / error_budget)
 }
 
 /// A state change, explained.
@@ -156,11 +182,22 @@ impl BudgetState {
         observation: Option<&Observation>,
         policy: &BudgetPolicy,
     ) -> Option<BreachEvent> {
-        let event_good = match (observation, policy.on_no_data) {
+        let mut event_good = match (observation, policy.on_no_data) {
             (Some(observation), _) => Some(observation.good),
             (None, NoDataPolicy::Ignore) => None,
             (None, NoDataPolicy::Breach) => Some(false),
         };
+        let counts_requests = policy.basis == ObjectiveBasis::Requests;
+        if counts_requests {
+            // The events are the window's requests: a window without any adds none.
+            match observation.and_then(|o| o.requests) {
+                Some((good, bad)) if good + bad > 0 => {
+                    self.request_history.push_back((now, good, bad));
+                }
+                _ if observation.is_some() => event_good = None,
+                _ => {}
+            }
+        }
         if let Some(good) = event_good {
             self.history.push_back((now, good));
             if good {
@@ -189,13 +226,27 @@ impl BudgetState {
         {
             self.history.pop_front();
         }
+        while self
+            .request_history
+            .front()
+            .is_some_and(|(at, _, _)| at.saturating_add(keep_s) < now)
+        {
+            self.request_history.pop_front();
+        }
+        let rate = |span_s: u64| {
+            if counts_requests {
+                request_burn_rate(&self.request_history, now, span_s, policy.objective)
+            } else {
+                burn_rate(&self.history, now, span_s, policy.objective)
+            }
+            .unwrap_or(0.0)
+        };
         let burn_rates: Vec<(u64, f64, f64)> = policy
             .burn_rate_windows
             .iter()
             .map(|w| {
-                let long = burn_rate(&self.history, now, w.long_s, policy.objective).unwrap_or(0.0);
-                let short =
-                    burn_rate(&self.history, now, w.short_s, policy.objective).unwrap_or(0.0);
+                let long = rate(w.long_s);
+                let short = rate(w.short_s);
                 (
                     w.long_s,
                     (long * 1000.0).round() / 1000.0,
@@ -314,6 +365,12 @@ pub struct BudgetResult {
     /// Where the figure came from, for metrics with more than one source ("engine, vllm",
     /// "kernel, port 8000"); null otherwise.
     pub source: Option<String>,
+    /// Budgets that count requests (`objective_basis = "requests"`): the window's requests
+    /// within the bound and beyond it; null otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_within: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_beyond: Option<u64>,
     /// An envelope's stages: each one's allocation and what it measured (empty for a plain
     /// budget).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -531,6 +588,47 @@ pub fn measure(budget: &Budget, windows: &[WorkloadWindow], pricing: &Pricing) -
     }
 }
 
+/// A budget that counts requests: the window's requests within its bound and beyond it,
+/// read from the engine's histogram when it has one, else from the kernel's histogram of the
+/// port the workload serves most requests on. None without requests.
+pub fn request_events(budget: &Budget, windows: &[WorkloadWindow]) -> Option<(u64, u64)> {
+    let chosen: Vec<&WorkloadWindow> = windows
+        .iter()
+        .filter(|w| budget.workload == "*" || w.name == budget.workload)
+        .collect();
+    let bound_s = budget.threshold / 1e3;
+    let ttft = budget.metric == BudgetMetric::TtftP95Ms;
+    let from_engine = chosen
+        .iter()
+        .filter_map(|w| w.engine.as_ref())
+        .find_map(|e| {
+            let buckets = if ttft {
+                &e.ttft_buckets
+            } else {
+                &e.e2e_buckets
+            };
+            let total = buckets.last()?.1;
+            let within = crate::analysis::engines::count_at_most(buckets, bound_s)?;
+            let within = within.floor().min(total);
+            Some((within as u64, (total - within).round() as u64))
+        });
+    if from_engine.is_some() {
+        return from_engine;
+    }
+    let served = chosen
+        .iter()
+        .flat_map(|w| w.served.first())
+        .max_by_key(|s| s.requests)?;
+    let histogram = if ttft {
+        &served.first_byte
+    } else {
+        &served.latency
+    };
+    let counts = histogram.rebucket_ns(&[budget.threshold * 1e6]);
+    let (within, beyond) = (counts[0], counts[1]);
+    (within + beyond > 0).then_some((within, beyond))
+}
+
 /// Where a budget's figure came from, when it has more than one source: the engine's own
 /// metrics, or the kernel's timing of the sockets.
 pub fn source(budget: &Budget, windows: &[WorkloadWindow]) -> Option<String> {
@@ -585,7 +683,12 @@ pub fn evaluate_window(
         .iter()
         .map(|budget| {
             let observed = measure(budget, windows, &config.pricing);
+            let requests = (budget.objective_basis == ObjectiveBasis::Requests)
+                .then(|| request_events(budget, windows))
+                .flatten();
             BudgetResult {
+                requests_within: requests.map(|(within, _)| within),
+                requests_beyond: requests.map(|(_, beyond)| beyond),
                 name: budget.name.clone(),
                 workload: budget.workload.clone(),
                 metric: budget.metric,
@@ -624,6 +727,52 @@ pub fn cost_per_hour(
 mod tests {
     use super::*;
 
+    #[test]
+    fn burning_on_requests_spends_the_budget_by_the_requests_beyond_the_bound() {
+        let mut by_windows = BudgetState::default();
+        let mut by_requests = BudgetState::default();
+        let windows_policy = policy();
+        let requests_policy = BudgetPolicy {
+            basis: ObjectiveBasis::Requests,
+            ..policy()
+        };
+        let mut fired = (0, 0);
+        for i in 0..6u64 {
+            // The P95 is over the bound every window, but only 3 requests in 100 are: 3% of
+            // requests against a 10% error budget is a burn rate of 0.3.
+            let mut observation = observe(i * 10, 1200.0, 1000.0, Bound::Ceiling);
+            observation.requests = Some((97, 3));
+            if by_windows
+                .record("w", &observation, &windows_policy)
+                .is_some()
+            {
+                fired.0 += 1;
+            }
+            if by_requests
+                .record("r", &observation, &requests_policy)
+                .is_some()
+            {
+                fired.1 += 1;
+            }
+        }
+        assert_eq!(
+            fired,
+            (1, 0),
+            "every window is bad; 3% of requests is within budget"
+        );
+        let burn = request_burn_rate(&by_requests.request_history, 50, 600, 0.9).unwrap();
+        assert!(
+            (burn - 0.3).abs() < 1e-9,
+            "18 of 600 requests over a 10% budget: {burn}"
+        );
+        // A window that is good by its P95 but with 40 of 100 requests beyond burns at 4.
+        let mut observation = observe(60, 900.0, 1000.0, Bound::Ceiling);
+        observation.requests = Some((60, 40));
+        by_requests.record("r", &observation, &requests_policy);
+        let burn = request_burn_rate(&by_requests.request_history, 60, 10, 0.9).unwrap();
+        assert!((burn - 4.0).abs() < 1e-9, "{burn}");
+    }
+
     /// Windows of 10 s; burn-rate windows scaled down for a test: 10 min / 1 min at factor 10.
     fn policy() -> BudgetPolicy {
         BudgetPolicy {
@@ -636,6 +785,7 @@ mod tests {
             enter_after: 2,
             leave_after: 3,
             on_no_data: NoDataPolicy::Ignore,
+            basis: ObjectiveBasis::Windows,
         }
     }
 
@@ -1235,6 +1385,53 @@ request_p95_ms = 800.0
         within.stages[1].observed = Some(700.0);
         within.stages[0].observed = None;
         assert_eq!(within.overspent_stage(), None);
+    }
+
+    #[test]
+    fn an_objective_on_requests_counts_the_requests_within_the_bound() {
+        let config = budgets(&[
+            (
+                "llm",
+                "request_p95_ms",
+                "max = 1000.0\nobjective_basis = \"requests\"",
+            ),
+            (
+                "api",
+                "request_p95_ms",
+                "max = 50.0\nobjective_basis = \"requests\"",
+            ),
+            ("llm", "ttft_p95_ms", "max = 400.0"),
+        ]);
+        let mut windows = windows();
+        // The engine's window: 4 <= 0.5 s, 6 in (0.5, 1], 8 in (1, 2.5], 2 above.
+        windows[0].engine.as_mut().unwrap().e2e_buckets =
+            vec![(0.5, 4.0), (1.0, 10.0), (2.5, 18.0), (f64::INFINITY, 20.0)];
+        // The kernel's: 150 requests at 20 ms, 50 at 80 ms on port 8000.
+        windows[1].served[0].latency = crate::model::Histogram::from_samples_ns(
+            std::iter::repeat_n(20_000_000, 150).chain(std::iter::repeat_n(80_000_000, 50)),
+        );
+        let results = evaluate_window(&config, &windows, 100);
+        let counted: Vec<(Option<u64>, Option<u64>)> = results
+            .iter()
+            .map(|r| (r.requests_within, r.requests_beyond))
+            .collect();
+        assert_eq!(
+            counted,
+            [(Some(10), Some(10)), (Some(150), Some(50)), (None, None)],
+            "only budgets that count requests count them"
+        );
+        let error = crate::config::parse_config(
+            "t.toml",
+            &format!("{CONFIG}[[budget]]\nname = \"x\"\nworkload = \"llm\"\nmetric = \"cache_hit_rate\"\nmin = 0.5\nobjective_basis = \"requests\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains(
+                "objective_basis = \"requests\" needs a metric read from a histogram of requests"
+            ),
+            "{error}"
+        );
     }
 
     #[test]

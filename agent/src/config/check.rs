@@ -17,7 +17,7 @@ use super::{
 };
 use crate::model::{
     engine::{EngineChoice, EngineKind, GenericNames},
-    vocabulary::{Bound, BudgetMetric, NoDataPolicy},
+    vocabulary::{Bound, BudgetMetric, NoDataPolicy, ObjectiveBasis},
 };
 
 /// `[agent] window` and `--window`: shorter windows cost more than they tell (each one reads
@@ -838,6 +838,7 @@ fn check_envelope(
             max: Some(bound.clone()),
             min: None,
             objective: entry.objective.clone(),
+            objective_basis: entry.objective_basis.clone(),
             device: None,
             peer: None,
             on_no_data: entry.on_no_data.clone(),
@@ -1026,6 +1027,25 @@ fn check_budget(
             }
         },
     };
+    let objective_basis = match &entry.objective_basis {
+        None => ObjectiveBasis::Windows,
+        Some(value) => match value.get_ref().as_str() {
+            "windows" => ObjectiveBasis::Windows,
+            "requests" if metric.counts_requests() => ObjectiveBasis::Requests,
+            "requests" => {
+                return Err(checker.at(
+                    value.span(),
+                    format!("{context}objective_basis = \"requests\" needs a metric read from a histogram of requests (request_p95_ms or ttft_p95_ms), not {metric}"),
+                ));
+            }
+            other => {
+                return Err(checker.at(
+                    value.span(),
+                    format!("{context}objective_basis {other:?} is not one; use \"windows\" (the share of windows within the bound, the default) or \"requests\" (the share of requests)"),
+                ));
+            }
+        },
+    };
     let mut actions = Vec::with_capacity(entry.actions.len());
     for action in &entry.actions {
         actions.push(check_action(checker, &context, action, https_only)?);
@@ -1038,6 +1058,7 @@ fn check_budget(
         bound,
         threshold,
         objective,
+        objective_basis,
         device: entry.device.as_ref().map(|d| d.get_ref().clone()),
         peer,
         on_no_data,

@@ -63,6 +63,7 @@ pub struct BudgetEntry {
     pub max: Option<Spanned<f64>>,
     pub min: Option<Spanned<f64>>,
     pub objective: Option<Spanned<f64>>,
+    pub objective_basis: Option<Text>,
     pub device: Option<Text>,
     pub peer: Option<Text>,
     pub on_no_data: Option<Text>,
@@ -80,6 +81,7 @@ pub struct EnvelopeEntry {
     pub request_p95_ms: Option<Spanned<f64>>,
     pub cost_per_request: Option<Spanned<f64>>,
     pub objective: Option<Spanned<f64>>,
+    pub objective_basis: Option<Text>,
     pub on_no_data: Option<Text>,
     #[serde(default)]
     pub actions: Vec<Spanned<ActionEntry>>,

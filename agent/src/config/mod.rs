@@ -33,7 +33,7 @@ pub use workloads::{ProcessFacts, WorkloadRules};
 
 use crate::model::{
     engine::EngineChoice,
-    vocabulary::{Bound, BudgetMetric, NoDataPolicy},
+    vocabulary::{Bound, BudgetMetric, NoDataPolicy, ObjectiveBasis},
 };
 
 /// Largest configuration file read (a real one is a few KiB; this keeps `/dev/zero` or a
@@ -63,6 +63,7 @@ impl LoadedConfig {
             enter_after: self.alerting.enter_after,
             leave_after: self.alerting.leave_after,
             on_no_data: budget.on_no_data,
+            basis: budget.objective_basis,
         }
     }
 }
@@ -88,8 +89,10 @@ pub struct Budget {
     pub bound: Bound,
     /// In the metric's unit; finite and within its range.
     pub threshold: f64,
-    /// Target share of good windows, strictly between 0 and 1.
+    /// Target share of good windows (or requests), strictly between 0 and 1.
     pub objective: f64,
+    /// Whether the objective counts windows or requests.
+    pub objective_basis: ObjectiveBasis,
     /// Storage metrics: this device only (default: the device the workload used most).
     pub device: Option<String>,
     /// Network metrics: this peer only, "addr:port" (default: the workload's slowest peer).
@@ -232,6 +235,8 @@ pub struct BudgetPolicy {
     pub leave_after: u32,
     /// What a window without data counts as.
     pub on_no_data: NoDataPolicy,
+    /// Windows or requests.
+    pub basis: ObjectiveBasis,
 }
 
 impl Default for BudgetPolicy {
@@ -243,6 +248,7 @@ impl Default for BudgetPolicy {
             enter_after: alerting.enter_after,
             leave_after: alerting.leave_after,
             on_no_data: NoDataPolicy::Ignore,
+            basis: ObjectiveBasis::Windows,
         }
     }
 }

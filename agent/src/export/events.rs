@@ -179,6 +179,8 @@ mod tests {
             no_data: false,
             source: None,
             stages: vec![],
+            requests_within: None,
+            requests_beyond: None,
         };
         let verdict = Verdict {
             bottleneck: Bottleneck::Storage,
@@ -267,6 +269,8 @@ mod tests {
             no_data: false,
             source: Some("engine, vllm".into()),
             stages: vec![],
+            requests_within: None,
+            requests_beyond: None,
         };
         let (line, log) = explain(&event, &result, Some(&verdict), &[], UNIX_EPOCH);
         let cause = "ttft_p95_ms 612 > 400 in 2 of the last 2 windows; in those windows llm lost 58% of its active time waiting on the GPU; latest: model - llm (pid 42) spent 58% waiting on GPU 0 at 99% utilization";

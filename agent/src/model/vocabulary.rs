@@ -106,6 +106,25 @@ impl NoDataPolicy {
     }
 }
 
+/// What a budget's objective counts: windows within the bound (the default), or requests
+/// within it (`objective_basis = "requests"`: "99% of requests under 1.5 s").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveBasis {
+    #[default]
+    Windows,
+    Requests,
+}
+
+impl ObjectiveBasis {
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectiveBasis::Windows => "windows",
+            ObjectiveBasis::Requests => "requests",
+        }
+    }
+}
+
 /// The unit a budget metric is measured in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetricUnit {
@@ -274,6 +293,11 @@ impl BudgetMetric {
             | BudgetMetric::LostShareModel
             | BudgetMetric::LostShareCpu => MetricUnit::Ratio,
         }
+    }
+
+    /// Metrics read from a histogram of requests, whose objective can count requests.
+    pub fn counts_requests(self) -> bool {
+        matches!(self, BudgetMetric::RequestP95Ms | BudgetMetric::TtftP95Ms)
     }
 
     /// Figures only a serving engine's own metrics give (the workload needs a metrics_url).

@@ -923,6 +923,8 @@ mod tests {
                 no_data: true,
                 source: None,
                 stages: vec![],
+                requests_within: None,
+                requests_beyond: None,
             }],
             engines: vec![
                 EngineSummary {
