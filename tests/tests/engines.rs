@@ -449,16 +449,17 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
     // tokens in (0.25, 0.5]: P95 0.4875 s), else 100 requests with first tokens <= 0.25 s.
     let bad = Arc::new(AtomicBool::new(true));
     // [the TTFT buckets' counts..., requests answered slowly end to end]
-    let cumulative = Arc::new(Mutex::new([0u64; 7]));
-    let slow_total = |counts: &[u64; 7]| counts[6];
+    let cumulative = Arc::new(Mutex::new([0u64; 9]));
+    let slow_total = |counts: &[u64; 9]| counts[6];
     let served = (bad.clone(), cumulative.clone());
     let endpoint = MetricsEndpoint::start(move |_| {
         let (bad, cumulative) = (&served.0, &served.1);
         let mut counts = cumulative.lock().unwrap();
-        let add: [u64; 7] = if bad.load(Ordering::SeqCst) {
-            [0, 0, 10, 10, 10, 10, 10]
+        // [TTFT buckets x6, slow requests, prefix-cache lookups, hits]
+        let add: [u64; 9] = if bad.load(Ordering::SeqCst) {
+            [0, 0, 10, 10, 10, 10, 10, 100, 10]
         } else {
-            [20, 100, 100, 100, 100, 100, 0]
+            [20, 100, 100, 100, 100, 100, 0, 100, 90]
         };
         for (count, more) in counts.iter_mut().zip(add) {
             *count += more;
@@ -493,6 +494,27 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
             &e2e,
             0.0,
         ));
+        // Time per output token and queue time: the slow requests in (0.05, 0.1] and (0.1, 1],
+        // the others at most 0.01 s.
+        let (all, fast) = (counts[5], counts[5] - slow_total(&counts));
+        for name in [
+            "vllm:request_time_per_output_token_seconds",
+            "vllm:request_queue_time_seconds",
+        ] {
+            let bounds = if name.contains("queue") {
+                ["0.01", "0.1", "1.0"]
+            } else {
+                ["0.01", "0.05", "0.1"]
+            };
+            let cumulative = [fast, fast, all, all];
+            text.push_str(&histogram(name, VLLM_LABELS, &bounds, &cumulative, 0.0));
+        }
+        for (name, value) in [
+            ("vllm:prefix_cache_queries_total", counts[7]),
+            ("vllm:prefix_cache_hits_total", counts[8]),
+        ] {
+            text.push_str(&sample("counter", name, VLLM_LABELS, value as f64));
+        }
         Answer::Text(text)
     });
     let dir = Scratch::new();
@@ -539,6 +561,37 @@ min = 50.0
 objective = 0.5
 actions = [{{ command = ["sh", "-c", "echo \"throughput $ENVELOPE_STATUS|$ENVELOPE_SOURCE\" >> {actions}"] }}]
 
+[[budget]]
+name = "tpot"
+workload = "llm"
+metric = "tpot_p95_ms"
+max = 50.0
+objective = 0.5
+
+[[budget]]
+name = "queue"
+workload = "llm"
+metric = "queue_p95_ms"
+max = 100.0
+objective = 0.5
+
+[[budget]]
+name = "cache"
+workload = "llm"
+metric = "cache_hit_rate"
+min = 0.5
+objective = 0.5
+
+# 99% of requests within 1 s: while slow, none is.
+[[budget]]
+name = "e2e requests"
+workload = "llm"
+metric = "request_p95_ms"
+max = 1000.0
+objective = 0.99
+objective_basis = "requests"
+actions = [{{ command = ["sh", "-c", "echo \"e2e $ENVELOPE_STATUS\" >> {actions}"] }}]
+
 [[envelope]]
 name = "assistant"
 entry = "llm"
@@ -576,14 +629,27 @@ request_p95_ms = 800.0
             })
             .collect::<Vec<_>>()
     };
-    let budgets = ["ttft", "throughput", "assistant: request_p95_ms"];
+    let budgets = [
+        "ttft",
+        "throughput",
+        "tpot",
+        "queue",
+        "cache",
+        "e2e requests",
+        "assistant: request_p95_ms",
+    ];
     wait_for("the breaches to fire", Duration::from_secs(40), || {
         budgets.iter().all(|b| !records(b, "firing").is_empty())
     });
     std::thread::sleep(Duration::from_secs(3));
+    for budget in budgets {
+        assert_eq!(
+            records(budget, "firing").len(),
+            1,
+            "{budget}: one event while it stays bad"
+        );
+    }
     let firing = records("ttft", "firing");
-    assert_eq!(firing.len(), 1, "one event while it stays bad");
-    assert_eq!(records("throughput", "firing").len(), 1);
     let cause = attribute(&firing[0].attributes, "envelope.breach.cause").unwrap_or_default();
     // 10 first tokens in (0.25, 0.5]: rank 9.5 -> 0.25 + 0.25 * 9.5/10 = 0.4875 s.
     assert!(cause.starts_with("ttft_p95_ms 487.5 > 400 in "), "{cause}");
@@ -606,11 +672,12 @@ request_p95_ms = 800.0
         budgets.iter().all(|b| !records(b, "resolved").is_empty())
     });
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(records("ttft", "firing").len(), 1);
-    assert_eq!(records("ttft", "resolved").len(), 1);
-    assert_eq!(records("throughput", "resolved").len(), 1);
+    for budget in budgets {
+        assert_eq!(records(budget, "firing").len(), 1, "{budget}");
+        assert_eq!(records(budget, "resolved").len(), 1, "{budget}");
+    }
     wait_for("the actions", Duration::from_secs(10), || {
-        std::fs::read_to_string(&actions).is_ok_and(|log| log.lines().count() == 6)
+        std::fs::read_to_string(&actions).is_ok_and(|log| log.lines().count() == 8)
     });
     let log = std::fs::read_to_string(&actions).unwrap();
     let lines: Vec<&str> = log.lines().collect();
@@ -645,5 +712,9 @@ request_p95_ms = 800.0
         ],
         "{log}"
     );
+    // At most 4 actions run at once: the other budgets, which fire in the same window, have
+    // only their events (checked above).
+    let e2e: Vec<&&str> = lines.iter().filter(|l| l.starts_with("e2e ")).collect();
+    assert_eq!(e2e, [&"e2e firing", &"e2e resolved"], "{log}");
     assert_eq!(daemon.stop(), 0);
 }
