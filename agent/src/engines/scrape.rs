@@ -105,20 +105,20 @@ async fn fetch(
     }
 }
 
-/// reqwest's error and its causes, in one line.
+/// reqwest's error in one line: for a refused or unreachable endpoint, the OS's reason
+/// ("cannot connect: Connection refused (os error 111)"); otherwise the error and its causes.
 fn describe(error: &reqwest::Error) -> String {
-    let mut text = if error.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        error.to_string()
-    };
+    let mut causes = Vec::new();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        causes.push(cause.to_string());
         source = cause.source();
     }
-    text
+    if error.is_connect() {
+        let reason = causes.last().cloned().unwrap_or_else(|| error.to_string());
+        return format!("cannot connect: {reason}");
+    }
+    std::iter::once(error.to_string()).chain(causes).collect::<Vec<_>>().join(": ")
 }
 
 impl EngineEndpoint {
