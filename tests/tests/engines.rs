@@ -449,17 +449,17 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
     // tokens in (0.25, 0.5]: P95 0.4875 s), else 100 requests with first tokens <= 0.25 s.
     let bad = Arc::new(AtomicBool::new(true));
     // [the TTFT buckets' counts..., requests answered slowly end to end]
-    let cumulative = Arc::new(Mutex::new([0u64; 9]));
-    let slow_total = |counts: &[u64; 9]| counts[6];
+    let cumulative = Arc::new(Mutex::new([0u64; 10]));
+    let slow_total = |counts: &[u64; 10]| counts[6];
     let served = (bad.clone(), cumulative.clone());
     let endpoint = MetricsEndpoint::start(move |_| {
         let (bad, cumulative) = (&served.0, &served.1);
         let mut counts = cumulative.lock().unwrap();
-        // [TTFT buckets x6, slow requests, prefix-cache lookups, hits]
-        let add: [u64; 9] = if bad.load(Ordering::SeqCst) {
-            [0, 0, 10, 10, 10, 10, 10, 100, 10]
+        // [TTFT buckets x6, slow requests, prefix-cache lookups, hits, generated tokens]
+        let add: [u64; 10] = if bad.load(Ordering::SeqCst) {
+            [0, 0, 10, 10, 10, 10, 10, 100, 10, 100]
         } else {
-            [20, 100, 100, 100, 100, 100, 0, 100, 90]
+            [20, 100, 100, 100, 100, 100, 0, 100, 90, 10_000]
         };
         for (count, more) in counts.iter_mut().zip(add) {
             *count += more;
@@ -512,6 +512,7 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
         for (name, value) in [
             ("vllm:prefix_cache_queries_total", counts[7]),
             ("vllm:prefix_cache_hits_total", counts[8]),
+            ("vllm:generation_tokens_total", counts[9]),
         ] {
             text.push_str(&sample("counter", name, VLLM_LABELS, value as f64));
         }
@@ -539,6 +540,11 @@ timeout = "2s"
 windows = [{{ long = "10s", short = "2s", factor = 1.0 }}]
 enter_after = 2
 leave_after = 2
+
+# One GPU (the fake NVML library gives this process one) at 3600 an hour: 1 a second, so a
+# request costs 1 / (requests per second) and 1,000 tokens 1000 / (tokens per second).
+[pricing]
+gpu_hour = 3600.0
 
 [[workload]]
 name = "llm"
@@ -582,6 +588,22 @@ metric = "cache_hit_rate"
 min = 0.5
 objective = 0.5
 
+# 10 requests/s while bad: 0.1 a request; 100/s after: 0.01.
+[[budget]]
+name = "cost"
+workload = "llm"
+metric = "cost_per_request"
+max = 0.05
+objective = 0.5
+
+# 100 tokens/s while bad: 10 per 1,000 tokens; 10,000/s after: 0.1.
+[[budget]]
+name = "token cost"
+workload = "llm"
+metric = "cost_per_1k_tokens"
+max = 1.0
+objective = 0.5
+
 # 99% of requests within 1 s: while slow, none is.
 [[budget]]
 name = "e2e requests"
@@ -617,7 +639,26 @@ request_p95_ms = 800.0
         ),
     )
     .unwrap();
-    let daemon = Daemon::start(&config, &[]);
+    let gpu = dir.0.join("gpu.json");
+    std::fs::write(
+        &gpu,
+        serde_json::json!({
+            "driver_version": "555.42.06",
+            "devices": [{
+                "uuid": "GPU-0000-aaaa", "name": "Fake H100",
+                "utilization_gpu_percent": 50, "memory_total_bytes": 85_899_345_920u64,
+                "memory_used_bytes": 1_073_741_824u64,
+                "compute_processes": [{"pid": std::process::id(), "memory_bytes": 1_073_741_824u64}]
+            }]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(
+        &config,
+        &["--nvml-lib", integration_tests::fake_nvml_library().to_str().unwrap()],
+        &[("FAKE_NVML_SCRIPT", &gpu)],
+    );
     let records = |budget: &str, status: &str| {
         receiver
             .log_records()
@@ -635,6 +676,8 @@ request_p95_ms = 800.0
         "tpot",
         "queue",
         "cache",
+        "cost",
+        "token cost",
         "e2e requests",
         "assistant: request_p95_ms",
     ];
