@@ -604,6 +604,21 @@ metric = "cost_per_1k_tokens"
 max = 1.0
 objective = 0.5
 
+# 60 GB held while bad, 10 GB after.
+[[budget]]
+name = "gpu memory"
+workload = "llm"
+metric = "gpu_memory_bytes"
+max = 32e9
+objective = 0.5
+
+[[budget]]
+name = "connect"
+workload = "llm"
+metric = "connect_p95_ms"
+max = 0.000001
+objective = 0.5
+
 # 99% of requests within 1 s: while slow, none is.
 [[budget]]
 name = "e2e requests"
@@ -639,24 +654,42 @@ request_p95_ms = 800.0
         ),
     )
     .unwrap();
+    // The GPU, with this process holding `held` bytes on it; replaced whole (the library
+    // reads the script at every call).
     let gpu = dir.0.join("gpu.json");
-    std::fs::write(
-        &gpu,
-        serde_json::json!({
+    let hold = |held: u64| {
+        let script = serde_json::json!({
             "driver_version": "555.42.06",
             "devices": [{
                 "uuid": "GPU-0000-aaaa", "name": "Fake H100",
                 "utilization_gpu_percent": 50, "memory_total_bytes": 85_899_345_920u64,
-                "memory_used_bytes": 1_073_741_824u64,
-                "compute_processes": [{"pid": std::process::id(), "memory_bytes": 1_073_741_824u64}]
+                "memory_used_bytes": held,
+                "compute_processes": [{"pid": std::process::id(), "memory_bytes": held}]
             }]
-        })
-        .to_string(),
-    )
-    .unwrap();
+        });
+        let next = dir.0.join("gpu.json.next");
+        std::fs::write(&next, script.to_string()).unwrap();
+        std::fs::rename(&next, &gpu).unwrap();
+    };
+    hold(60_000_000_000);
+    // While bad, this process also connects to a local listener every 20 ms: connects of
+    // some microseconds, against a 1 ns budget (it stops with the bad phase: no data).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let connecting = bad.clone();
+    let connector = std::thread::spawn(move || {
+        while connecting.load(Ordering::SeqCst) {
+            let _ = std::net::TcpStream::connect(target);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
     let daemon = Daemon::start_with(
         &config,
-        &["--nvml-lib", integration_tests::fake_nvml_library().to_str().unwrap()],
+        &[
+            "--nvml-lib",
+            integration_tests::fake_nvml_library().to_str().unwrap(),
+        ],
         &[("FAKE_NVML_SCRIPT", &gpu)],
     );
     let records = |budget: &str, status: &str| {
@@ -678,6 +711,8 @@ request_p95_ms = 800.0
         "cache",
         "cost",
         "token cost",
+        "gpu memory",
+        "connect",
         "e2e requests",
         "assistant: request_p95_ms",
     ];
@@ -711,6 +746,8 @@ request_p95_ms = 800.0
     assert_eq!(stage("envelope.stage.allocation").as_deref(), Some("800"));
 
     bad.store(false, Ordering::SeqCst);
+    hold(10_000_000_000);
+    connector.join().unwrap();
     wait_for("the breaches to resolve", Duration::from_secs(40), || {
         budgets.iter().all(|b| !records(b, "resolved").is_empty())
     });

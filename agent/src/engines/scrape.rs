@@ -118,7 +118,10 @@ fn describe(error: &reqwest::Error) -> String {
         let reason = causes.last().cloned().unwrap_or_else(|| error.to_string());
         return format!("cannot connect: {reason}");
     }
-    std::iter::once(error.to_string()).chain(causes).collect::<Vec<_>>().join(": ")
+    std::iter::once(error.to_string())
+        .chain(causes)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 impl EngineEndpoint {
