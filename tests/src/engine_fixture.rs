@@ -74,15 +74,14 @@ fn answer(mut stream: std::net::TcpStream, answer: Answer) {
             std::thread::sleep(delay);
             (200, text.into_bytes())
         }
-        Answer::Huge {
-            bytes,
-            length: true,
-        } => (200, vec![b'#'; bytes]),
-        Answer::Huge {
-            bytes,
-            length: false,
-        } => {
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        Answer::Huge { bytes, length } => {
+            // The head at once, the body a MiB at a time (nothing to build first).
+            let head = if length {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\nConnection: close\r\n\r\n")
+            } else {
+                "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_string()
+            };
+            let _ = stream.write_all(head.as_bytes());
             let chunk = vec![b'#'; 1 << 20];
             for _ in 0..bytes >> 20 {
                 if stream.write_all(&chunk).is_err() {
