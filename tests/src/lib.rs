@@ -100,6 +100,15 @@ pub fn window_since(
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
+/// This test process's name as the kernel has it (`comm`, what a workload's `process` rule
+/// matches), for tests where the test process is the workload.
+pub fn own_process_name() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("/proc/self/comm")
+        .trim()
+        .to_string()
+}
+
 /// A name no other test run uses at the same time.
 pub fn unique_name(prefix: &str) -> String {
     format!(

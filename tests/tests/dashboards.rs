@@ -217,7 +217,7 @@ fn every_dashboard_query_parses_and_returns_data_from_a_real_database() {
     // A vLLM endpoint served by this process, which is also the workload that holds the GPU:
     // the Envelope row's engine figures, cost per request and burn by cause.
     let engine = MetricsEndpoint::start(|n| Answer::Text(vllm(n as u64)));
-    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let me = integration_tests::own_process_name();
     let config = dir.0.join("envelope.toml");
     std::fs::write(
         &config,
@@ -273,7 +273,7 @@ max = 0.01
 "#,
             state = dir.0.join("state").display(),
             port = database.port,
-            me = me.trim(),
+            me = me,
             engine = engine.url(),
         ),
     )
@@ -341,7 +341,7 @@ fn the_prometheus_endpoint_serves_the_catalogue_and_promtool_accepts_it() {
         .unwrap()
         .port();
     let engine = MetricsEndpoint::start(|n| Answer::Text(vllm(n as u64)));
-    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let me = integration_tests::own_process_name();
     let config = dir.0.join("envelope.toml");
     std::fs::write(
         &config,
@@ -372,7 +372,7 @@ metric = "storage_p95_ms"
 max = 50.0
 "#,
             state = dir.0.join("state").display(),
-            me = me.trim(),
+            me = me,
             engine = engine.url(),
         ),
     )

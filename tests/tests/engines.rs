@@ -561,7 +561,7 @@ fn request_budgets_on_engine_figures_breach_and_resolve_through_the_daemon_with_
     let dir = Scratch::new();
     let receiver = OtlpReceiver::start();
     // This test process is the workload (its threads serve the scrapes).
-    let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let me = integration_tests::own_process_name();
     let config = dir.0.join("envelope.toml");
     let actions = dir.0.join("actions.log");
     std::fs::write(
@@ -688,7 +688,7 @@ request_p95_ms = 800.0
 "#,
             state = dir.0.join("state").display(),
             otlp = receiver.endpoint(),
-            me = me.trim(),
+            me = me,
             url = endpoint.url(),
             actions = actions.display(),
         ),

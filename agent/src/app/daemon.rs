@@ -30,7 +30,7 @@ use crate::{
         otlp::{LogEvent, OtlpExporter, OtlpSettings, metrics_request, unix_ns},
         prometheus,
     },
-    host::system::LiveSystem,
+    host::system::{LiveSystem, host_name},
     model::vocabulary::{BreachStatus, NoDataPolicy},
 };
 
@@ -126,13 +126,6 @@ fn latency_thresholds_s(config: &LoadedConfig) -> Vec<f64> {
         // Through whole nanoseconds, so 0.1 ms becomes exactly the bound 0.0001, not 1.0000000000000001e-4.
         .map(|b| (b.threshold * 1e6).round() / 1e9)
         .collect()
-}
-
-/// The node's name, as the OTLP resource's `host.name` has it.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// How many windows a breach's cause looks back on: those of the shortest burn window's short
@@ -377,32 +370,33 @@ impl Daemon {
     }
 
     async fn export(&mut self, window: &Window, views: &[BudgetView], last: bool) {
-        if let Some(exposition) = &self.prometheus {
-            let series =
-                self.metrics
-                    .series(self.step.latest_snapshot(), &LiveSystem, &window.gpu, views);
-            *exposition.write().await = prometheus::render(&series, &host_name());
-        }
-        let Some(exporter) = self.exporter.as_mut() else {
-            return;
-        };
-        let due = last
-            || match (exporter.settings().interval, self.last_export) {
+        let otlp_due = self.exporter.as_ref().is_some_and(|exporter| {
+            last || match (exporter.settings().interval, self.last_export) {
                 (Some(interval), Some(previous)) => {
                     previous.elapsed() + Duration::from_millis(100) >= interval
                 }
                 _ => true,
-            };
+            }
+        });
+        // Built once for both the scrape endpoint (every window) and OTLP (when due).
+        let series = (self.prometheus.is_some() || otlp_due).then(|| {
+            self.metrics
+                .series(self.step.latest_snapshot(), &LiveSystem, &window.gpu, views)
+        });
+        if let (Some(exposition), Some(series)) = (&self.prometheus, &series) {
+            *exposition.write().await =
+                prometheus::render(series, &host_name().unwrap_or_default());
+        }
+        let Some(exporter) = self.exporter.as_mut() else {
+            return;
+        };
         let events = std::mem::take(&mut self.pending_events);
         if !events.is_empty() || exporter.queued_events() > 0 {
             exporter.export_events(events).await;
         }
-        if !due {
+        let Some(series) = series.filter(|_| otlp_due) else {
             return;
-        }
-        let series =
-            self.metrics
-                .series(self.step.latest_snapshot(), &LiveSystem, &window.gpu, views);
+        };
         let request = metrics_request(
             exporter.settings(),
             &series,

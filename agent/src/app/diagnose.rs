@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::step::{Focus, WindowStep};
+use crate::host::system::host_name;
 use crate::report::{DiagnoseReport, JSON_SCHEMA_VERSION, WorkloadReport};
 
 #[derive(Debug)]
@@ -136,9 +137,7 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
     Ok(DiagnoseReport {
         schema_version: JSON_SCHEMA_VERSION,
         envelope_version: env!("CARGO_PKG_VERSION"),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|name| name.trim().to_string())
-            .unwrap_or_default(),
+        host: host_name().unwrap_or_default(),
         kernel: preflight.kernel_release,
         started_at: humantime::format_rfc3339_seconds(started_at).to_string(),
         duration_s: (window.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,

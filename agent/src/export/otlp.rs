@@ -156,11 +156,7 @@ impl OtlpSettings {
                 env!("CARGO_PKG_VERSION").to_string(),
             ),
         ];
-        if let Some(host) = env("ENVELOPE_HOST_NAME").or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-        }) {
+        if let Some(host) = env("ENVELOPE_HOST_NAME").or_else(crate::host::system::host_name) {
             resource.push(("host.name".to_string(), host));
         }
         if let Ok(id) = std::fs::read_to_string("/etc/machine-id") {

@@ -61,6 +61,13 @@ impl SystemNames for LiveSystem {
     }
 }
 
+/// The node's name (`/proc/sys/kernel/hostname`), as reports and exports name the host.
+pub fn host_name() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+}
+
 /// Every user process (thread group) alive now; kernel threads are left out.
 pub fn user_processes() -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else {
