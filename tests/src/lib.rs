@@ -73,7 +73,7 @@ pub fn exclusive_traffic() -> std::sync::MutexGuard<'static, ()> {
 pub fn load_probes() -> ExclusiveProbes {
     let exclusive = exclusive_traffic();
     let report = preflight::run().expect("preflight");
-    let probes = KernelProbes::load(Path::new(&report.tracefs)).expect("loading the probes");
+    let probes = KernelProbes::load(report.tracefs.as_deref()).expect("loading the probes");
     for status in probes.statuses() {
         assert!(
             status.attached,

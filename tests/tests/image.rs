@@ -2,7 +2,7 @@
 //! filesystem is assembled by the Containerfile's own recipe (`cargo xtask rootfs`), and the
 //! agent runs in it with exactly the DaemonSet's security context: a read-only root, the
 //! host's PID namespace, tracefs, BTF and cgroup mounted read-only, every capability dropped but
-//! BPF, PERFMON and DAC_READ_SEARCH, no privilege escalation. A second test keeps the
+//! BPF and PERFMON, no privilege escalation. A second test keeps the
 //! Containerfile, the manifest and the systemd unit in agreement.
 use std::{
     os::unix::process::CommandExt as _,
@@ -90,9 +90,9 @@ fn the_manifest_the_containerfile_and_the_unit_agree() {
     assert_eq!(final_stage(&containerfile, "USER"), "0:0");
     assert!(!manifest.contains("runAsNonRoot: true"));
     assert!(!manifest.contains("runAsUser:"));
-    // The capabilities: the manifest's, the unit's, the same three.
+    // The capabilities: the manifest's, the unit's, the same two.
     let added = string_list(manifest_value(&manifest, "add"));
-    assert_eq!(added, ["BPF", "PERFMON", "DAC_READ_SEARCH"]);
+    assert_eq!(added, ["BPF", "PERFMON"]);
     assert_eq!(string_list(manifest_value(&manifest, "drop")), ["ALL"]);
     let bounding = unit
         .lines()
@@ -240,10 +240,10 @@ fn enter_pod(
     nix::unistd::chdir("/").map_err(fail)?;
     // SAFETY: plain prctl calls.
     unsafe {
-        // capabilities: drop ALL, add BPF, PERFMON, DAC_READ_SEARCH. Root's capabilities after
-        // exec are its bounding set, so this leaves exactly those three.
-        // linux/capability.h: CAP_DAC_READ_SEARCH 2, CAP_PERFMON 38, CAP_BPF 39.
-        const KEEP: [libc::c_ulong; 3] = [2, 38, 39];
+        // capabilities: drop ALL, add BPF, PERFMON. Root's capabilities after exec are its
+        // bounding set, so this leaves exactly those two.
+        // linux/capability.h: CAP_PERFMON 38, CAP_BPF 39.
+        const KEEP: [libc::c_ulong; 2] = [38, 39];
         for capability in 0..=63 {
             if !KEEP.contains(&capability)
                 && libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) != 0

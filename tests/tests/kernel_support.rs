@@ -26,7 +26,7 @@ fn built_in_offsets_match_the_live_format_files() {
         return;
     }
     let report = preflight::run().expect("preflight");
-    let (live, availability) = tracefs::read_offsets(Path::new(&report.tracefs));
+    let (live, availability) = tracefs::read_offsets(report.tracefs.as_deref());
     for (spec, usable) in &availability {
         assert_eq!(
             *usable,
@@ -47,7 +47,7 @@ fn a_missing_tracepoint_turns_off_only_its_probe() {
         return;
     }
     let report = preflight::run().expect("preflight");
-    let live_root = Path::new(&report.tracefs);
+    let live_root = report.tracefs.as_deref().expect("root reads tracefs");
     let fake_root = std::env::temp_dir().join(unique_name("envelope-tracefs-"));
     for spec in tracefs::TRACEPOINTS
         .iter()
@@ -61,7 +61,7 @@ fn a_missing_tracepoint_turns_off_only_its_probe() {
         )
         .unwrap();
     }
-    let loaded = KernelProbes::load_with(&fake_root, &classic());
+    let loaded = KernelProbes::load_with(Some(&fake_root), &classic());
     let _ = std::fs::remove_dir_all(&fake_root);
     let probes = loaded.expect("the agent still loads");
     for status in probes.statuses() {
@@ -90,9 +90,12 @@ fn no_usable_tracepoint_is_a_clear_error() {
         return;
     }
     preflight::run().expect("preflight");
-    let error = KernelProbes::load_with(Path::new("/nonexistent-tracefs"), &classic())
-        .err()
-        .expect("must fail");
+    // A tracefs with no tracepoint in it.
+    let empty_root = std::env::temp_dir().join(unique_name("envelope-tracefs-"));
+    std::fs::create_dir_all(empty_root.join("events")).unwrap();
+    let loaded = KernelProbes::load_with(Some(&empty_root), &classic());
+    let _ = std::fs::remove_dir_all(&empty_root);
+    let error = loaded.err().expect("must fail");
     let message = error.to_string();
     assert!(message.contains("no probe could attach"), "{message}");
     assert!(
@@ -114,7 +117,7 @@ fn btf_probes_attach_without_tracefs() {
     }
     preflight::run().expect("preflight");
     let probes =
-        KernelProbes::load_with(Path::new("/nonexistent-tracefs"), &ProbeOptions::default())
+        KernelProbes::load_with(None, &ProbeOptions::default())
             .expect("BTF probes load without tracefs");
     for status in probes.statuses() {
         assert!(
@@ -150,7 +153,7 @@ fn load_keeping_classic(test: &str, tracepoint: &str) -> Option<KernelProbes> {
         all_classic: false,
         classic: vec![tracepoint.to_string()],
     };
-    Some(KernelProbes::load_with(Path::new(&report.tracefs), &options).expect("load"))
+    Some(KernelProbes::load_with(report.tracefs.as_deref(), &options).expect("load"))
 }
 
 /// The choice is per probe: one kept classic, the rest BTF, all attached and sharing maps.

@@ -72,6 +72,15 @@ impl Drop for ExecutableCopy {
 /// Runs `program arguments` as nobody with exactly `capabilities` (ambient, inheritable and
 /// bounding set, no new privileges), as systemd runs the unit.
 fn run_with_capabilities(capabilities: &[String], program: &Path, arguments: &[&str]) -> Output {
+    run_with_capabilities_and_environment(capabilities, program, arguments, &[])
+}
+
+fn run_with_capabilities_and_environment(
+    capabilities: &[String],
+    program: &Path,
+    arguments: &[&str],
+    environment: &[(&str, &str)],
+) -> Output {
     let mut set = String::from("-all");
     for capability in capabilities {
         set += &format!(",+{}", capability.trim_start_matches("CAP_").to_lowercase());
@@ -88,6 +97,7 @@ fn run_with_capabilities(capabilities: &[String], program: &Path, arguments: &[&
         ])
         .arg(program)
         .args(arguments)
+        .envs(environment.iter().copied())
         .output()
         .expect("run setpriv")
 }
@@ -221,6 +231,8 @@ fn the_units_capabilities_are_enough_for_every_probe_and_data_flows() {
     assert!(!probes.is_empty());
     for probe in probes {
         assert_eq!(probe["attached"], true, "probe did not attach: {probe}");
+        // The unit grants no CAP_DAC_READ_SEARCH: BTF raw tracepoints need no tracefs.
+        assert_eq!(probe["kind"], "btf", "{probe}");
     }
     let me = std::process::id();
     let devices = report["storage"]["devices"].as_array().expect("devices");
@@ -252,6 +264,58 @@ fn the_units_capabilities_are_enough_for_every_probe_and_data_flows() {
             .is_some_and(|workloads| !workloads.is_empty()),
         "the scheduler probes saw no workload"
     );
+}
+
+/// The unit holds no CAP_DAC_READ_SEARCH (it would let the agent read any file): tracefs is
+/// closed to it, and only classic tracepoints, on a kernel without BTF, need it. Forcing the
+/// classic path there (`ENVELOPE_PROBES=tracepoint`) fails with a message naming the
+/// capability, and with it added the classic probes attach.
+#[test]
+fn only_classic_tracepoints_need_cap_dac_read_search() {
+    if !can_run("only_classic_tracepoints_need_cap_dac_read_search") {
+        return;
+    }
+    let capabilities = unit_capabilities("AmbientCapabilities");
+    assert!(!capabilities.iter().any(|c| c == "CAP_DAC_READ_SEARCH"));
+    let copy = ExecutableCopy::new();
+    let listing = run_with_capabilities(
+        &capabilities,
+        Path::new("/bin/ls"),
+        &["/sys/kernel/tracing/events"],
+    );
+    assert!(
+        !listing.status.success(),
+        "tracefs should be root-only: {}",
+        String::from_utf8_lossy(&listing.stdout)
+    );
+    let classic = [("ENVELOPE_PROBES", "tracepoint")];
+    let arguments = ["diagnose", "--json", "--duration", "1s"];
+    let output =
+        run_with_capabilities_and_environment(&capabilities, &copy.binary, &arguments, &classic);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("CAP_DAC_READ_SEARCH") && stderr.contains("needs tracefs"),
+        "{stderr}"
+    );
+
+    let mut more = capabilities.clone();
+    more.push("CAP_DAC_READ_SEARCH".to_string());
+    let output = run_with_capabilities_and_environment(&more, &copy.binary, &arguments, &classic);
+    let code = output.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "classic probes with CAP_DAC_READ_SEARCH ({code}): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    let probes = report["probes"].as_array().expect("probes");
+    assert!(!probes.is_empty());
+    for probe in probes {
+        assert_eq!(probe["attached"], true, "{probe}");
+        assert_eq!(probe["kind"], "tracepoint", "{probe}");
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! budget state, export and actions; `diagnose` adds the report.
 use std::{
     collections::HashSet,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, mpsc},
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -236,7 +236,7 @@ fn load_probes() -> anyhow::Result<(PreflightReport, KernelProbes)> {
     for warning in &preflight.warnings {
         tracing::warn!("{warning}");
     }
-    let probes = KernelProbes::load(Path::new(&preflight.tracefs))?;
+    let probes = KernelProbes::load(preflight.tracefs.as_deref())?;
     for probe in probes.statuses().iter().filter(|p| !p.attached) {
         tracing::warn!(
             "probe {} is off, so there will be no {}: {}",

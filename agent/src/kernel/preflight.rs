@@ -1,6 +1,9 @@
 //! Checks before loading anything: kernel version, privileges, BTF, tracefs. Each failure
 //! says what is wrong and what to do; only what makes measuring impossible is fatal.
-use std::{fs, path::Path};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
 use serde::Serialize;
 
@@ -19,7 +22,10 @@ const MINIMUM_KERNEL: (u32, u32) = (5, 8);
 pub struct PreflightReport {
     pub kernel_release: String,
     pub btf_available: bool,
-    pub tracefs: String,
+    /// Where tracefs is, if this process can read it. Only classic tracepoints need it: with
+    /// kernel BTF every probe runs as a BTF raw tracepoint, so the systemd unit grants no
+    /// CAP_DAC_READ_SEARCH and tracefs (root-only) stays closed to it.
+    pub tracefs: Option<PathBuf>,
     /// Problems that degrade envelope without stopping it, one sentence each.
     pub warnings: Vec<String>,
 }
@@ -27,10 +33,10 @@ pub struct PreflightReport {
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "envelope needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH, \
-         to load its kernel probes; this process lacks {missing}. Run it with sudo, as the \
-         systemd service (`sudo envelope install`), or grant them once: \
-         `sudo setcap cap_bpf,cap_perfmon,cap_dac_read_search+ep $(command -v envelope)`"
+        "envelope needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load its kernel \
+         probes; this process lacks {missing}. Run it with sudo, as the systemd service \
+         (`sudo envelope install`), or grant them once: \
+         `sudo setcap cap_bpf,cap_perfmon+ep $(command -v envelope)`"
     )]
     NotPrivileged { missing: String },
     #[error(transparent)]
@@ -64,8 +70,9 @@ pub fn can_load_probes(capabilities: u64) -> bool {
 }
 
 /// The probe-loading capabilities the set lacks, by name ("CAP_PERFMON"); empty when it can
-/// load probes. CAP_DAC_READ_SEARCH is checked by reading tracefs (see
-/// [`tracefs::find_or_mount`]), as a system may make tracefs readable without it.
+/// load probes. CAP_DAC_READ_SEARCH, which only classic tracepoints (a kernel without BTF)
+/// need, is checked by reading tracefs (see [`tracefs::find_or_mount`]), as a system may make
+/// tracefs readable without it.
 pub fn missing_probe_capabilities(capabilities: u64) -> Vec<&'static str> {
     if can_load_probes(capabilities) {
         return Vec::new();
@@ -180,12 +187,22 @@ pub fn run() -> Result<PreflightReport, PreflightError> {
         }
     }
 
-    let tracefs = match tracefs::find_or_mount()? {
-        TracefsStatus::AlreadyMounted(path) => path.display().to_string(),
-        TracefsStatus::MountedByUs(path) => {
+    // With kernel BTF the probes need no tracefs; without it they are classic tracepoints,
+    // and an unreadable tracefs (root-only; CAP_DAC_READ_SEARCH opens it) is fatal.
+    let tracefs = match tracefs::find_or_mount() {
+        Ok(TracefsStatus::AlreadyMounted(path)) => Some(path),
+        Ok(TracefsStatus::MountedByUs(path)) => {
             tracing::info!("mounted tracefs at {}", path.display());
-            path.display().to_string()
+            Some(path)
         }
+        Err(error) if btf_available => {
+            tracing::debug!(
+                "tracefs is not usable ({error}); the probes run as BTF raw tracepoints, which \
+                 do not need it, and a probe that cannot would have no classic fallback"
+            );
+            None
+        }
+        Err(error) => return Err(error.into()),
     };
     Ok(PreflightReport {
         kernel_release,

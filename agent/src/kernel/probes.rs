@@ -185,12 +185,16 @@ fn is_permission_error(text: &str) -> bool {
 impl KernelProbes {
     /// Loads and attaches every probe this kernel supports, as BTF raw tracepoints where it
     /// can (`ENVELOPE_PROBES=tracepoint` keeps them all classic).
-    pub fn load(tracefs_root: &Path) -> Result<Self, ProbeLoadError> {
+    /// `tracefs_root` is None where tracefs cannot be read: BTF probes do not need it.
+    pub fn load(tracefs_root: Option<&Path>) -> Result<Self, ProbeLoadError> {
         Self::load_with(tracefs_root, &ProbeOptions::from_environment())
     }
 
     /// [`load`](Self::load) with the choice of probe kinds made by the caller.
-    pub fn load_with(tracefs_root: &Path, options: &ProbeOptions) -> Result<Self, ProbeLoadError> {
+    pub fn load_with(
+        tracefs_root: Option<&Path>,
+        options: &ProbeOptions,
+    ) -> Result<Self, ProbeLoadError> {
         if PROBES_OBJECT.is_empty() {
             return Err(ProbeLoadError::NotBuiltIn);
         }

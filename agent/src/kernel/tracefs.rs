@@ -20,10 +20,12 @@ pub enum TracefsError {
     )]
     MountFailed(nix::Error),
     #[error(
-        "tracefs is mounted at {path} but this process cannot read it ({cause}): it is \
-         root-only, so besides CAP_BPF and CAP_PERFMON envelope needs CAP_DAC_READ_SEARCH to read \
-         the tracepoints' ids and formats. Run it as root, or add CAP_DAC_READ_SEARCH to its \
-         capabilities (the systemd unit grants it)"
+        "tracefs is mounted at {path} but this process cannot read it ({cause}). This kernel \
+         has no BTF (/sys/kernel/btf/vmlinux), so the probes are classic tracepoints, whose ids \
+         and formats are in tracefs, which is root-only: besides CAP_BPF and CAP_PERFMON \
+         envelope needs CAP_DAC_READ_SEARCH here. Run it as root, or add the capability \
+         (`systemctl edit envelope`: AmbientCapabilities=CAP_DAC_READ_SEARCH and \
+         CapabilityBoundingSet=CAP_DAC_READ_SEARCH)"
     )]
     NotReadable {
         path: PathBuf,
@@ -325,6 +327,8 @@ pub const TRACEPOINTS: &[TracepointSpec] = &[
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TracepointProblem {
     Missing,
+    /// tracefs is not mounted or not readable by this process (no CAP_DAC_READ_SEARCH).
+    NoTracefs,
     FieldMissing(&'static str),
     FieldTooSmall {
         field: &'static str,
@@ -337,6 +341,11 @@ impl std::fmt::Display for TracepointProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TracepointProblem::Missing => write!(f, "this kernel has no such tracepoint"),
+            TracepointProblem::NoTracefs => write!(
+                f,
+                "its classic tracepoint needs tracefs, which this process cannot read (root, \
+                 or CAP_DAC_READ_SEARCH, opens it)"
+            ),
             TracepointProblem::FieldMissing(field) => {
                 write!(f, "its format has no field `{field}` on this kernel")
             }
@@ -379,12 +388,16 @@ pub fn apply_format(
 
 /// Reads every tracepoint's format from tracefs. Returns the offsets for the programs and,
 /// per tracepoint, whether it is usable.
-pub fn read_offsets(tracefs_root: &Path) -> (TracepointOffsets, Availability) {
+pub fn read_offsets(tracefs_root: Option<&Path>) -> (TracepointOffsets, Availability) {
     let mut offsets = TracepointOffsets::LINUX_6_18;
+    let readable = tracefs_root.filter(|root| fs::read_dir(root.join("events")).is_ok());
     let availability = TRACEPOINTS
         .iter()
         .map(|spec| {
-            let path = tracefs_root
+            let Some(root) = readable else {
+                return (spec, Err(TracepointProblem::NoTracefs));
+            };
+            let path = root
                 .join("events")
                 .join(spec.category)
                 .join(spec.name)
@@ -516,10 +529,21 @@ print fmt: \"%d,%d %s (%s) %llu + %u [%d]\", ...
     }
 
     #[test]
-    fn missing_tracefs_reports_every_tracepoint_missing() {
-        let (offsets, availability) = read_offsets(Path::new("/nonexistent-tracefs"));
-        assert_eq!(offsets, TracepointOffsets::LINUX_6_18);
-        assert_eq!(availability.len(), TRACEPOINTS.len());
+    fn without_tracefs_every_classic_tracepoint_says_why() {
+        for root in [None, Some(Path::new("/nonexistent-tracefs"))] {
+            let (offsets, availability) = read_offsets(root);
+            assert_eq!(offsets, TracepointOffsets::LINUX_6_18);
+            assert_eq!(availability.len(), TRACEPOINTS.len());
+            assert!(
+                availability
+                    .iter()
+                    .all(|(_, r)| *r == Err(TracepointProblem::NoTracefs))
+            );
+        }
+        // A readable tracefs without the tracepoint: the kernel lacks it.
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("events")).unwrap();
+        let (_, availability) = read_offsets(Some(root.path()));
         assert!(
             availability
                 .iter()
