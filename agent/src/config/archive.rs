@@ -4,16 +4,17 @@
 //!
 //! The state directory may be writable by the service while rollback runs as root, so
 //! nothing in it is trusted: only regular files count as archives (a planted link is
-//! refused, never followed), an archive must load before it is restored, a world-writable
-//! directory is refused, temporary files are created O_EXCL under unique names, and one lock
-//! serialises archiving and rollbacks. Archives are 0600 (they may hold `[export] headers`
-//! secrets) and the newest [`MAX_ARCHIVES`] are kept.
+//! refused, never followed), an archive must load before it is restored, a directory that is
+//! world-writable or owned by another user is refused, temporary files are created O_EXCL
+//! under unique names, and one lock serialises archiving and rollbacks. Archives are 0600
+//! (they may hold `[export] headers` secrets); the newest [`MAX_ARCHIVES`] are kept, and of
+//! those none older than [`MAX_ARCHIVE_AGE`] beyond the newest [`ALWAYS_KEPT`].
 use std::{
     fs,
     io::Read as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -24,6 +25,13 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/envelope";
 
 /// Archives kept; older ones are removed when a new one is written.
 pub const MAX_ARCHIVES: usize = 100;
+
+/// Archives older than this are removed when a new one is written...
+pub const MAX_ARCHIVE_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// ...except the newest few: a node whose configuration has not changed in months keeps
+/// something to roll back to.
+pub const ALWAYS_KEPT: usize = 10;
 
 fn history_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("config-history")
@@ -43,8 +51,10 @@ fn short_hash(content: &[u8]) -> String {
     digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Refuses a directory anyone may write into (a planted archive or link would be trusted).
+/// Refuses a directory anyone may write into, or that belongs to a user other than root,
+/// this process's user or envelope's service user (a planted archive would be trusted).
 fn check_directory(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let metadata = match fs::symlink_metadata(dir) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -63,7 +73,37 @@ fn check_directory(dir: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    let owner = metadata.uid();
+    if !trusted_owner(owner, dir) {
+        bail!(
+            "{} belongs to uid {owner}, which is neither root, this user, nor envelope's service \
+             user, so its archives cannot be trusted; `chown -R root: {}`, or remove it and let \
+             the service create it",
+            dir.display(),
+            dir.display()
+        );
+    }
     Ok(())
+}
+
+/// Root, this process's user, the `envelope` user, or (systemd's DynamicUser=) any owner of a
+/// directory inside a root-only one such as /var/lib/private, which only root can place there.
+fn trusted_owner(owner: u32, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    if owner == 0 || owner == nix::unistd::geteuid().as_raw() {
+        return true;
+    }
+    if nix::unistd::User::from_name("envelope")
+        .ok()
+        .flatten()
+        .is_some_and(|user| user.uid.as_raw() == owner)
+    {
+        return true;
+    }
+    fs::canonicalize(dir)
+        .ok()
+        .and_then(|real| fs::metadata(real.parent()?).ok())
+        .is_some_and(|parent| parent.uid() == 0 && parent.mode() & 0o077 == 0)
 }
 
 /// Holds the archive's lock while alive: archiving and rollbacks run one at a time.
@@ -192,10 +232,7 @@ pub fn archive(state_dir: &Path, content: &[u8], now: SystemTime) -> anyhow::Res
     crate::files::write_atomically(&path, content, Some(0o600))
         .with_context(|| format!("cannot write {}", path.display()))?;
     let archived = history(state_dir)?;
-    for old in archived
-        .iter()
-        .take(archived.len().saturating_sub(MAX_ARCHIVES))
-    {
+    for old in expired(&archived, now) {
         if let Err(error) = fs::remove_file(&old.path) {
             tracing::warn!(
                 "could not remove the old archive {}: {error}",
@@ -204,6 +241,36 @@ pub fn archive(state_dir: &Path, content: &[u8], now: SystemTime) -> anyhow::Res
         }
     }
     Ok(id)
+}
+
+/// The archives (oldest first) to remove at `now`: all but the newest [`MAX_ARCHIVES`], and
+/// those older than [`MAX_ARCHIVE_AGE`] unless among the newest [`ALWAYS_KEPT`].
+fn expired(archived: &[ArchivedConfig], now: SystemTime) -> &[ArchivedConfig] {
+    let keep_at_least = archived.len().saturating_sub(ALWAYS_KEPT);
+    let too_many = archived.len().saturating_sub(MAX_ARCHIVES);
+    let too_old = archived[..keep_at_least]
+        .iter()
+        .take_while(|entry| {
+            archived_at(&entry.id)
+                .is_some_and(|at| now.duration_since(at).unwrap_or_default() > MAX_ARCHIVE_AGE)
+        })
+        .count();
+    &archived[..too_many.max(too_old)]
+}
+
+/// When an archive was written, from its id (`20270115T080000Z-<hash>`).
+fn archived_at(id: &str) -> Option<SystemTime> {
+    let stamp = id.get(..16)?;
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        stamp.get(0..4)?,
+        stamp.get(4..6)?,
+        stamp.get(6..8)?,
+        stamp.get(9..11)?,
+        stamp.get(11..13)?,
+        stamp.get(13..15)?
+    );
+    humantime::parse_rfc3339(&rfc3339).ok()
 }
 
 /// The archive `id` names: itself, or the one archive it is a prefix of.
@@ -483,6 +550,56 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
         let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn old_archives_expire_but_the_newest_few_stay() {
+        let state = temporary_state_dir("age");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut ids = Vec::new();
+        for i in 0..15u64 {
+            let content = format!("# {i}\n");
+            ids.push(archive(&state, content.as_bytes(), t0 + Duration::from_secs(i)).unwrap());
+        }
+        assert_eq!(archived_at(&ids[3]), Some(t0 + Duration::from_secs(3)));
+        assert_eq!(history(&state).unwrap().len(), 15, "all younger than the age");
+        // 100 days later one more: of the 15 old ones only the newest 9 stay with it.
+        let later = t0 + Duration::from_secs(100 * 24 * 3600);
+        let newest = archive(&state, b"# new\n", later).unwrap();
+        let kept: Vec<String> = history(&state).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(kept.len(), ALWAYS_KEPT);
+        assert_eq!(kept[0], ids[6]);
+        assert_eq!(kept.last(), Some(&newest));
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_state_directory_owned_by_another_user_is_refused() {
+        use std::os::unix::fs::chown;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: only root can give a directory to another user");
+            return;
+        }
+        let state = temporary_state_dir("owner");
+        fs::create_dir_all(&state).unwrap();
+        chown(&state, Some(65534), Some(65534)).unwrap();
+        let error = archive(&state, GOOD, SystemTime::now())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("belongs to uid 65534"), "{error}");
+        let config = state.join("envelope.toml");
+        let error = rollback(&state, None, &config).unwrap_err().to_string();
+        assert!(error.contains("belongs to uid 65534"), "{error}");
+        let _ = fs::remove_dir_all(&state);
+        // systemd's DynamicUser= layout: /var/lib/private (root, 0700)/envelope (the service's
+        // uid). Only root can put a directory there, so its owner is the one systemd chose.
+        let private = temporary_state_dir("private");
+        let state = private.join("envelope");
+        fs::create_dir_all(&state).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+        chown(&state, Some(65534), Some(65534)).unwrap();
+        assert!(archive(&state, GOOD, SystemTime::now()).is_ok());
+        let _ = fs::remove_dir_all(&private);
     }
 
     #[test]
