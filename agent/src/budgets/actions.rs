@@ -95,9 +95,49 @@ pub fn breach_environment(event: &BreachEvent, workload: &str) -> Vec<(String, S
 /// dropped, so the command never blocks on a full pipe).
 const MAX_OUTPUT_BYTES: usize = 1024;
 
-/// Actions running at once; more are skipped with a log line rather than queued without
-/// bound (each holds a process or a connection against the unit's TasksMax).
+/// Actions running at once (each holds a process or a connection against the unit's
+/// TasksMax); more wait their turn, in order.
 pub const MAX_ACTIONS_IN_FLIGHT: usize = 4;
+
+/// Actions waiting for a turn; past this they are skipped with a log line rather than queued
+/// without bound. An envelope whose stages all fire in one window queues, not drops.
+pub const MAX_ACTIONS_WAITING: usize = 16;
+
+/// Turns to run an action: [`MAX_ACTIONS_IN_FLIGHT`] at once, [`MAX_ACTIONS_WAITING`] queued.
+struct Turns {
+    running: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+impl Turns {
+    fn new(max_running: usize, max_waiting: usize) -> Self {
+        Self {
+            running: Arc::new(tokio::sync::Semaphore::new(max_running)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            max_waiting,
+        }
+    }
+
+    /// A turn, after those queued before; None when the queue is full.
+    async fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering;
+        if let Ok(turn) = self.running.clone().try_acquire_owned() {
+            return Some(turn);
+        }
+        let queued = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
+                (waiting < self.max_waiting).then_some(waiting + 1)
+            });
+        if queued.is_err() {
+            return None;
+        }
+        let turn = self.running.clone().acquire_owned().await.ok();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        turn
+    }
+}
 
 /// The agent's own variables a command inherits; nothing else of its environment (which may
 /// hold OTLP credentials) reaches an action.
@@ -323,39 +363,48 @@ impl RateLimiter {
 }
 
 /// Runs `action` for `event` as a task; the handle yields the outcome. At most
-/// [`MAX_ACTIONS_IN_FLIGHT`] run at once: past that the action is skipped and says so.
+/// [`MAX_ACTIONS_IN_FLIGHT`] run at once and [`MAX_ACTIONS_WAITING`] wait: past that the
+/// action is skipped and says so.
 pub fn spawn(
     action: Action,
     event: BreachEvent,
     workload: String,
 ) -> tokio::task::JoinHandle<ActionOutcome> {
-    static IN_FLIGHT: OnceLock<Arc<tokio::sync::Semaphore>> = OnceLock::new();
-    let slots = IN_FLIGHT
-        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_ACTIONS_IN_FLIGHT)))
+    static TURNS: OnceLock<Arc<Turns>> = OnceLock::new();
+    let turns = TURNS
+        .get_or_init(|| Arc::new(Turns::new(MAX_ACTIONS_IN_FLIGHT, MAX_ACTIONS_WAITING)))
         .clone();
-    tokio::spawn(async move {
-        let Ok(_slot) = slots.try_acquire_owned() else {
-            return ActionOutcome::Failed {
-                error: format!(
-                    "skipped: {MAX_ACTIONS_IN_FLIGHT} actions are still running (a slow command or webhook?)"
-                ),
-            };
+    tokio::spawn(run_in_turn(turns, action, event, workload))
+}
+
+async fn run_in_turn(
+    turns: Arc<Turns>,
+    action: Action,
+    event: BreachEvent,
+    workload: String,
+) -> ActionOutcome {
+    let Some(_turn) = turns.take().await else {
+        return ActionOutcome::Failed {
+            error: format!(
+                "skipped: {MAX_ACTIONS_IN_FLIGHT} actions are running and {} more waiting (slow commands or webhooks?)",
+                turns.max_waiting
+            ),
         };
-        match action {
-            Action::Command { argv, timeout } => {
-                run_command(&argv, &breach_environment(&event, &workload), timeout).await
-            }
-            Action::Webhook {
-                url,
-                timeout,
-                headers,
-                allow_link_local,
-            } => {
-                let body = serde_json::json!({ "workload": workload, "event": event });
-                post_webhook(&url, &headers, allow_link_local, &body, timeout).await
-            }
+    };
+    match action {
+        Action::Command { argv, timeout } => {
+            run_command(&argv, &breach_environment(&event, &workload), timeout).await
         }
-    })
+        Action::Webhook {
+            url,
+            timeout,
+            headers,
+            allow_link_local,
+        } => {
+            let body = serde_json::json!({ "workload": workload, "event": event });
+            post_webhook(&url, &headers, allow_link_local, &body, timeout).await
+        }
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +430,61 @@ mod tests {
             source: Some("engine, vllm".into()),
             stage: None,
         }
+    }
+
+    /// Two run, two wait and run after them, in order; the fifth is skipped and says why.
+    #[tokio::test]
+    async fn actions_past_the_running_bound_wait_and_past_the_queue_are_skipped() {
+        let turns = Arc::new(Turns::new(2, 2));
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("order");
+        let started = std::time::Instant::now();
+        let handles: Vec<_> = (0..5)
+            .map(|i| {
+                let action = Action::Command {
+                    argv: [
+                        "sh",
+                        "-c",
+                        &format!("sleep 0.3; echo {i} >> {}", log.display()),
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    timeout: Duration::from_secs(10),
+                };
+                // The test's runtime has one thread: the tasks ask for turns in this order.
+                tokio::spawn(run_in_turn(
+                    turns.clone(),
+                    action,
+                    event(),
+                    "trainer".into(),
+                ))
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for handle in handles {
+            outcomes.push(handle.await.unwrap());
+        }
+        for outcome in &outcomes[..4] {
+            assert!(
+                matches!(outcome, ActionOutcome::Done { code: 0, .. }),
+                "{outcome:?}"
+            );
+        }
+        let ActionOutcome::Failed { error } = &outcomes[4] else {
+            panic!("the fifth should be skipped: {:?}", outcomes[4])
+        };
+        assert!(error.contains("2 more waiting"), "{error}");
+        let order = std::fs::read_to_string(&log).unwrap();
+        let mut lines: Vec<&str> = order.lines().collect();
+        // The first two ran together, then the two queued ones.
+        lines[..2].sort();
+        lines[2..].sort();
+        assert_eq!(lines, ["0", "1", "2", "3"]);
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "the queued ones waited for a turn"
+        );
+        assert_eq!(turns.waiting.load(std::sync::atomic::Ordering::Acquire), 0);
     }
 
     #[tokio::test]
