@@ -1,9 +1,10 @@
-//! Soak (root): `envelope run` for a while under storage and network load, thousands of
-//! short-lived processes and connections per second, a SIGHUP every 10 s, a breach with its
-//! action, and the collector away for 15 s. After a warm-up the daemon's memory, open files,
-//! threads and every map's entry count stay flat, and what it measured during the outage
-//! reaches the collector afterwards. 90 s in CI; `ENVELOPE_SOAK_SECONDS=1800` is the long
-//! mode (`cargo xtask bench` documents it), and the figures are printed for BENCHMARKS.md.
+//! Soak (root): `envelope run` for a while under storage and network load (fio random direct
+//! reads, iperf3 bulk TCP, a request/response stream), thousands of short-lived processes and
+//! connections per second, a SIGHUP every 10 s, a breach with its action, and the collector
+//! away for 15 s. After a warm-up the daemon's memory, open files, threads and every map's
+//! entry count stay flat, and what it measured during the outage reaches the collector
+//! afterwards. 90 s in CI; `cargo xtask soak --minutes 30` is the long mode, and the figures
+//! are printed for BENCHMARKS.md.
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -219,7 +220,7 @@ fn start_load(file: &Path, seconds: u64) -> Load {
             }
         }
     }));
-    let children = vec![
+    let mut children = vec![
         // Thousands of short-lived processes per second.
         Command::new("sh")
             .args(["-c", "while :; do /bin/true; done"])
@@ -235,12 +236,38 @@ fn start_load(file: &Path, seconds: u64) -> Load {
                 "--direct=1",
                 "--ioengine=psync",
                 "--time_based",
-                &format!("--runtime={}", seconds + 30),
+                // Until dropped: the daemon's start (its first fsyncs) can take a minute
+                // while the page cache is writing back a build.
+                &format!("--runtime={}", seconds + 600),
             ])
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     ];
+    // Bulk TCP on loopback, paced so the other loads keep their share of the CPUs.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    children.push(
+        Command::new("iperf3")
+            .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("iperf3 listening", Duration::from_secs(10), || {
+        envelope::host::system::listening_tcp_ports(&[]).contains(&port)
+    });
+    children.push(
+        Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-b", "200M"])
+            .args(["-t", &(seconds + 600).to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     Load {
         stop,
         threads,
@@ -275,7 +302,10 @@ fn disk_operations(
 
 #[test]
 fn a_loaded_daemon_stays_flat_and_loses_nothing_across_an_outage() {
-    if !root_or_skip("the soak test") || !tool_or_skip("the soak test", "fio") {
+    if !root_or_skip("the soak test")
+        || !tool_or_skip("the soak test", "fio")
+        || !tool_or_skip("the soak test", "iperf3")
+    {
         return;
     }
     let seconds: u64 = std::env::var("ENVELOPE_SOAK_SECONDS")
@@ -318,9 +348,13 @@ actions = [{{ command = ["/bin/true"] }}]
         ),
     )
     .unwrap();
+    let setting_up = Instant::now();
     let file = ScratchFile::create(64 << 20);
+    eprintln!("soak: scratch file in {:?}", setting_up.elapsed());
     let load = start_load(&file.path, seconds);
+    eprintln!("soak: load started in {:?}", setting_up.elapsed());
     let daemon = Daemon::start(&config, &[]);
+    eprintln!("soak: daemon started in {:?}", setting_up.elapsed());
     let pid = daemon.pid();
     let started = Instant::now();
     let mut samples = Vec::new();

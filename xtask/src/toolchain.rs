@@ -163,8 +163,9 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 /// Debian packages the integration tests drive: (command that proves it is there, package).
-const TEST_TOOLS: [(&str, &str); 4] = [
+const TEST_TOOLS: [(&str, &str); 5] = [
     ("fio", "fio"),
+    ("iperf3", "iperf3"),
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("ss", "iproute2"),
