@@ -756,4 +756,50 @@ mod tests {
             assert_eq!(exporter.queued_events(), 2);
         });
     }
+
+    /// Issue 16: an OTLP/HTTP collector answering with a redirect does not get the request
+    /// (and its credential headers) sent on to the other host.
+    #[test]
+    fn otlp_over_http_follows_no_redirect_and_sends_its_headers_nowhere_else() {
+        use std::io::{Read as _, Write as _};
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        elsewhere.set_nonblocking(true).unwrap();
+        let target = format!("http://{}/v1/metrics", elsewhere.local_addr().unwrap());
+        let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = collector.local_addr().unwrap();
+        let answering = std::thread::spawn(move || {
+            let (mut stream, _) = collector.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = stream.read(&mut buffer).unwrap();
+                assert!(read > 0);
+                request.extend_from_slice(&buffer[..read]);
+            }
+            write!(
+                stream,
+                "HTTP/1.1 308 Permanent Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"
+            )
+            .unwrap();
+            String::from_utf8_lossy(&request).to_lowercase()
+        });
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let config = ExportConfig {
+                protocol: Some("http/protobuf".into()),
+                endpoint: Some(format!("http://{address}")),
+                headers: [("api-key".to_string(), "s3cret".to_string())].into(),
+                timeout: Some(Duration::from_secs(2)),
+                ..ExportConfig::default()
+            };
+            let settings = OtlpSettings::resolve(&config, env(&[])).unwrap();
+            let mut exporter = OtlpExporter::new(settings.clone()).unwrap();
+            let request = metrics_request(&settings, &[], 0, 1);
+            assert!(!exporter.export_metrics(&request).await, "a redirect is a failure");
+        });
+        let seen = answering.join().unwrap();
+        assert!(seen.contains("api-key: s3cret"), "{seen}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(elsewhere.accept().is_err(), "the redirect was followed");
+    }
 }
