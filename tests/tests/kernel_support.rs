@@ -116,9 +116,8 @@ fn btf_probes_attach_without_tracefs() {
         return;
     }
     preflight::run().expect("preflight");
-    let probes =
-        KernelProbes::load_with(None, &ProbeOptions::default())
-            .expect("BTF probes load without tracefs");
+    let probes = KernelProbes::load_with(None, &ProbeOptions::default())
+        .expect("BTF probes load without tracefs");
     for status in probes.statuses() {
         assert!(
             status.attached,

@@ -220,7 +220,7 @@ fn start_load(file: &Path, seconds: u64) -> Load {
             }
         }
     }));
-    let mut children = vec![
+    let children = vec![
         // Thousands of short-lived processes per second.
         Command::new("sh")
             .args(["-c", "while :; do /bin/true; done"])
@@ -244,13 +244,19 @@ fn start_load(file: &Path, seconds: u64) -> Load {
             .spawn()
             .unwrap(),
     ];
+    // From here a panic still stops what was started (Load's drop).
+    let mut load = Load {
+        stop,
+        threads,
+        children,
+    };
     // Bulk TCP on loopback, paced so the other loads keep their share of the CPUs.
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    children.push(
+    load.children.push(
         Command::new("iperf3")
             .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -260,7 +266,7 @@ fn start_load(file: &Path, seconds: u64) -> Load {
     wait_for("iperf3 listening", Duration::from_secs(10), || {
         envelope::host::system::listening_tcp_ports(&[]).contains(&port)
     });
-    children.push(
+    load.children.push(
         Command::new("iperf3")
             .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-b", "200M"])
             .args(["-t", &(seconds + 600).to_string()])
@@ -268,11 +274,7 @@ fn start_load(file: &Path, seconds: u64) -> Load {
             .spawn()
             .unwrap(),
     );
-    Load {
-        stop,
-        threads,
-        children,
-    }
+    load
 }
 
 /// The cumulative `system.disk.operations` of one export request (all points summed).

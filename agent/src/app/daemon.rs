@@ -578,7 +578,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     tracing::info!("stopping: measuring the last partial window and flushing the export");
     daemon.run_window(true).await;
-    // Actions the last windows started finish (each is bounded by its own timeout).
+    // Actions the last windows started finish: those running are bounded by their own
+    // timeout; those still waiting for a turn past that are given up, and said so.
     let running = std::mem::take(&mut daemon.actions_in_flight);
     if !running.is_empty() {
         let limit = daemon
@@ -594,8 +595,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             .unwrap_or_default()
             + Duration::from_secs(1);
         let deadline = tokio::time::Instant::now() + limit;
+        let mut abandoned = 0;
         for task in running {
-            let _ = tokio::time::timeout_at(deadline, task).await;
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abandoned += 1;
+            }
+        }
+        if abandoned > 0 {
+            tracing::warn!(
+                "stopping without {abandoned} action(s) that were still waiting for a turn or \
+                 running after {}",
+                humantime::format_duration(limit)
+            );
         }
     }
     daemon.step.stop().await;

@@ -107,7 +107,17 @@ pub const MAX_ACTIONS_WAITING: usize = 16;
 struct Turns {
     running: Arc<tokio::sync::Semaphore>,
     waiting: std::sync::atomic::AtomicUsize,
+    max_running: usize,
     max_waiting: usize,
+}
+
+/// One place in the queue, given back however the wait ends (a turn, or the task dropped).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Turns {
@@ -115,27 +125,25 @@ impl Turns {
         Self {
             running: Arc::new(tokio::sync::Semaphore::new(max_running)),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            max_running,
             max_waiting,
         }
     }
 
-    /// A turn, after those queued before; None when the queue is full.
+    /// A turn, after those that started waiting before (the semaphore is fair); None when
+    /// the queue is full.
     async fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         use std::sync::atomic::Ordering;
         if let Ok(turn) = self.running.clone().try_acquire_owned() {
             return Some(turn);
         }
-        let queued = self
-            .waiting
+        self.waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
                 (waiting < self.max_waiting).then_some(waiting + 1)
-            });
-        if queued.is_err() {
-            return None;
-        }
-        let turn = self.running.clone().acquire_owned().await.ok();
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        turn
+            })
+            .ok()?;
+        let _place = Waiting(&self.waiting);
+        self.running.clone().acquire_owned().await.ok()
     }
 }
 
@@ -386,8 +394,8 @@ async fn run_in_turn(
     let Some(_turn) = turns.take().await else {
         return ActionOutcome::Failed {
             error: format!(
-                "skipped: {MAX_ACTIONS_IN_FLIGHT} actions are running and {} more waiting (slow commands or webhooks?)",
-                turns.max_waiting
+                "skipped: {} actions are running and {} more waiting (slow commands or webhooks?)",
+                turns.max_running, turns.max_waiting
             ),
         };
     };
@@ -473,7 +481,10 @@ mod tests {
         let ActionOutcome::Failed { error } = &outcomes[4] else {
             panic!("the fifth should be skipped: {:?}", outcomes[4])
         };
-        assert!(error.contains("2 more waiting"), "{error}");
+        assert!(
+            error.contains("2 actions are running and 2 more waiting"),
+            "{error}"
+        );
         let order = std::fs::read_to_string(&log).unwrap();
         let mut lines: Vec<&str> = order.lines().collect();
         // The first two ran together, then the two queued ones.
@@ -485,6 +496,26 @@ mod tests {
             "the queued ones waited for a turn"
         );
         assert_eq!(turns.waiting.load(std::sync::atomic::Ordering::Acquire), 0);
+    }
+
+    /// A waiting action whose task is dropped (the runtime shutting down) gives its place
+    /// back: the queue does not fill with the dead.
+    #[tokio::test]
+    async fn a_dropped_waiter_gives_its_place_back() {
+        let turns = Arc::new(Turns::new(1, 1));
+        let held = turns.take().await.expect("the one running turn");
+        let waiter = tokio::spawn({
+            let turns = turns.clone();
+            async move { turns.take().await.is_some() }
+        });
+        while turns.waiting.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(turns.waiting.load(std::sync::atomic::Ordering::Acquire), 0);
+        drop(held);
+        assert!(turns.take().await.is_some());
     }
 
     #[tokio::test]

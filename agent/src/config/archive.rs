@@ -51,18 +51,39 @@ fn short_hash(content: &[u8]) -> String {
     digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Refuses a directory anyone may write into, or that belongs to a user other than root,
-/// this process's user or envelope's service user (a planted archive would be trusted).
-fn check_directory(dir: &Path) -> anyhow::Result<()> {
+/// Refuses a state directory anyone may write into, or that belongs to a user other than
+/// root, this process's user or envelope's service user (a planted archive would be trusted).
+/// It may be a link only if root made it where only root writes: systemd's `DynamicUser=`
+/// makes /var/lib/envelope a link to private/envelope.
+fn check_state_directory(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let metadata = match fs::symlink_metadata(dir) {
+    let link = match fs::symlink_metadata(dir) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(error) => return Err(error).with_context(|| format!("cannot read {}", dir.display())),
     };
+    if link.file_type().is_symlink() {
+        let parent_is_roots = dir
+            .parent()
+            .and_then(|parent| fs::metadata(parent).ok())
+            .is_some_and(|parent| parent.uid() == 0 && parent.mode() & 0o022 == 0);
+        if link.uid() != 0 || !parent_is_roots {
+            bail!(
+                "{} is a link that root did not make in a directory only root writes, so it \
+                 cannot be trusted; remove it and let envelope (or systemd) create the directory",
+                dir.display()
+            );
+        }
+    }
+    let metadata = fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    check_directory_metadata(dir, &metadata)
+}
+
+fn check_directory_metadata(dir: &Path, metadata: &fs::Metadata) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     if !metadata.is_dir() {
         bail!(
-            "{} is not a directory (a link or a file was put there); remove it and let envelope create the directory",
+            "{} is not a directory (a file was put there); remove it and let envelope create the directory",
             dir.display()
         );
     }
@@ -77,9 +98,8 @@ fn check_directory(dir: &Path) -> anyhow::Result<()> {
     if !trusted_owner(owner, dir) {
         bail!(
             "{} belongs to uid {owner}, which is neither root, this user, nor envelope's service \
-             user, so its archives cannot be trusted; `chown -R root: {}`, or remove it and let \
-             the service create it",
-            dir.display(),
+             user, so its archives cannot be trusted; give it to the user envelope runs as \
+             (`chown`), or remove it and let envelope (or systemd) create it",
             dir.display()
         );
     }
@@ -111,14 +131,27 @@ struct ArchiveLock(#[allow(dead_code)] nix::fcntl::Flock<fs::File>);
 
 fn lock(state_dir: &Path) -> anyhow::Result<ArchiveLock> {
     let dir = history_dir(state_dir);
-    check_directory(state_dir)?;
+    check_state_directory(state_dir)?;
     fs::DirBuilder::new()
         .recursive(true)
         .create(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+    // Opened without following a link (one planted there is refused, never chmod-ed), then
+    // checked and restricted through the open directory.
+    let history = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&dir)
+        .with_context(|| {
+            format!(
+                "cannot open {} (a link there is refused: remove it)",
+                dir.display()
+            )
+        })?;
+    check_directory_metadata(&dir, &history.metadata()?)?;
+    history
+        .set_permissions(fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict {}", dir.display()))?;
-    check_directory(&dir)?;
     let path = dir.join(".lock");
     let file = fs::File::options()
         .read(true)
@@ -562,7 +595,11 @@ mod tests {
             ids.push(archive(&state, content.as_bytes(), t0 + Duration::from_secs(i)).unwrap());
         }
         assert_eq!(archived_at(&ids[3]), Some(t0 + Duration::from_secs(3)));
-        assert_eq!(history(&state).unwrap().len(), 15, "all younger than the age");
+        assert_eq!(
+            history(&state).unwrap().len(),
+            15,
+            "all younger than the age"
+        );
         // 100 days later one more: of the 15 old ones only the newest 9 stay with it.
         let later = t0 + Duration::from_secs(100 * 24 * 3600);
         let newest = archive(&state, b"# new\n", later).unwrap();
@@ -600,6 +637,74 @@ mod tests {
         chown(&state, Some(65534), Some(65534)).unwrap();
         assert!(archive(&state, GOOD, SystemTime::now()).is_ok());
         let _ = fs::remove_dir_all(&private);
+    }
+
+    /// systemd's `DynamicUser=` makes /var/lib/envelope a link to private/envelope: a link
+    /// root made where only root writes is followed; any other link is refused.
+    #[test]
+    fn only_a_root_made_link_to_the_state_directory_is_followed() {
+        use std::os::unix::fs::{chown, lchown, symlink};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: only root can make the DynamicUser= layout");
+            return;
+        }
+        let lib = temporary_state_dir("lib");
+        let private = lib.join("private");
+        let real = private.join("envelope");
+        fs::create_dir_all(&real).unwrap();
+        fs::set_permissions(&lib, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+        chown(&real, Some(65534), Some(65534)).unwrap();
+        let state = lib.join("envelope");
+        symlink("private/envelope", &state).unwrap();
+        let id = archive(&state, GOOD, SystemTime::now()).unwrap();
+        assert_eq!(history(&state).unwrap()[0].id, id);
+        let config = lib.join("envelope.toml");
+        fs::write(&config, b"# edited\n").unwrap();
+        assert_eq!(rollback(&state, None, &config).unwrap(), id);
+        // The same link made by another user is refused.
+        lchown(&state, Some(65534), Some(65534)).unwrap();
+        let error = archive(&state, GOOD, SystemTime::now())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("is a link that root did not make"),
+            "{error}"
+        );
+        // As is a root-made link in a directory everyone writes (/tmp).
+        let in_tmp = temporary_state_dir("tmp-link");
+        symlink(&real, &in_tmp).unwrap();
+        let error = rollback(&in_tmp, None, &config).unwrap_err().to_string();
+        assert!(
+            error.contains("is a link that root did not make"),
+            "{error}"
+        );
+        let _ = fs::remove_file(&in_tmp);
+        let _ = fs::remove_dir_all(&lib);
+    }
+
+    /// A link planted as `config-history` is refused before anything is done through it (the
+    /// directory's mode was once set through it: root's rollback made the target 0700).
+    #[test]
+    fn a_planted_history_link_is_refused_and_its_target_untouched() {
+        let state = temporary_state_dir("history-link");
+        let victim = temporary_state_dir("history-victim");
+        fs::create_dir_all(&state).unwrap();
+        fs::create_dir_all(&victim).unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&victim, history_dir(&state)).unwrap();
+        let config = state.join("envelope.toml");
+        let error = format!("{:#}", rollback(&state, None, &config).unwrap_err());
+        assert!(error.contains("a link there is refused"), "{error}");
+        let mode = fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        assert_eq!(
+            fs::read_dir(&victim).unwrap().count(),
+            0,
+            "nothing written there"
+        );
+        let _ = fs::remove_dir_all(&state);
+        let _ = fs::remove_dir_all(&victim);
     }
 
     #[test]

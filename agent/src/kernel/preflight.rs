@@ -152,9 +152,10 @@ pub fn run() -> Result<PreflightReport, PreflightError> {
     let btf_available = Path::new("/sys/kernel/btf/vmlinux").exists();
     if !btf_available {
         warnings.push(
-            "the kernel exposes no BTF (/sys/kernel/btf/vmlinux): today's probes do not need it, \
-             but later BTF-based probes will be skipped; a kernel built with \
-             CONFIG_DEBUG_INFO_BTF=y enables them"
+            "the kernel exposes no BTF (/sys/kernel/btf/vmlinux): the probes run as classic \
+             tracepoints, which need tracefs (root, or CAP_DAC_READ_SEARCH) and skip events \
+             while another probe runs on the same CPU; a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y avoids both"
                 .to_string(),
         );
     }

@@ -308,7 +308,13 @@ impl KernelProbes {
             };
             let tracepoint_usable = usable.is_ok();
             let result = usable
-                .map_err(|problem: TracepointProblem| problem.to_string())
+                .map_err(|problem: TracepointProblem| match (&problem, &btf_problem) {
+                    // Without tracefs the BTF problem is the one to fix.
+                    (TracepointProblem::NoTracefs, Some(why_not_btf)) => format!(
+                        "its BTF raw tracepoint could not be used ({why_not_btf}), and {problem}"
+                    ),
+                    _ => problem.to_string(),
+                })
                 .and_then(|()| {
                     if spec.name == "sched_switch" && force_sys_enter {
                         return Err("ENVELOPE_SYSCALL_PROBE=sys_enter".to_string());

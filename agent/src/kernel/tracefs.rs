@@ -14,9 +14,12 @@ const TRACEFS_CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
     #[error(
-        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}). \
-         Mount it yourself: `mount -t tracefs tracefs /sys/kernel/tracing` \
-         (needs CAP_SYS_ADMIN), then start envelope again"
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}). This \
+         kernel has no BTF (/sys/kernel/btf/vmlinux), so the probes are classic tracepoints, \
+         described in tracefs. Mount it yourself: `mount -t tracefs tracefs \
+         /sys/kernel/tracing` (needs CAP_SYS_ADMIN), then start envelope again; for the \
+         systemd service, add RequiresMountsFor=/sys/kernel/tracing and CAP_DAC_READ_SEARCH \
+         with `systemctl edit envelope` (README: \"The service's privileges\")"
     )]
     MountFailed(nix::Error),
     #[error(
