@@ -403,13 +403,20 @@ actions = [{{ command = ["/bin/true"] }}]
     assert!(samples.len() >= 6, "{} samples", samples.len());
     let first = &samples[0];
     let last = samples.last().unwrap();
-    let peak_rss = samples.iter().map(|s| s.rss_kib).max().unwrap();
-    // Flat after warm-up: no growth beyond allocator noise.
+    // Flat after warm-up: the second half of the samples peaks no higher than the first half
+    // did, beyond allocator noise, so memory does not grow with time. (Per-process and
+    // per-peer state fills towards its bounds for minutes under this churn: in the 30-minute
+    // mode RSS went 49 -> 63 MiB in the first 8 minutes, then stayed within 56-68 MiB, with
+    // freed memory returned, so the first sample is no baseline there.)
+    let (first_half, second_half) = samples.split_at(samples.len() / 2);
+    let peak = |half: &[Sample]| half.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+    let (earlier, later) = (peak(first_half), peak(second_half));
     assert!(
-        peak_rss <= first.rss_kib + first.rss_kib / 5 + 4096,
-        "RSS grew from {} to {peak_rss} KiB",
-        first.rss_kib
+        later <= earlier + earlier / 10 + 4096,
+        "RSS kept growing: peak {earlier} KiB in the first half of the run, {later} KiB in the second"
     );
+    // And bounded outright, well under the unit's MemoryMax=256M.
+    assert!(later <= 128 << 10, "RSS {later} KiB");
     assert!(
         last.fds <= first.fds + 2,
         "fds {} -> {}",
