@@ -795,7 +795,10 @@ mod tests {
             let settings = OtlpSettings::resolve(&config, env(&[])).unwrap();
             let mut exporter = OtlpExporter::new(settings.clone()).unwrap();
             let request = metrics_request(&settings, &[], 0, 1);
-            assert!(!exporter.export_metrics(&request).await, "a redirect is a failure");
+            assert!(
+                !exporter.export_metrics(&request).await,
+                "a redirect is a failure"
+            );
         });
         let seen = answering.join().unwrap();
         assert!(seen.contains("api-key: s3cret"), "{seen}");
