@@ -23,6 +23,7 @@ pub mod map_names {
     pub const STORAGE_DEVICES: &str = "STORAGE_DEVICES";
     pub const PROCESS_IO: &str = "PROCESS_IO";
     pub const INFLIGHT_REQUESTS: &str = "INFLIGHT_REQUESTS";
+    pub const INFLIGHT_IOS: &str = "INFLIGHT_IOS";
     pub const PEER_RTT: &str = "PEER_RTT";
     pub const PEER_CONNECT_LATENCY: &str = "PEER_CONNECT_LATENCY";
     pub const PEER_COUNTERS: &str = "PEER_COUNTERS";

@@ -231,6 +231,8 @@ impl Default for InflightRequestKey {
 /// keys in one of two slots, reusable once free or stale.
 pub trait InflightEntry {
     type Key;
+    /// The table's map name, for the probes' diagnostic events.
+    const TABLE: &'static str;
     /// Whether this slot holds the entry with `key` (never true for a free slot).
     fn holds(&self, key: &Self::Key) -> bool;
     /// Whether the slot is free.
@@ -246,6 +248,7 @@ pub trait InflightEntry {
 
 impl InflightEntry for InflightSlot {
     type Key = InflightRequestKey;
+    const TABLE: &'static str = crate::map_names::INFLIGHT_REQUESTS;
 
     fn holds(&self, key: &InflightRequestKey) -> bool {
         self.key.dev == key.dev && self.key.sector == key.sector && key.dev != 0
@@ -380,6 +383,7 @@ impl InflightIo {
 
 impl InflightEntry for InflightIo {
     type Key = u64;
+    const TABLE: &'static str = crate::map_names::INFLIGHT_IOS;
 
     fn holds(&self, key: &u64) -> bool {
         self.key == *key && *key != 0

@@ -795,3 +795,245 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
         }
     }
 }
+
+/// The disk sector (512 bytes) where each 4 KiB block of `file` starts, from the file
+/// system's extent map (FIEMAP): what the block probes see as a request's sector.
+fn block_sectors(file: &ScratchFile) -> Vec<u64> {
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Extent {
+        logical: u64,
+        physical: u64,
+        length: u64,
+        _reserved64: [u64; 2],
+        flags: u32,
+        _reserved: [u32; 3],
+    }
+    #[repr(C)]
+    struct Map {
+        start: u64,
+        length: u64,
+        flags: u32,
+        mapped_extents: u32,
+        extent_count: u32,
+        _reserved: u32,
+        extents: [Extent; 64],
+    }
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_FLAG_SYNC: u32 = 1;
+    const FIEMAP_EXTENT_LAST: u32 = 1;
+    let handle = std::fs::File::open(&file.path).expect("open scratch file");
+    let size = handle.metadata().expect("stat").len();
+    let mut sectors = vec![0u64; size as usize / BLOCK];
+    let mut start = 0;
+    loop {
+        let mut map = Map {
+            start,
+            length: u64::MAX - start,
+            flags: FIEMAP_FLAG_SYNC,
+            mapped_extents: 0,
+            extent_count: 64,
+            _reserved: 0,
+            extents: [Extent::default(); 64],
+        };
+        // SAFETY: FS_IOC_FIEMAP with a struct fiemap followed by room for extent_count extents.
+        let result = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&handle),
+                FS_IOC_FIEMAP,
+                &raw mut map,
+            )
+        };
+        assert_eq!(result, 0, "FIEMAP: {}", std::io::Error::last_os_error());
+        let extents = &map.extents[..map.mapped_extents as usize];
+        for extent in extents {
+            for offset in (0..extent.length).step_by(BLOCK) {
+                let block = ((extent.logical + offset) as usize) / BLOCK;
+                if let Some(sector) = sectors.get_mut(block) {
+                    *sector = (extent.physical + offset) >> 9;
+                }
+            }
+        }
+        match extents.last() {
+            Some(last) if last.flags & FIEMAP_EXTENT_LAST == 0 => {
+                start = last.logical + last.length
+            }
+            _ => break,
+        }
+    }
+    assert!(
+        sectors.iter().all(|&sector| sector != 0),
+        "every block of the scratch file is mapped"
+    );
+    sectors
+}
+
+/// Three blocks of `file` whose requests collide in `INFLIGHT_REQUESTS`: the third's two
+/// candidate slots are the first's and the second's first choices. Returns the blocks and
+/// the third's two slots.
+fn colliding_blocks(file: &ScratchFile) -> ([usize; 3], [u32; 2]) {
+    use agent_common::storage::{InflightRequestKey, candidate_slots};
+    let (major, minor) = file.device();
+    let dev = major << 20 | minor;
+    let slots: Vec<[u32; 2]> = block_sectors(file)
+        .into_iter()
+        .map(|sector| candidate_slots(&InflightRequestKey::new(dev, sector)))
+        .collect();
+    let mut first_choice = std::collections::HashMap::new();
+    for (block, [first, _]) in slots.iter().enumerate() {
+        first_choice.entry(*first).or_insert(block);
+    }
+    slots
+        .iter()
+        .enumerate()
+        .find_map(|(third, &[a, b])| {
+            let (&one, &two) = (first_choice.get(&a)?, first_choice.get(&b)?);
+            (one != third && two != third && one != two).then_some(([one, two, third], [a, b]))
+        })
+        .expect("three colliding blocks in the scratch file")
+}
+
+/// One run of `envelope diagnose` while three threads read `blocks` of `file` over and over
+/// for `seconds`, once the probes are attached. Returns the agent's log lines and the
+/// loaded `block_rq_issue` program's size in bytes after the verifier (bpftool).
+fn diagnose_under_colliding_reads(
+    file: &ScratchFile,
+    blocks: [usize; 3],
+    rust_log: &str,
+) -> (Vec<String>, u64) {
+    use std::io::BufRead as _;
+    let mut agent = Command::new(integration_tests::envelope_binary())
+        .args(["diagnose", "--json", "--duration", "8s"])
+        .env("RUST_LOG", rust_log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start envelope");
+    let (lines_sender, lines) = std::sync::mpsc::channel();
+    let stderr = agent.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_sender.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    while !log
+        .iter()
+        .any(|line: &String| line.contains("probes attached"))
+    {
+        log.push(
+            lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("envelope says its probes are attached"),
+        );
+    }
+    let program_bytes = ["block_rq_issue_btf", "block_rq_issue"]
+        .iter()
+        .find_map(|name| {
+            let output = Command::new("bpftool")
+                .args(["prog", "show", "name", name, "--json"])
+                .output()
+                .ok()?;
+            let shown: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            shown["bytes_xlated"].as_u64()
+        })
+        .expect("bpftool shows the loaded block_rq_issue program");
+    let handle = open_direct(file, false);
+    let until = Instant::now() + Duration::from_secs(2);
+    std::thread::scope(|scope| {
+        for block in blocks {
+            let handle = &handle;
+            scope.spawn(move || {
+                let mut buffer = AlignedBuffer::new(BLOCK);
+                while Instant::now() < until {
+                    handle
+                        .read_exact_at(buffer.as_mut_slice(), (block * BLOCK) as u64)
+                        .expect("pread");
+                }
+            });
+        }
+    });
+    let status = agent.wait().expect("envelope exits");
+    reader.join().expect("stderr reader");
+    log.extend(lines.try_iter());
+    assert!(
+        status.code().is_some_and(|code| code == 0 || code == 3),
+        "envelope: {status}\n{}",
+        log.join("\n")
+    );
+    (log, program_bytes)
+}
+
+/// The probes' rare events reach the agent's log through aya-log, and only when asked for.
+/// Three threads read blocks whose requests share two slots of the in-flight table, so the
+/// third often finds both taken by live requests and evicts the older: with
+/// `RUST_LOG=envelope::probes=debug` each eviction is a debug line naming the table and one of
+/// those two slots. At the default level no line appears, and the verifier has removed the
+/// logging branch: the loaded program is smaller than with the level on.
+#[test]
+fn evicted_requests_are_named_in_the_debug_log_only_when_asked() {
+    if !root_or_skip("evicted_requests_are_named_in_the_debug_log_only_when_asked")
+        || !tool_or_skip(
+            "evicted_requests_are_named_in_the_debug_log_only_when_asked",
+            "bpftool",
+        )
+    {
+        return;
+    }
+    let _exclusive = integration_tests::exclusive_traffic();
+    let file = ScratchFile::create(64 << 20);
+    let (blocks, [a, b]) = colliding_blocks(&file);
+    let attached = "envelope::kernel::probes=debug";
+
+    let (log, bytes_with_log) = diagnose_under_colliding_reads(
+        &file,
+        blocks,
+        &format!("{attached},envelope::probes=debug"),
+    );
+    let evictions: Vec<&String> = log
+        .iter()
+        .filter(|line| line.contains(" evicted: "))
+        .collect();
+    let ours = evictions
+        .iter()
+        .filter(|line| {
+            line.contains(&format!("INFLIGHT_REQUESTS slot {a} evicted"))
+                || line.contains(&format!("INFLIGHT_REQUESTS slot {b} evicted"))
+        })
+        .count();
+    assert!(
+        ours >= 1,
+        "no eviction of slot {a} or {b} in the debug log ({} others):\n{}",
+        evictions.len(),
+        log.join("\n")
+    );
+    assert!(
+        evictions
+            .iter()
+            .all(|line| line.contains("will complete untimed")),
+        "{evictions:#?}"
+    );
+    eprintln!("for example: {}", evictions[0]);
+
+    let (log, bytes_without_log) = diagnose_under_colliding_reads(&file, blocks, attached);
+    let evictions: Vec<&String> = log
+        .iter()
+        .filter(|line| line.contains(" evicted: "))
+        .collect();
+    assert!(
+        evictions.is_empty(),
+        "events at the default level: {evictions:#?}"
+    );
+    assert!(
+        bytes_without_log < bytes_with_log,
+        "the logging branch stayed in the loaded program: {bytes_without_log} bytes at the \
+         default level, {bytes_with_log} with debug"
+    );
+    eprintln!(
+        "{ours} evictions of slots {a}/{b} logged; block_rq_issue {bytes_without_log} bytes \
+         loaded at the default level, {bytes_with_log} with debug"
+    );
+}

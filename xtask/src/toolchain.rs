@@ -163,7 +163,8 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 /// Debian packages the integration tests drive: (command that proves it is there, package).
-const TEST_TOOLS: [(&str, &str); 5] = [
+const TEST_TOOLS: [(&str, &str); 6] = [
+    ("bpftool", "bpftool"),
     ("fio", "fio"),
     ("iperf3", "iperf3"),
     ("ip", "iproute2"),

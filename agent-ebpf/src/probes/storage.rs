@@ -20,6 +20,10 @@ use aya_ebpf::{
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::{
+    debug,
+    macro_support::{Level, level_enabled},
+};
 
 use super::shared::{
     AddressSlot, add, add_sample, add32, address_of, field, get_or_insert, member,
@@ -84,11 +88,31 @@ fn claim_in<E: InflightEntry>(
             return Some(first);
         }
         let second = table.get_ptr_mut(second_index)?;
-        Some(if choose_slot(key, &*first, &*second, now) == 1 {
+        let chosen = if choose_slot(key, &*first, &*second, now) == 1 {
             second
         } else {
             first
-        })
+        };
+        // Both slots may hold entries still in flight: the older is then given up, and its
+        // completion will count as untimed. Rare (two live collisions in a 32,768-slot
+        // table), so the agent's debug log names each one. The level is a read-only global:
+        // at the default level the verifier removes this whole branch, checks included.
+        if level_enabled(Level::Debug) && !(*chosen).holds(key) && !(*chosen).is_reusable(now) {
+            let index = if chosen == first {
+                first_index
+            } else {
+                second_index
+            };
+            debug!(
+                &(),
+                target: "envelope::probes",
+                "{} slot {} evicted: its entry, queued {} us before, will complete untimed",
+                E::TABLE,
+                index,
+                now.wrapping_sub((*chosen).started_ns()) / 1000
+            );
+        }
+        Some(chosen)
     }
 }
 
@@ -384,15 +408,30 @@ fn complete_ios(
     let mut left = bytes;
     for _ in 0..MAX_BIOS_PER_REQUEST {
         if bio.is_null() {
-            break;
+            return;
         }
         let size: u32 = member!(bio, bio_size);
         if size > left {
-            break;
+            // A partial completion: the rest completes later.
+            return;
         }
         left -= size;
         complete_part(bio, dev, operation, stats, now);
         bio = member!(bio, bio_next);
+    }
+    // A request merged from more bios than the walk follows: the I/Os of the rest age out of
+    // INFLIGHT_IOS untimed. Named in the debug log (removed by the verifier otherwise).
+    if level_enabled(Level::Debug) && !bio.is_null() && left > 0 {
+        debug!(
+            &(),
+            target: "envelope::probes",
+            "a request of {} bytes on device {}:{} has more than {} bios: {} bytes of it complete untimed",
+            bytes,
+            dev >> 20,
+            dev & 0xF_FFFF,
+            MAX_BIOS_PER_REQUEST,
+            left
+        );
     }
 }
 

@@ -570,7 +570,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = ticks.tick() => daemon.run_window(false).await,
-            _ = tracking.tick() => daemon.step.refresh_tracking(),
+            _ = tracking.tick() => daemon.step.every_second(),
             _ = hangup.recv() => daemon.reload(),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,

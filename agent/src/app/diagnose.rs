@@ -87,7 +87,7 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         options.top,
     )?;
     step.start_engines(&options.config).await;
-    let interrupted = wait_for_window(options.duration, || step.refresh_tracking()).await?;
+    let interrupted = wait_for_window(options.duration, || step.every_second()).await?;
     let probes = step.probe_statuses();
     let preflight = step.preflight.clone();
     let focus = Focus {

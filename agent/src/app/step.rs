@@ -127,11 +127,13 @@ impl WindowStep {
         self.probes.statuses()
     }
 
-    /// Keeps the kernel's set of tracked processes current; call it every second so a process
-    /// that starts mid-window is counted from then on.
-    pub fn refresh_tracking(&mut self) {
+    /// Keeps the kernel's set of tracked processes current, so a process that starts
+    /// mid-window is counted from then on, and forwards the probes' diagnostic events to the
+    /// log. Call it every second.
+    pub fn every_second(&mut self) {
         let gpu_pids = self.gpu_pids.lock().map(|p| p.clone()).unwrap_or_default();
         refresh_tracking(&mut self.probes, &mut self.tracked, &gpu_pids);
+        self.probes.forward_probe_log();
     }
 
     /// Ends the window that is running, starts the next, and says what the ended one means.

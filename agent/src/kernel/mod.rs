@@ -3,5 +3,6 @@
 //! into [`crate::model::KernelSnapshot`]s).
 pub mod btf;
 pub mod preflight;
+pub mod probe_log;
 pub mod probes;
 pub mod tracefs;

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use super::{
     btf::{self, BtfProbes},
+    probe_log::{self, ProbeLog},
     tracefs::{self, TracepointProblem},
 };
 use crate::model::{
@@ -138,6 +139,8 @@ pub struct KernelProbes {
     /// Owned here rather than by their programs so they can be detached all at once (see
     /// `Drop`); declared before `ebpf` so they go first.
     links: Vec<ProbeLink>,
+    /// The probes' rare diagnostic events, when the log shows them.
+    probe_log: Option<ProbeLog>,
     ebpf: Ebpf,
     statuses: Vec<ProbeStatus>,
     requests_timed: bool,
@@ -222,9 +225,14 @@ impl KernelProbes {
         // preallocated, so unused room costs nothing.
         let storage_keys = (block_device_count().max(16) * 5).min(65_536);
         let peer_histograms = peer_histogram_entries(nr_cpus());
+        let log_level = probe_log::level();
+        if log_level == 0 {
+            loader.map_max_entries(probe_log::RING_BUFFER, probe_log::UNUSED_RING_BUFFER_BYTES);
+        }
         let mut ebpf = loader
             .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
             .override_global(BTF_OFFSETS_GLOBAL, &btf_probes.offsets, true)
+            .override_global(probe_log::LEVEL_GLOBAL, &log_level, true)
             .map_max_entries(map_names::STORAGE_DEVICES, storage_keys)
             .map_max_entries(map_names::PEER_RTT, peer_histograms)
             .map_max_entries(map_names::PEER_CONNECT_LATENCY, peer_histograms)
@@ -415,13 +423,22 @@ impl KernelProbes {
         }
         drop(kernel_btf);
         release_freed_memory();
+        let probe_log = ProbeLog::open(&mut ebpf, log_level);
         Ok(Self {
             links,
+            probe_log,
             ebpf,
             statuses,
             requests_timed,
             listening_ports: Default::default(),
         })
+    }
+
+    /// Hands the probes' diagnostic events written since the last call to the agent's log.
+    pub fn forward_probe_log(&mut self) {
+        if let Some(log) = &mut self.probe_log {
+            log.forward();
+        }
     }
 
     /// Whether requests are timed: both socket probes run as BTF programs.
@@ -729,6 +746,43 @@ fn read_kernel_btf(all_classic: bool) -> (BtfProbes, Result<Btf, String>) {
     })
 }
 
+/// Lines of the verifier's output kept in a probe's problem: its verdict and statistics come
+/// last. The whole output (megabytes for a program too large) goes to the debug log, not into
+/// every report and JSON document.
+const VERIFIER_LINES_KEPT: usize = 4;
+
+/// Why the kernel refused `program`, with the verifier's output cut to its last lines.
+fn refused(what: &str, program: &str, error: &aya::programs::ProgramError) -> String {
+    let text = format!("{error:#}");
+    let short = shorten_verifier_output(&text);
+    if short.len() < text.len() {
+        tracing::debug!("the verifier's output for {program}: {text}");
+    }
+    format!("{what}: {short}")
+}
+
+/// `text` (aya's load error) with its verifier output cut to the last
+/// [`VERIFIER_LINES_KEPT`] lines, joined by " / ".
+fn shorten_verifier_output(text: &str) -> String {
+    let Some((head, output)) = text.split_once("Verifier output:") else {
+        return text.to_string();
+    };
+    let lines: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    if lines.len() <= VERIFIER_LINES_KEPT {
+        return text.to_string();
+    }
+    format!(
+        "{head}Verifier output, last {VERIFIER_LINES_KEPT} of {} lines (RUST_LOG=debug logs \
+         all of them): {}",
+        lines.len(),
+        lines[lines.len() - VERIFIER_LINES_KEPT..].join(" / ")
+    )
+}
+
 fn attach_btf(
     ebpf: &mut Ebpf,
     program_name: &str,
@@ -742,7 +796,7 @@ fn attach_btf(
         .map_err(|error| format!("{error}"))?;
     program
         .load(tracepoint, btf)
-        .map_err(|error| format!("the verifier refused the BTF program: {error:#}"))?;
+        .map_err(|error| refused("the verifier refused the BTF program", program_name, &error))?;
     let link = program
         .attach()
         .map_err(|error| format!("attaching the BTF program failed: {error:#}"))?;
@@ -764,7 +818,7 @@ fn attach(
         .map_err(|error| format!("{error}"))?;
     program
         .load()
-        .map_err(|error| format!("the verifier refused it: {error:#}"))?;
+        .map_err(|error| refused("the verifier refused it", program_name, &error))?;
     let link = program
         .attach(category, tracepoint)
         .map_err(|error| format!("attaching failed: {error:#}"))?;
@@ -775,6 +829,35 @@ fn attach(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_refusal_keeps_the_verifiers_verdict_not_its_whole_output() {
+        let mut text = String::from(
+            "the BPF_PROG_LOAD syscall returned Argument list too long (os error 7). \
+             Verifier output: 0: R1=ctx() R10=fp0\n",
+        );
+        for line in 0..100_000 {
+            text.push_str(&format!("{line}: (bf) r0 = r4\n"));
+        }
+        text.push_str(
+            "BPF program is too large. Processed 1000001 insn\nverification time 2402077 usec\n\
+             stack depth 176+0\nprocessed 1000001 insns (limit 1000000) max_states_per_insn 39\n",
+        );
+        let short = super::shorten_verifier_output(&text);
+        assert_eq!(
+            short,
+            "the BPF_PROG_LOAD syscall returned Argument list too long (os error 7). Verifier \
+             output, last 4 of 100005 lines (RUST_LOG=debug logs all of them): BPF program is \
+             too large. Processed 1000001 insn / verification time 2402077 usec / stack depth \
+             176+0 / processed 1000001 insns (limit 1000000) max_states_per_insn 39"
+        );
+        let brief = "the BPF_PROG_LOAD syscall returned EPERM. Verifier output: one\ntwo\n";
+        assert_eq!(super::shorten_verifier_output(brief), brief);
+        assert_eq!(
+            super::shorten_verifier_output("no such program"),
+            "no such program"
+        );
+    }
+
     #[test]
     fn peer_maps_shrink_on_big_machines_to_stay_within_budget() {
         assert_eq!(super::peer_histogram_entries(2), 512);
