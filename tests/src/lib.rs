@@ -71,9 +71,15 @@ pub fn exclusive_traffic() -> std::sync::MutexGuard<'static, ()> {
 
 /// The real probes, loaded through the same path as `envelope diagnose`.
 pub fn load_probes() -> ExclusiveProbes {
+    load_probes_with(&envelope::kernel::probes::ProbeOptions::from_environment())
+}
+
+/// [`load_probes`] with the choice of programs made by the test.
+pub fn load_probes_with(options: &envelope::kernel::probes::ProbeOptions) -> ExclusiveProbes {
     let exclusive = exclusive_traffic();
     let report = preflight::run().expect("preflight");
-    let probes = KernelProbes::load(report.tracefs.as_deref()).expect("loading the probes");
+    let probes =
+        KernelProbes::load_with(report.tracefs.as_deref(), options).expect("loading the probes");
     for status in probes.statuses() {
         assert!(
             status.attached,

@@ -12,7 +12,7 @@ use envelope::kernel::{
 fn classic() -> ProbeOptions {
     ProbeOptions {
         all_classic: true,
-        classic: Vec::new(),
+        ..ProbeOptions::default()
     }
 }
 use integration_tests::{root_or_skip, unique_name};
@@ -149,8 +149,8 @@ fn load_keeping_classic(test: &str, tracepoint: &str) -> Option<KernelProbes> {
     }
     let report = preflight::run().expect("preflight");
     let options = ProbeOptions {
-        all_classic: false,
         classic: vec![tracepoint.to_string()],
+        ..ProbeOptions::default()
     };
     Some(KernelProbes::load_with(report.tracefs.as_deref(), &options).expect("load"))
 }

@@ -1037,3 +1037,175 @@ fn evicted_requests_are_named_in_the_debug_log_only_when_asked() {
          loaded at the default level, {bytes_with_log} with debug"
     );
 }
+
+/// One window of batched sequential 4 KiB direct reads (libaio, 128 submitted and reaped at
+/// once): the block layer merges each batch into requests of up to the device's
+/// `max_sectors_kb`, one bio per read.
+struct MergedReads {
+    fio_ios: u64,
+    /// Reads and bytes charged to fio.
+    charged: (u64, u64),
+    /// Reads charged to anyone on the device.
+    charged_to_all: u64,
+    /// The device's read row (requests, bytes, per-read latency samples).
+    reads: StorageOperationSummary,
+    never_traced: u64,
+    fio: serde_json::Value,
+}
+
+fn merged_small_reads(
+    probes: &envelope::kernel::probes::KernelProbes,
+    file: &ScratchFile,
+) -> MergedReads {
+    let fio = |extra: &[&str]| {
+        // --thread: the reads come from fio's own process, the one spawned here.
+        Command::new("fio")
+            .args([
+                "--name=envelope-merged-reads",
+                "--rw=read",
+                "--bs=4k",
+                "--direct=1",
+            ])
+            .args(["--ioengine=libaio", "--thread", "--iodepth=128"])
+            .args([
+                "--iodepth_batch_submit=128",
+                "--iodepth_batch_complete_min=128",
+            ])
+            .args(["--output-format=json"])
+            .args(extra)
+            .arg(format!("--filename={}", file.path.display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run fio")
+    };
+    // fio's own code into the page cache first (its page faults would be charged to it).
+    let warm_up = fio(&["--io_size=8m"])
+        .wait_with_output()
+        .expect("fio warm-up");
+    assert!(warm_up.status.success(), "fio warm-up failed");
+    let disk_before = disk_completions(file);
+    let before = probes.snapshot().unwrap();
+    let started = Instant::now();
+    let child = fio(&["--runtime=3", "--time_based"]);
+    let fio_pid = child.id();
+    let output = child.wait_with_output().expect("fio output");
+    let (delta, summary) = window_since(probes, &before, started.elapsed());
+    let read = fio_reads(&output);
+    let fio_ios = read["total_ios"].as_u64().expect("fio total_ios");
+    let charged_to_all = delta
+        .process_io
+        .iter()
+        .filter(|(key, _)| {
+            key.operation == IoOperation::Read as u8
+                && agent_common::storage::split_dev(key.dev) == file.device()
+        })
+        .map(|(_, stats)| stats.completed_requests)
+        .sum();
+    MergedReads {
+        fio_ios,
+        charged: charged_to(&delta, fio_pid, file.device(), IoOperation::Read),
+        charged_to_all,
+        reads: read_row(&summary, file),
+        never_traced: completions_never_traced(file, disk_before, &delta, IoOperation::Read),
+        fio: read,
+    }
+}
+
+/// Reads merged into long requests are each one sample, charged to their submitter: fio's
+/// batches of 128 sequential 4 KiB reads reach the device as requests of 128 bios, past the
+/// first few the completion probe follows inline; bpf_loop follows the rest. Counted
+/// against fio's own reads and completion percentiles. The control loads the completion
+/// program made for kernels without bpf_loop, which follows 32 bios: there most of the same
+/// reads go uncharged, which shows the load does build requests longer than that.
+#[test]
+fn reads_merged_into_long_requests_are_each_timed_and_charged() {
+    const TEST: &str = "reads_merged_into_long_requests_are_each_timed_and_charged";
+    if !root_or_skip(TEST) || !tool_or_skip(TEST, "fio") {
+        return;
+    }
+    if !envelope::kernel::btf::kernel_has_bpf_loop() {
+        eprintln!("skipped {TEST}: this kernel has no bpf_loop (Linux 5.17)");
+        return;
+    }
+    let probes = load_probes();
+    if !block_probes_are_btf(&probes, TEST) {
+        return;
+    }
+    let file = ScratchFile::create(256 << 20);
+    let MergedReads {
+        fio_ios,
+        charged: (ops, bytes),
+        charged_to_all,
+        reads,
+        never_traced,
+        fio,
+    } = merged_small_reads(&probes, &file);
+    let fio_ms = |percentile: &str| {
+        fio["clat_ns"]["percentile"][percentile]
+            .as_f64()
+            .expect("fio percentile")
+            / 1e6
+    };
+    let request_kib = reads.bytes / reads.ops.max(1) / 1024;
+    eprintln!(
+        "fio {fio_ios} reads, P50/P95 {:.3}/{:.3} ms; envelope: {ops} reads and {bytes} bytes \
+         charged to fio, {} device requests of {request_kib} KiB on average ({never_traced} \
+         never traced), P50/P95 {:?}/{:?} ms",
+        fio_ms("50.000000"),
+        fio_ms("95.000000"),
+        reads.ops,
+        reads.latency.p50_ms,
+        reads.latency.p95_ms,
+    );
+    assert!(
+        request_kib > 32 * 4,
+        "device requests of {request_kib} KiB: the reads did not merge past 32 bios"
+    );
+    // Below fio's count by the reads in requests no probe saw complete (up to 128 each), and
+    // by reads whose entry was evicted from INFLIGHT_IOS while in flight: with 128 in flight
+    // in 32,768 slots, both candidate slots are taken about once in (32768 / 256)^2 = 16,384
+    // reads. Above by the batch still in flight when fio's time ran out.
+    let lost = never_traced * 128 + fio_ios / 10_000;
+    assert!(
+        (fio_ios.saturating_sub(lost)..=fio_ios + 128).contains(&ops),
+        "{ops} reads charged to fio, fio issued {fio_ios}, {never_traced} requests never traced"
+    );
+    assert_eq!(bytes, ops * BLOCK as u64, "4 KiB charged per read");
+    assert_eq!(
+        reads.latency.samples, charged_to_all,
+        "one latency sample per read charged"
+    );
+    // fio reaps its reads 128 at a time, so its completion time of a read is when the last of
+    // its batch completed: the median agrees, and envelope never reads above fio.
+    let p50 = reads.latency.p50_ms.expect("read P50");
+    let fio_p50 = fio_ms("50.000000");
+    assert!(
+        (p50 - fio_p50).abs() / fio_p50 <= 0.10,
+        "P50 differs by more than 10%: envelope {p50:.3} ms, fio {fio_p50:.3} ms"
+    );
+    let p95 = reads.latency.p95_ms.expect("read P95");
+    let fio_p95 = fio_ms("95.000000");
+    assert!(
+        p95 <= fio_p95 * 1.10,
+        "P95 above fio's: envelope {p95:.3} ms, fio {fio_p95:.3} ms"
+    );
+    drop(probes);
+
+    let inline_only =
+        integration_tests::load_probes_with(&envelope::kernel::probes::ProbeOptions {
+            without_bpf_loop: true,
+            ..Default::default()
+        });
+    let MergedReads {
+        fio_ios,
+        charged: (ops, _),
+        ..
+    } = merged_small_reads(&inline_only, &file);
+    eprintln!("without bpf_loop: fio {fio_ios} reads, {ops} charged to fio");
+    assert!(
+        ops < fio_ios / 2,
+        "without bpf_loop {ops} of fio's {fio_ios} reads were charged: the requests were not \
+         longer than 32 bios"
+    );
+}

@@ -14,7 +14,8 @@ use agent_common::storage::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, generated::bpf_get_current_comm,
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_comm, bpf_loop},
     },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
@@ -373,6 +374,18 @@ struct Completion {
 
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn block_rq_complete_btf(ctx: BtfTracePointContext) -> i32 {
+    on_rq_complete_btf::<true>(ctx)
+}
+
+/// [`block_rq_complete_btf`] for kernels without `bpf_loop` (before 5.17): it follows the
+/// first [`MAX_BIOS_PER_REQUEST`] bios of a request only.
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn block_rq_complete_btf_inline(ctx: BtfTracePointContext) -> i32 {
+    on_rq_complete_btf::<false>(ctx)
+}
+
+#[inline(always)]
+fn on_rq_complete_btf<const LOOP: bool>(ctx: BtfTracePointContext) -> i32 {
     let request: *const u8 = ctx.arg(0);
     // blk_status_t is a u8; the argument slot is 64 bits wide.
     let status: u64 = ctx.arg(1);
@@ -388,7 +401,7 @@ pub fn block_rq_complete_btf(ctx: BtfTracePointContext) -> i32 {
         failed: status as u8 != 0,
         operation,
     }) {
-        complete_ios(request, bytes, dev, operation, stats, now);
+        complete_ios::<LOOP>(request, bytes, dev, operation, stats, now);
     }
     0
 }
@@ -396,7 +409,7 @@ pub fn block_rq_complete_btf(ctx: BtfTracePointContext) -> i32 {
 /// The application I/Os whose parts this completion finishes: the request's bios, first to
 /// last, as far as `bytes` covers them whole (a partial completion finishes the rest later).
 #[inline(always)]
-fn complete_ios(
+fn complete_ios<const LOOP: bool>(
     request: *const u8,
     bytes: u32,
     dev: u32,
@@ -406,7 +419,15 @@ fn complete_ios(
 ) {
     let mut bio: *const u8 = member!(request, request_bio);
     let mut left = bytes;
-    for _ in 0..MAX_BIOS_PER_REQUEST {
+    // With bpf_loop to go on, only the first few bios inline: the verifier checks the loop's
+    // callback once for every distinct state the inline walk can end in, and 32 inline
+    // iterations end in too many (it gave up after a million instructions).
+    let inline_bios = if LOOP {
+        BIOS_BEFORE_LOOP
+    } else {
+        MAX_BIOS_PER_REQUEST
+    };
+    for _ in 0..inline_bios {
         if bio.is_null() {
             return;
         }
@@ -419,20 +440,115 @@ fn complete_ios(
         complete_part(bio, dev, operation, stats, now);
         bio = member!(bio, bio_next);
     }
-    // A request merged from more bios than the walk follows: the I/Os of the rest age out of
-    // INFLIGHT_IOS untimed. Named in the debug log (removed by the verifier otherwise).
-    if level_enabled(Level::Debug) && !bio.is_null() && left > 0 {
+    if bio.is_null() || left == 0 {
+        return;
+    }
+    // A request merged from many small bios (batched sequential direct reads merge into
+    // requests of 128 or more): the rest through bpf_loop, where the kernel has it.
+    let Some(bio) = address_of(bio, AddressSlot::RequestComplete) else {
+        return;
+    };
+    let mut walk = BioWalk {
+        bio,
+        now,
+        left,
+        dev,
+        operation,
+    };
+    if LOOP {
+        // SAFETY: the callback reads and updates `walk`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                MORE_BIOS_PER_REQUEST,
+                complete_next_io as *mut core::ffi::c_void,
+                (&raw mut walk).cast(),
+                0,
+            );
+        }
+    }
+    // Bios beyond both walks (or beyond the inline one, on kernels without bpf_loop): their
+    // I/Os age out of INFLIGHT_IOS untimed. Named in the debug log (removed by the verifier
+    // otherwise).
+    if level_enabled(Level::Debug) && walk.bio != 0 && walk.left > 0 {
         debug!(
             &(),
             target: "envelope::probes",
-            "a request of {} bytes on device {}:{} has more than {} bios: {} bytes of it complete untimed",
+            "a request of {} bytes on device {}:{} has more bios than the probe follows: {} bytes of it complete untimed",
             bytes,
             dev >> 20,
             dev & 0xF_FFFF,
-            MAX_BIOS_PER_REQUEST,
-            left
+            walk.left
         );
     }
+}
+
+/// Bios a request may have past the [`MAX_BIOS_PER_REQUEST`] the completion follows inline,
+/// walked with `bpf_loop` (Linux 5.17), whose callback the verifier checks once rather than
+/// once per iteration. A request merged from page-sized bios has up to one per page: 1,024
+/// is 4 MiB.
+const MORE_BIOS_PER_REQUEST: u32 = 1024;
+
+/// Bios followed inline, with typed loads, before [`MORE_BIOS_PER_REQUEST`] through bpf_loop:
+/// a direct read is one bio, a large one split at the device a few.
+const BIOS_BEFORE_LOOP: u32 = 4;
+
+/// Where the inline walk stopped, for [`complete_next_io`] to go on from: `bpf_loop`'s
+/// context, on the program's stack. The callback sees addresses as numbers, not typed
+/// pointers, so it reads the bios with helpers.
+#[repr(C)]
+struct BioWalk {
+    bio: u64,
+    now: u64,
+    left: u32,
+    dev: u32,
+    operation: u8,
+}
+
+/// One more bio of a long request (a `bpf_loop` callback: 0 goes on, 1 stops).
+#[inline(never)]
+extern "C" fn complete_next_io(_index: u64, context: *mut core::ffi::c_void) -> i64 {
+    let walk = context as *mut BioWalk;
+    // SAFETY: `context` is the BioWalk the caller passed to bpf_loop; the bio's members are
+    // read with fault-tolerant helper reads.
+    unsafe {
+        let bio = (*walk).bio;
+        if bio == 0 {
+            return 1;
+        }
+        let at = |offset: usize| (bio as *const u8).add(offset);
+        let Ok(size) =
+            bpf_probe_read_kernel(at(super::shared::offset_of_member!(bio_size)) as *const u32)
+        else {
+            return 1;
+        };
+        if size > (*walk).left {
+            return 1;
+        }
+        (*walk).left -= size;
+        let waited_on =
+            bpf_probe_read_kernel(at(super::shared::offset_of_member!(bio_private)) as *const u64)
+                .unwrap_or(0);
+        let device_key = StorageDeviceKey {
+            dev: (*walk).dev,
+            operation: (*walk).operation,
+            _padding: [0; 3],
+        };
+        if let Some(stats) = STORAGE_DEVICES.get_ptr_mut(&device_key) {
+            let key = if waited_on != 0 { waited_on } else { bio };
+            complete_io(
+                key,
+                waited_on,
+                (*walk).dev,
+                (*walk).operation,
+                stats,
+                (*walk).now,
+            );
+        }
+        (*walk).bio =
+            bpf_probe_read_kernel(at(super::shared::offset_of_member!(bio_next)) as *const u64)
+                .unwrap_or(0);
+    }
+    0
 }
 
 /// One part of an application I/O is done: the bio it queued, or a part split from it.
@@ -459,6 +575,20 @@ fn complete_part(
             None => return,
         }
     };
+    complete_io(key, waited_on, dev, operation, stats, now);
+}
+
+/// The part of the I/O keyed `key` is done (`waited_on` is the bio's `bi_private`, for a
+/// split part whose I/O is keyed by the bio it was cut from); the last part times the I/O.
+#[inline(always)]
+fn complete_io(
+    key: u64,
+    waited_on: u64,
+    dev: u32,
+    operation: u8,
+    stats: *mut StorageDeviceStats,
+    now: u64,
+) {
     let (slot, key) = match find_in(&INFLIGHT_IOS, slots_for(key), &key) {
         Some(slot) => (slot, key),
         None if waited_on != 0 => {

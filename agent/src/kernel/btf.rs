@@ -79,9 +79,25 @@ pub struct BtfProbeSpec {
 }
 
 /// The BTF program of a tracepoint in the eBPF object (`#[btf_tracepoint]` functions are
-/// named `<tracepoint>_btf`).
-pub fn program_name(tracepoint: &str) -> String {
-    format!("{tracepoint}_btf")
+/// named `<tracepoint>_btf`). `block_rq_complete` has a second one for kernels without
+/// `bpf_loop` (before 5.17), `<tracepoint>_btf_inline`: it follows a request's first 32 bios
+/// only, where the first goes on through up to 1,024 more.
+pub fn program_name(tracepoint: &str, has_bpf_loop: bool) -> String {
+    if tracepoint == "block_rq_complete" && !has_bpf_loop {
+        format!("{tracepoint}_btf_inline")
+    } else {
+        format!("{tracepoint}_btf")
+    }
+}
+
+/// Whether the kernel has the `bpf_loop` helper (Linux 5.17), asked by loading a two-instruction
+/// program that calls it.
+pub fn kernel_has_bpf_loop() -> bool {
+    aya::sys::is_helper_supported(
+        aya::programs::ProgramType::TracePoint,
+        aya::sys::BpfHelper::BPF_FUNC_loop,
+    )
+    .unwrap_or(false)
 }
 
 const REQUEST: &[&str] = &[

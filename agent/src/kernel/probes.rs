@@ -84,6 +84,9 @@ pub struct ProbeOptions {
     pub all_classic: bool,
     /// These tracepoints (by name, `tcp_probe`) on their classic tracepoint.
     pub classic: Vec<String>,
+    /// Load the block completion program made for kernels without `bpf_loop` (before 5.17)
+    /// even where the kernel has it (`ENVELOPE_NO_BPF_LOOP=1`).
+    pub without_bpf_loop: bool,
 }
 
 impl ProbeOptions {
@@ -91,6 +94,8 @@ impl ProbeOptions {
     /// `ENVELOPE_PROBES=tracepoint:tcp_probe,sched_switch` keeps the ones named.
     pub fn from_environment() -> Self {
         let value = std::env::var("ENVELOPE_PROBES").unwrap_or_default();
+        let without_bpf_loop =
+            std::env::var_os("ENVELOPE_NO_BPF_LOOP").is_some_and(|value| value == "1");
         match value.split_once(':') {
             Some(("tracepoint", names)) => Self {
                 all_classic: false,
@@ -98,10 +103,12 @@ impl ProbeOptions {
                     .split(',')
                     .map(|name| name.trim().to_string())
                     .collect(),
+                without_bpf_loop,
             },
             _ => Self {
                 all_classic: value == "tracepoint",
                 classic: Vec::new(),
+                without_bpf_loop,
             },
         }
     }
@@ -249,6 +256,13 @@ impl KernelProbes {
                 }
             })?;
 
+        let has_bpf_loop = !options.without_bpf_loop && btf::kernel_has_bpf_loop();
+        if !has_bpf_loop {
+            tracing::info!(
+                "this kernel has no bpf_loop (Linux 5.17): a block request's I/Os are followed \
+                 through its first 32 bios only"
+            );
+        }
         // The block probes are attached first, as a group: if one BTF program is refused,
         // all four stay classic (see btf::BLOCK_PROBES).
         let mut block_links = HashMap::new();
@@ -258,7 +272,8 @@ impl KernelProbes {
                 .all(|name| btf_probes.usable(name).is_ok())
         {
             for name in btf::BLOCK_PROBES {
-                match attach_btf(&mut ebpf, &btf::program_name(name), name, kernel_btf) {
+                let program = btf::program_name(name, has_bpf_loop);
+                match attach_btf(&mut ebpf, &program, name, kernel_btf) {
                     Ok(link) => {
                         block_links.insert(name, link);
                     }
@@ -287,7 +302,7 @@ impl KernelProbes {
                     Some("ENVELOPE_SYSCALL_PROBE=sys_enter".to_string())
                 }
                 (Ok(kernel_btf), Ok(())) => {
-                    let program = btf::program_name(spec.name);
+                    let program = btf::program_name(spec.name, has_bpf_loop);
                     let attached = match block_links.remove(spec.name) {
                         Some(link) => Ok(link),
                         None => attach_btf(&mut ebpf, &program, spec.name, kernel_btf),
