@@ -41,8 +41,9 @@ pub struct BtfOffsets {
     /// is the value of its first sample, at +4).
     pub tcp_srtt_us: u16,
     pub tcp_rtt_min: u16,
-    /// `struct task_struct`: `pid`, `exit_state`.
+    /// `struct task_struct`: `pid`, `tgid`, `exit_state`.
     pub task_pid: u16,
+    pub task_tgid: u16,
     pub task_exit_state: u16,
 }
 
@@ -69,6 +70,7 @@ impl BtfOffsets {
         tcp_srtt_us: 1680,
         tcp_rtt_min: 1496,
         task_pid: 1264,
+        task_tgid: 1268,
         task_exit_state: 1160,
     };
 }

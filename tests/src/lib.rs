@@ -60,6 +60,12 @@ impl std::ops::Deref for ExclusiveProbes {
     }
 }
 
+impl std::ops::DerefMut for ExclusiveProbes {
+    fn deref_mut(&mut self) -> &mut KernelProbes {
+        &mut self.probes
+    }
+}
+
 /// The right to be the only test of this process making traffic, for a test that judges
 /// the whole process with `diagnose --pid` and loads no probes itself.
 pub fn exclusive_traffic() -> std::sync::MutexGuard<'static, ()> {

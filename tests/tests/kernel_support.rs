@@ -207,3 +207,99 @@ fn the_block_probes_are_all_of_one_kind() {
         }
     }
 }
+
+/// The tracking entries of a tracked process's new threads and children, while they live and
+/// after they exit, on one kind of probes. The tracked process is this test's.
+fn tracking_entries_of_threads_and_children(options: &ProbeOptions) -> TrackingSeen {
+    use agent_common::sched::tracked;
+    let mut probes = integration_tests::load_probes_with(options);
+    let me = std::process::id();
+    probes
+        .track_process(me, tracked::TRACKED)
+        .expect("track this process");
+    let threads = 16;
+    let started = std::sync::Barrier::new(threads + 1);
+    let finish = std::sync::Barrier::new(threads + 1);
+    let (tids, while_alive, child_tracked) = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() } as u32;
+                    started.wait();
+                    finish.wait();
+                    tid
+                })
+            })
+            .collect();
+        started.wait();
+        let mut child = std::process::Command::new("sleep")
+            .arg("1")
+            .spawn()
+            .expect("spawn sleep");
+        let seen = probes.tracked_in_kernel().expect("read tracked processes");
+        let child_tracked = seen.contains(&child.id());
+        finish.wait();
+        let tids: Vec<u32> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        let while_alive = tids.iter().filter(|tid| seen.contains(tid)).count();
+        (tids, while_alive, child_tracked)
+    });
+    // The threads have exited (joined); their exit probe has run.
+    let after = probes.tracked_in_kernel().expect("read tracked processes");
+    TrackingSeen {
+        threads: tids.len(),
+        while_alive,
+        after_exit: tids.iter().filter(|tid| after.contains(tid)).count(),
+        child_tracked,
+        me_tracked: after.contains(&me),
+    }
+}
+
+struct TrackingSeen {
+    threads: usize,
+    /// New threads with an entry of their own while they ran.
+    while_alive: usize,
+    /// Left after they exited.
+    after_exit: usize,
+    child_tracked: bool,
+    me_tracked: bool,
+}
+
+/// A tracked process's children are tracked from fork; its new threads are not entries of
+/// their own (they would fill the 32,768-entry map on a node whose thread pools churn: no
+/// userspace refresh knows their ids). The BTF fork probe skips them; the classic one cannot
+/// tell them apart (its record has no tgid), so there each thread's entry goes at its exit.
+#[test]
+fn new_threads_of_a_tracked_process_leave_no_tracking_entries() {
+    if !root_or_skip("new_threads_of_a_tracked_process_leave_no_tracking_entries") {
+        return;
+    }
+    let btf = tracking_entries_of_threads_and_children(&ProbeOptions::default());
+    let classic = tracking_entries_of_threads_and_children(&classic());
+    for (kind, seen) in [("btf", &btf), ("classic", &classic)] {
+        assert!(
+            seen.child_tracked,
+            "{kind}: a child of a tracked process is tracked at fork"
+        );
+        assert!(
+            seen.me_tracked,
+            "{kind}: the tracked process keeps its entry"
+        );
+        assert_eq!(
+            seen.after_exit, 0,
+            "{kind}: {} of {} exited threads still have an entry",
+            seen.after_exit, seen.threads
+        );
+    }
+    assert_eq!(
+        btf.while_alive, 0,
+        "BTF: {} of {} running threads have an entry",
+        btf.while_alive, btf.threads
+    );
+    eprintln!(
+        "threads with an entry while running: BTF {}, classic {} of {}",
+        btf.while_alive, classic.while_alive, classic.threads
+    );
+}

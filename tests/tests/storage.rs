@@ -512,6 +512,19 @@ fn direct_writes_are_counted_as_writes() {
 }
 
 /// The read figures of fio's first job (`--output-format=json`), after checking it succeeded.
+/// fio on `file` with `args`, its JSON report on stdout. --thread: the reads come from fio's
+/// own process, the one spawned here, so they are charged to its pid.
+fn spawn_fio(file: &ScratchFile, args: &[&str]) -> std::process::Child {
+    Command::new("fio")
+        .args(args)
+        .args(["--thread", "--output-format=json"])
+        .arg(format!("--filename={}", file.path.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run fio")
+}
+
 fn fio_reads(output: &std::process::Output) -> serde_json::Value {
     assert!(
         output.status.success(),
@@ -682,19 +695,12 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
     /// fio's queue depth: the most reads in flight at once.
     const IN_FLIGHT: u64 = 32;
     let fio = |block_size: &str, extra: &[&str]| {
-        // --thread: the reads come from fio's own process, the one spawned here.
-        Command::new("fio")
-            .args(["--name=envelope-large-reads", "--rw=randread", "--direct=1"])
-            .args(["--ioengine=libaio", "--thread"])
-            .arg(format!("--iodepth={IN_FLIGHT}"))
-            .args(["--output-format=json"])
-            .arg(format!("--bs={block_size}"))
-            .args(extra)
-            .arg(format!("--filename={}", file.path.display()))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run fio")
+        let iodepth = format!("--iodepth={IN_FLIGHT}");
+        let bs = format!("--bs={block_size}");
+        let mut args = vec!["--name=envelope-large-reads", "--rw=randread", "--direct=1"];
+        args.extend(["--ioengine=libaio", &iodepth, &bs]);
+        args.extend(extra);
+        spawn_fio(&file, &args)
     };
     // A first short run outside the window, so that fio's own code is in the page cache:
     // otherwise its page faults read a few MB from the same disk, charged to it as well.
@@ -1058,26 +1064,14 @@ fn merged_small_reads(
     file: &ScratchFile,
 ) -> MergedReads {
     let fio = |extra: &[&str]| {
-        // --thread: the reads come from fio's own process, the one spawned here.
-        Command::new("fio")
-            .args([
-                "--name=envelope-merged-reads",
-                "--rw=read",
-                "--bs=4k",
-                "--direct=1",
-            ])
-            .args(["--ioengine=libaio", "--thread", "--iodepth=128"])
-            .args([
-                "--iodepth_batch_submit=128",
-                "--iodepth_batch_complete_min=128",
-            ])
-            .args(["--output-format=json"])
-            .args(extra)
-            .arg(format!("--filename={}", file.path.display()))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run fio")
+        let mut args = vec!["--name=envelope-merged-reads", "--rw=read", "--bs=4k"];
+        args.extend(["--direct=1", "--ioengine=libaio", "--iodepth=128"]);
+        args.extend([
+            "--iodepth_batch_submit=128",
+            "--iodepth_batch_complete_min=128",
+        ]);
+        args.extend(extra);
+        spawn_fio(file, &args)
     };
     // fio's own code into the page cache first (its page faults would be charged to it).
     let warm_up = fio(&["--io_size=8m"])

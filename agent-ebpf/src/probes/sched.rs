@@ -386,11 +386,10 @@ fn on_exit() {
     // tracked at fork are in no userspace set, so nothing else would remove them, and under
     // process churn the map filled up and stopped admitting new processes (the soak test
     // found it). A leader that exits before its other threads is tracked again by the next
-    // userspace refresh (every second).
-    let tgid = (pid_tgid >> 32) as u32;
-    if thread == tgid {
-        let _ = TRACKED_PROCESSES.remove(&tgid);
-    }
+    // userspace refresh (every second). Any other thread's own entry goes too: the classic
+    // fork probe cannot tell a new thread from a new process and tracks both, and no process
+    // has a live thread's id as its own.
+    let _ = TRACKED_PROCESSES.remove(&thread);
 }
 
 /// A tracked process's children are tracked from their first instant, with its flags, so
@@ -398,7 +397,13 @@ fn on_exit() {
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork_btf(ctx: BtfTracePointContext) -> i32 {
     let child: *const u8 = ctx.arg(1);
-    on_fork(|| Ok(member!(child, task_pid)));
+    let pid: i32 = member!(child, task_pid);
+    let tgid: i32 = member!(child, task_tgid);
+    // The tracepoint fires for new threads too (clone with CLONE_THREAD): those belong to a
+    // process already tracked by its tgid and need no entry of their own.
+    if pid == tgid {
+        on_fork(|| Ok(pid));
+    }
     0
 }
 
@@ -408,7 +413,9 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The current process forked `child_pid`; read only when the parent is tracked.
+/// The current process forked `child_pid`; read only when the parent is tracked. The classic
+/// record does not say whether the child is a thread of the parent's (no tgid): there a new
+/// thread gets an entry under its thread id too, which userspace's refresh removes.
 #[inline(always)]
 fn on_fork(child_pid: impl Fn() -> Result<i32, i64>) {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;

@@ -64,6 +64,7 @@ const MEMBERS: &[MemberSpec] = &[
     member!(tcp_srtt_us, "tcp_sock", "srtt_us", 4),
     member!(tcp_rtt_min, "tcp_sock", "rtt_min", 24),
     member!(task_pid, "task_struct", "pid", 4),
+    member!(task_tgid, "task_struct", "tgid", 4),
     member!(task_exit_state, "task_struct", "exit_state", 4),
 ];
 
@@ -211,7 +212,7 @@ pub const BTF_PROBES: &[BtfProbeSpec] = &[
     BtfProbeSpec {
         tracepoint: "sched_process_fork",
         args: &["task_struct *", "task_struct *"],
-        members: &["task_pid"],
+        members: &["task_pid", "task_tgid"],
     },
 ];
 

@@ -581,6 +581,17 @@ impl KernelProbes {
     }
 
     /// Stops accounting processes that are gone.
+    /// The processes the probes track now: those userspace named and the children of
+    /// tracked processes, added by the fork probe.
+    pub fn tracked_in_kernel(&self) -> anyhow::Result<std::collections::BTreeSet<u32>> {
+        let map: BpfHashMap<_, u32, TrackedProcess> = BpfHashMap::try_from(
+            self.ebpf
+                .map(map_names::TRACKED_PROCESSES)
+                .context("no TRACKED_PROCESSES map")?,
+        )?;
+        Ok(map.keys().flatten().collect())
+    }
+
     pub fn untrack_processes(&mut self, gone: &[u32]) -> anyhow::Result<()> {
         let mut map: BpfHashMap<_, u32, TrackedProcess> = BpfHashMap::try_from(
             self.ebpf
