@@ -716,11 +716,10 @@ impl Running {
             .map(|kib| kib / 1024.0)
     }
 
-    /// Stops the observer (SIGINT: bpftrace prints its histograms) and returns its output.
     /// Stops the observer with SIGINT (bpftrace prints its maps then, envelope measures its
     /// last window), sent again every 5 s: a bpftrace run of this benchmark once caught the
     /// first SIGINT and went on waiting in epoll for ten minutes, and the second ended it. A
-    /// process still there after 30 s is killed.
+    /// process still there after 30 s is killed. Returns its output.
     fn stop(mut self) -> String {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);

@@ -415,7 +415,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
 
 /// The current process forked `child_pid`; read only when the parent is tracked. The classic
 /// record does not say whether the child is a thread of the parent's (no tgid): there a new
-/// thread gets an entry under its thread id too, which userspace's refresh removes.
+/// thread gets an entry under its thread id too, removed when the thread exits (`on_exit`).
 #[inline(always)]
 fn on_fork(child_pid: impl Fn() -> Result<i32, i64>) {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;

@@ -482,7 +482,7 @@ fn complete_ios<const LOOP: bool>(
     }
 }
 
-/// Bios a request may have past the [`MAX_BIOS_PER_REQUEST`] the completion follows inline,
+/// Bios a request may have past the [`BIOS_BEFORE_LOOP`] the completion follows inline,
 /// walked with `bpf_loop` (Linux 5.17), whose callback the verifier checks once rather than
 /// once per iteration. A request merged from page-sized bios has up to one per page: 1,024
 /// is 4 MiB.
@@ -522,6 +522,8 @@ extern "C" fn complete_next_io(_index: u64, context: *mut core::ffi::c_void) -> 
             return 1;
         };
         if size > (*walk).left {
+            // A partial completion: the rest completes later, nothing is left untimed.
+            (*walk).left = 0;
             return 1;
         }
         (*walk).left -= size;

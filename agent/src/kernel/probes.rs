@@ -257,14 +257,9 @@ impl KernelProbes {
             })?;
 
         let has_bpf_loop = !options.without_bpf_loop && btf::kernel_has_bpf_loop();
-        if !has_bpf_loop {
-            tracing::info!(
-                "this kernel has no bpf_loop (Linux 5.17): a block request's I/Os are followed \
-                 through its first 32 bios only"
-            );
-        }
         // The block probes are attached first, as a group: if one BTF program is refused,
-        // all four stay classic (see btf::BLOCK_PROBES).
+        // all four stay classic (see btf::BLOCK_PROBES). The completion's bpf_loop program
+        // has a fallback of its own first: the one that follows 32 bios inline.
         let mut block_links = HashMap::new();
         if let Ok(kernel_btf) = &kernel_btf
             && btf::BLOCK_PROBES
@@ -273,7 +268,30 @@ impl KernelProbes {
         {
             for name in btf::BLOCK_PROBES {
                 let program = btf::program_name(name, has_bpf_loop);
-                match attach_btf(&mut ebpf, &program, name, kernel_btf) {
+                let mut attached = attach_btf(&mut ebpf, &program, name, kernel_btf)
+                    .map(|link| (link, program.clone()));
+                let inline = btf::program_name(name, false);
+                if let Err(why) = &attached
+                    && inline != program
+                {
+                    tracing::info!(
+                        "{program} was refused ({why}); a block request's I/Os are followed \
+                         through its first 32 bios only"
+                    );
+                    attached =
+                        attach_btf(&mut ebpf, &inline, name, kernel_btf).map(|link| (link, inline));
+                } else if inline == program && name == "block_rq_complete" {
+                    let why = if options.without_bpf_loop {
+                        "ENVELOPE_NO_BPF_LOOP=1"
+                    } else {
+                        "this kernel has no bpf_loop, Linux 5.17"
+                    };
+                    tracing::info!(
+                        "a block request's I/Os are followed through its first 32 bios only \
+                         ({why})"
+                    );
+                }
+                match attached {
                     Ok(link) => {
                         block_links.insert(name, link);
                     }
@@ -302,13 +320,16 @@ impl KernelProbes {
                     Some("ENVELOPE_SYSCALL_PROBE=sys_enter".to_string())
                 }
                 (Ok(kernel_btf), Ok(())) => {
-                    let program = btf::program_name(spec.name, has_bpf_loop);
                     let attached = match block_links.remove(spec.name) {
-                        Some(link) => Ok(link),
-                        None => attach_btf(&mut ebpf, &program, spec.name, kernel_btf),
+                        Some(attached) => Ok(attached),
+                        None => {
+                            let program = btf::program_name(spec.name, has_bpf_loop);
+                            attach_btf(&mut ebpf, &program, spec.name, kernel_btf)
+                                .map(|link| (link, program))
+                        }
                     };
                     match attached {
-                        Ok(link) => {
+                        Ok((link, program)) => {
                             links.push(ProbeLink::Btf(link));
                             statuses.push(ProbeStatus {
                                 tracepoint,
@@ -580,7 +601,6 @@ impl KernelProbes {
         Ok(())
     }
 
-    /// Stops accounting processes that are gone.
     /// The processes the probes track now: those userspace named and the children of
     /// tracked processes, added by the fork probe.
     pub fn tracked_in_kernel(&self) -> anyhow::Result<std::collections::BTreeSet<u32>> {
@@ -592,6 +612,7 @@ impl KernelProbes {
         Ok(map.keys().flatten().collect())
     }
 
+    /// Stops accounting processes that are gone.
     pub fn untrack_processes(&mut self, gone: &[u32]) -> anyhow::Result<()> {
         let mut map: BpfHashMap<_, u32, TrackedProcess> = BpfHashMap::try_from(
             self.ebpf
