@@ -11,6 +11,7 @@ extern crate alloc;
 extern crate std as alloc;
 
 pub mod btf;
+pub mod cuda;
 pub mod histogram;
 pub mod network;
 pub mod requests;
@@ -38,6 +39,9 @@ pub mod map_names {
     pub const THREAD_STATES: &str = "THREAD_STATES";
     pub const THREAD_SYSCALLS: &str = "THREAD_SYSCALLS";
     pub const TIME_BY_PROCESS: &str = "TIME_BY_PROCESS";
+    pub const CUDA_CALLS: &str = "CUDA_CALLS";
+    pub const OPEN_CUDA_CALLS: &str = "OPEN_CUDA_CALLS";
+    pub const CUDA_BLOCKING_LATENCY: &str = "CUDA_BLOCKING_LATENCY";
 }
 
 /// Turns a NUL-padded kernel command name (`comm`) into a string (userspace only).
@@ -67,7 +71,7 @@ pub const BTF_OFFSETS_GLOBAL: &str = "BTF_OFFSETS";
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        btf::*, histogram::*, network::*, requests::*, sched::*, storage::*, tracepoint::*,
+        btf::*, cuda::*, histogram::*, network::*, requests::*, sched::*, storage::*, tracepoint::*,
     };
     // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and carry
     // explicit padding fields, so every byte pattern is a valid value.
@@ -91,4 +95,7 @@ mod pod {
     unsafe impl aya::Pod for ThreadState {}
     unsafe impl aya::Pod for ProcessTime {}
     unsafe impl aya::Pod for TrackedProcess {}
+    unsafe impl aya::Pod for CudaCallKey {}
+    unsafe impl aya::Pod for CudaCallCounters {}
+    unsafe impl aya::Pod for OpenCall {}
 }

@@ -67,6 +67,44 @@ pub struct ThreadState {
     pub tgid: u32,
     /// One of `activity::*`.
     pub activity: u32,
+    /// `gpu_call::*`: whether the thread is inside a CUDA call that waits on the GPU (seen
+    /// by the opt-in CUDA uprobes), and whether it is on a CPU meanwhile.
+    pub gpu_call: u32,
+    pub _padding: u32,
+}
+
+/// Values of `ThreadState::gpu_call`. A thread inside a blocking CUDA call (a
+/// synchronisation, a synchronous copy) waits on the GPU whatever it does meanwhile: CUDA
+/// spins on a CPU, then yields or sleeps in an ioctl. Its time is charged to `activity::GPU`,
+/// except waiting for a CPU, which is the CPU's.
+pub mod gpu_call {
+    pub const NONE: u32 = 0;
+    /// In the call and on a CPU.
+    pub const RUNNING: u32 = 1;
+    /// In the call and off the CPU (asleep, or preempted).
+    pub const OFF_CPU: u32 = 2;
+}
+
+impl ThreadState {
+    pub const fn new(since_ns: u64, tgid: u32, activity: u32) -> Self {
+        Self {
+            since_ns,
+            tgid,
+            activity,
+            gpu_call: gpu_call::NONE,
+            _padding: 0,
+        }
+    }
+}
+
+/// What a thread inside a blocking CUDA call is doing once it leaves the CPU: waiting for a
+/// CPU stays that, an exit stays that, every sleep is the GPU's.
+#[inline(always)]
+pub const fn activity_in_gpu_call(classified: u32) -> u32 {
+    match classified {
+        activity::WAITING_FOR_CPU | activity::EXITED => classified,
+        _ => activity::GPU,
+    }
 }
 
 /// Per process (key: tgid), per CPU: nanoseconds by activity.

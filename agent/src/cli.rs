@@ -136,6 +136,21 @@ pub struct DiagnoseArgs {
     /// How often GPUs are read during the window (overrides [agent] gpu_interval; default 2s).
     #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub gpu_interval: Option<Duration>,
+    /// Count CUDA calls with uprobes on libcudart/libcuda (overrides [gpu] cuda_probes):
+    /// "sync" (synchronisations, copies, allocations), "sync+launch" (kernel launches too,
+    /// a few microseconds each) or "off" (default).
+    #[arg(long, value_name = "MODE", value_parser = parse_cuda_probes)]
+    pub cuda_probes: Option<crate::model::gpu::CudaProbes>,
+}
+
+/// `--cuda-probes`: one of the modes `[gpu] cuda_probes` takes.
+pub fn parse_cuda_probes(text: &str) -> Result<crate::model::gpu::CudaProbes, String> {
+    crate::model::gpu::CudaProbes::parse(text).ok_or_else(|| {
+        format!(
+            "{text:?} is not a mode; use one of {}",
+            crate::model::gpu::CudaProbes::NAMES.join(", ")
+        )
+    })
 }
 
 /// `--window`: a duration within the bounds `[agent] window` has.

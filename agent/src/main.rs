@@ -191,6 +191,7 @@ fn main() -> ExitCode {
                     gpu_interval: args.gpu_interval.unwrap_or(agent.gpu_interval),
                     workload: args.workload,
                     pid: args.pid,
+                    cuda_probes: args.cuda_probes.unwrap_or(config.gpu.cuda_probes),
                     config,
                 };
                 let report = diagnose::run(&options).await?;

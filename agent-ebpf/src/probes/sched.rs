@@ -5,7 +5,8 @@
 use agent_common::requests::request_timing;
 use agent_common::sched::{
     NetworkWait, ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity,
-    classify_switch_out, needs_syscall, reported_switch_state, tracked,
+    activity_in_gpu_call, classify_switch_out, gpu_call, needs_syscall, reported_switch_state,
+    tracked,
 };
 use aya_ebpf::{
     helpers::{
@@ -276,13 +277,17 @@ fn on_switch(
                 let _ = THREAD_STATES.remove(&prev);
             }
             None if next_activity == activity::EXITED => {}
-            Some(state) => transition(state, next_activity, now),
+            // SAFETY: pointer from a successful lookup; plain loads and stores.
+            Some(state) => unsafe {
+                if (*state).gpu_call == gpu_call::NONE {
+                    transition(state, next_activity, now);
+                } else {
+                    transition(state, activity_in_gpu_call(next_activity), now);
+                    (*state).gpu_call = gpu_call::OFF_CPU;
+                }
+            },
             None => {
-                let state = ThreadState {
-                    since_ns: now,
-                    tgid,
-                    activity: next_activity,
-                };
+                let state = ThreadState::new(now, tgid, next_activity);
                 let _ = THREAD_STATES.insert(&prev, &state, 0);
             }
         }
@@ -294,10 +299,51 @@ fn on_switch(
                 // SAFETY: plain helper call.
                 now = unsafe { bpf_ktime_get_ns() };
             }
-            transition(state, activity::ON_CPU, now);
+            // SAFETY: pointer from a successful lookup; plain loads and stores.
+            unsafe {
+                if (*state).gpu_call == gpu_call::NONE {
+                    transition(state, activity::ON_CPU, now);
+                } else {
+                    transition(state, activity::GPU, now);
+                    (*state).gpu_call = gpu_call::RUNNING;
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// The current thread (of a tracked process) enters a CUDA call that waits on the GPU: from
+/// now until [`leave_gpu_call`] its time is the GPU's, spinning or asleep (see
+/// `agent_common::sched::gpu_call`).
+#[inline(always)]
+pub fn enter_gpu_call(thread: u32, tgid: u32, now: u64) {
+    match THREAD_STATES.get_ptr_mut(&thread) {
+        Some(state) => {
+            transition(state, activity::GPU, now);
+            // SAFETY: pointer from a successful lookup; a plain store.
+            unsafe { (*state).gpu_call = gpu_call::RUNNING };
+        }
+        None => {
+            let mut state = ThreadState::new(now, tgid, activity::GPU);
+            state.gpu_call = gpu_call::RUNNING;
+            let _ = THREAD_STATES.insert(&thread, &state, 0);
+        }
+    }
+}
+
+/// The current thread returns from the call [`enter_gpu_call`] saw it enter: it runs again.
+#[inline(always)]
+pub fn leave_gpu_call(thread: u32, now: u64) {
+    if let Some(state) = THREAD_STATES.get_ptr_mut(&thread) {
+        // SAFETY: pointer from a successful lookup; plain loads and stores.
+        unsafe {
+            if (*state).gpu_call != gpu_call::NONE {
+                transition(state, activity::ON_CPU, now);
+                (*state).gpu_call = gpu_call::NONE;
+            }
+        }
+    }
 }
 
 #[btf_tracepoint(function = "sched_wakeup")]
@@ -334,8 +380,12 @@ pub fn sched_wakeup_new(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn on_wakeup(pid: i32) {
     if let Some(state) = THREAD_STATES.get_ptr_mut(&(pid as u32)) {
-        // SAFETY: pointer from a successful lookup.
-        let asleep = unsafe { (*state).activity } >= activity::STORAGE;
+        // SAFETY: pointer from a successful lookup. A thread running inside a blocking CUDA
+        // call is charged to the GPU too, but it is on a CPU: a wakeup racing its sleep
+        // (woken before it switched out) does not make it wait for one.
+        let asleep = unsafe {
+            (*state).activity >= activity::STORAGE && (*state).gpu_call != gpu_call::RUNNING
+        };
         if asleep {
             // SAFETY: plain helper call.
             transition(state, activity::WAITING_FOR_CPU, unsafe {

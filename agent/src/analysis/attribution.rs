@@ -458,7 +458,7 @@ pub fn workload_windows(
             .processes
             .iter()
             .filter(|process| workload.pids.contains(&process.pid))
-            .map(|process| process.gpu_index)
+            .filter_map(|process| process.gpu_index)
             .collect();
         workload.gpus = gpu
             .devices
@@ -471,7 +471,7 @@ pub fn workload_windows(
                 memory_bytes: gpu
                     .processes
                     .iter()
-                    .filter(|p| p.gpu_index == device.index && workload.pids.contains(&p.pid))
+                    .filter(|p| p.gpu_index == Some(device.index) && workload.pids.contains(&p.pid))
                     .map(|p| p.memory_bytes)
                     .sum(),
                 throttle_reasons: device

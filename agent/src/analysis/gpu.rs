@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::cuda::CudaActivity;
 use crate::model::{
     gpu::{GpuSample, StaleGpu, throttle_reason_names},
     process::SystemNames,
@@ -49,11 +50,15 @@ pub struct GpuProcessSummary {
     pub pid: u32,
     pub name: String,
     pub cgroup: Option<String>,
-    pub gpu_index: u32,
+    /// None for a process only the CUDA probes saw (NVML did not list it, or there is no
+    /// NVML).
+    pub gpu_index: Option<u32>,
     /// Most GPU memory seen in use.
     pub memory_bytes: Option<u64>,
     /// Mean SM utilization over the driver's samples, 0..1; null without samples.
     pub sm_utilization: Option<f64>,
+    /// Its CUDA calls in the window, when the CUDA probes are on and saw it call.
+    pub cuda: Option<CudaActivity>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -186,9 +191,10 @@ pub fn summarize_gpu(
                     identity.name
                 },
                 cgroup: identity.cgroup,
-                gpu_index,
+                gpu_index: Some(gpu_index),
                 memory_bytes,
                 sm_utilization: mean(&sm).map(|v| round(v, 4)),
+                cuda: None,
             }
         })
         .collect();
@@ -200,6 +206,32 @@ pub fn summarize_gpu(
         devices,
         processes,
         stale: samples.last().map(|s| s.stale.clone()).unwrap_or_default(),
+    }
+}
+
+/// Adds each process's CUDA calls to its rows (a process on two GPUs: to the first), and a
+/// row for each process only the CUDA probes saw.
+pub fn add_cuda(gpu: &mut GpuSummary, cuda: &BTreeMap<u32, CudaActivity>, names: &dyn SystemNames) {
+    for (&pid, activity) in cuda {
+        match gpu.processes.iter_mut().find(|process| process.pid == pid) {
+            Some(process) => process.cuda = Some(activity.clone()),
+            None => {
+                let identity = names.process(pid, "");
+                gpu.processes.push(GpuProcessSummary {
+                    pid,
+                    name: if identity.name.is_empty() {
+                        "exited".to_string()
+                    } else {
+                        identity.name
+                    },
+                    cgroup: identity.cgroup,
+                    gpu_index: None,
+                    memory_bytes: None,
+                    sm_utilization: None,
+                    cuda: Some(activity.clone()),
+                });
+            }
+        }
     }
 }
 

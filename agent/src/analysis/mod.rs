@@ -2,6 +2,7 @@
 //! per-peer summaries (`window`), GPU summaries (`gpu`), workloads and their verdicts
 //! (`attribution`). No I/O here except through the `SystemNames` trait.
 pub mod attribution;
+pub mod cuda;
 pub mod engines;
 pub mod gpu;
 pub mod window;

@@ -471,6 +471,14 @@ impl Daemon {
                     path.display(),
                     config.budgets.len()
                 );
+                if config.gpu.cuda_probes != self.config.gpu.cuda_probes {
+                    tracing::info!(
+                        "SIGHUP: CUDA probes {} (were {})",
+                        config.gpu.cuda_probes.name(),
+                        self.config.gpu.cuda_probes.name()
+                    );
+                }
+                self.step.set_cuda_probes(config.gpu.cuda_probes);
                 let (agent, export) = (self.config.agent.clone(), self.config.export.clone());
                 self.config = config;
                 // What only a restart changes stays as it was started (command line included).
@@ -529,6 +537,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     };
 
     let mut step = WindowStep::start(config.agent.nvml_lib.clone(), config.agent.gpu_interval, 10)?;
+    step.set_cuda_probes(config.gpu.cuda_probes);
     step.start_engines(&config).await;
     let start_unix_ns = unix_ns(SystemTime::now());
     let budget_states = load_budget_states(&state_dir);

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::step::{Focus, WindowStep};
 use crate::host::system::host_name;
-use crate::report::{DiagnoseReport, JSON_SCHEMA_VERSION, WorkloadReport};
+use crate::report::{CudaProbesReport, DiagnoseReport, JSON_SCHEMA_VERSION, WorkloadReport};
 
 #[derive(Debug)]
 pub struct DiagnoseOptions {
@@ -26,6 +26,8 @@ pub struct DiagnoseOptions {
     /// Narrow the verdict to the workload of this name, or to the one holding this process.
     pub workload: Option<String>,
     pub pid: Option<u32>,
+    /// Which CUDA calls the uprobes count (the flag, else `[gpu] cuda_probes`).
+    pub cuda_probes: crate::model::gpu::CudaProbes,
 }
 
 /// Waits for `duration`, or less if the user interrupts (Ctrl-C, SIGTERM): what was measured
@@ -86,9 +88,16 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         options.gpu_interval,
         options.top,
     )?;
+    step.set_cuda_probes(options.cuda_probes);
     step.start_engines(&options.config).await;
     let interrupted = wait_for_window(options.duration, || step.every_second()).await?;
     let probes = step.probe_statuses();
+    let (libraries, problem) = step.cuda_libraries();
+    let cuda_probes = CudaProbesReport {
+        mode: options.cuda_probes,
+        libraries,
+        problem,
+    };
     let preflight = step.preflight.clone();
     let focus = Focus {
         workload: options.workload.clone(),
@@ -150,5 +159,6 @@ pub async fn run(options: &DiagnoseOptions) -> anyhow::Result<DiagnoseReport> {
         workloads,
         budgets: window.budgets,
         engines: window.engines,
+        cuda_probes,
     })
 }

@@ -16,8 +16,9 @@ use anyhow::Context as _;
 use crate::{
     analysis::{
         attribution::{self, Judged, Verdict},
+        cuda::cuda_by_process,
         engines::EngineSummary,
-        gpu::{GpuSummary, summarize_gpu},
+        gpu::{GpuSummary, add_cuda, summarize_gpu},
         window::{WindowSummary, summarize_window},
     },
     app::engines::EngineReaders,
@@ -28,10 +29,14 @@ use crate::{
         system::{LiveSystem, listening_tcp_ports, user_processes},
     },
     kernel::{
+        cuda::CudaLibraryStatus,
         preflight::{self, PreflightReport},
         probes::{KernelProbes, ProbeKind, ProbeStatus},
     },
-    model::{KernelSnapshot, gpu::GpuSample},
+    model::{
+        KernelSnapshot,
+        gpu::{CudaProbes, GpuSample},
+    },
 };
 
 /// What one window measured and what it means.
@@ -77,6 +82,8 @@ pub struct WindowStep {
     engines: EngineReaders,
     gpu_pids: Arc<Mutex<HashSet<u32>>>,
     tracked: HashSet<u32>,
+    /// Which CUDA calls the uprobes count (`[gpu] cuda_probes`).
+    cuda_probes: CudaProbes,
     previous: KernelSnapshot,
     started: Instant,
     /// Longest lists (processes, peers) kept in a window summary.
@@ -103,6 +110,7 @@ impl WindowStep {
             engines: EngineReaders::default(),
             gpu_pids,
             tracked,
+            cuda_probes: CudaProbes::Off,
             previous,
             started: Instant::now(),
             top,
@@ -127,12 +135,26 @@ impl WindowStep {
         self.probes.statuses()
     }
 
+    /// Turns the CUDA uprobes on or off (they attach and detach at the next
+    /// [`every_second`](Self::every_second)).
+    pub fn set_cuda_probes(&mut self, mode: CudaProbes) {
+        self.cuda_probes = mode;
+    }
+
+    /// The CUDA libraries found so far (attached or not), and why the probes cannot run
+    /// here when they cannot.
+    pub fn cuda_libraries(&self) -> (Vec<CudaLibraryStatus>, Option<String>) {
+        (self.probes.cuda_libraries(), self.probes.cuda_refused())
+    }
+
     /// Keeps the kernel's set of tracked processes current, so a process that starts
-    /// mid-window is counted from then on, and forwards the probes' diagnostic events to the
-    /// log. Call it every second.
+    /// mid-window is counted from then on, attaches the CUDA probes to libraries new
+    /// processes map, and forwards the probes' diagnostic events to the log. Call it every
+    /// second.
     pub fn every_second(&mut self) {
         let gpu_pids = self.gpu_pids.lock().map(|p| p.clone()).unwrap_or_default();
         refresh_tracking(&mut self.probes, &mut self.tracked, &gpu_pids);
+        self.probes.refresh_cuda(&self.tracked, self.cuda_probes);
         self.probes.forward_probe_log();
     }
 
@@ -178,11 +200,13 @@ impl WindowStep {
         &mut self,
         cumulative: KernelSnapshot,
         (elapsed, at): (Duration, SystemTime),
-        (gpu, engines): (GpuSummary, Vec<EngineSummary>),
+        (mut gpu, engines): (GpuSummary, Vec<EngineSummary>),
         config: &LoadedConfig,
         focus: &Focus,
     ) -> Window {
         let delta = cumulative.since(&self.previous);
+        let cuda = cuda_by_process(&delta, self.cuda_probes == CudaProbes::SyncAndLaunch);
+        add_cuda(&mut gpu, &cuda, &LiveSystem);
         let mut summary = summarize_window(&delta, elapsed, &LiveSystem, self.top);
         summary.requests.timed = self.probes.requests_timed();
         let mut workloads = attribution::workload_windows(

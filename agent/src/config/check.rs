@@ -11,12 +11,13 @@ use toml::Spanned;
 
 use super::{
     Action, AgentSettings, Alerting, Budget, BurnRateWindow, ConfigError, EngineEndpointConfig,
-    ExportConfig, LoadedConfig, Pricing, StageAllocation,
+    ExportConfig, GpuSettings, LoadedConfig, Pricing, StageAllocation,
     file::{self, Text},
     workloads::{WorkloadMatcher, WorkloadRules, glob_set},
 };
 use crate::model::{
     engine::{EngineChoice, EngineKind, GenericNames},
+    gpu::CudaProbes,
     vocabulary::{Bound, BudgetMetric, NoDataPolicy, ObjectiveBasis},
 };
 
@@ -203,6 +204,7 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
     let pricing = check_pricing(&checker, &file.pricing)?;
     let alerting = check_alerting(&checker, &file.alerting)?;
     let agent = check_agent(&checker, &file.agent)?;
+    let gpu = check_gpu(&checker, &file.gpu)?;
     let export = check_export(&checker, &file.export)?;
     let names: HashSet<&str> = file
         .workloads
@@ -261,6 +263,7 @@ pub(super) fn check(path: &str, text: &str) -> Checked<LoadedConfig> {
         pricing,
         alerting,
         agent,
+        gpu,
         export,
     })
 }
@@ -607,6 +610,24 @@ fn check_agent(checker: &Checker<'_>, agent: &file::AgentEntry) -> Checked<Agent
             defaults.max_gpu_processes,
         )?,
     })
+}
+
+fn check_gpu(checker: &Checker<'_>, gpu: &file::GpuEntry) -> Checked<GpuSettings> {
+    let cuda_probes = match &gpu.cuda_probes {
+        None => CudaProbes::default(),
+        Some(value) => CudaProbes::parse(value.get_ref()).ok_or_else(|| {
+            checker.at(
+                value.span(),
+                format!(
+                    "[gpu]: cuda_probes {:?} is not a mode; use \"off\", \"sync\" (CUDA \
+                     synchronisations, copies and allocations) or \"sync+launch\" (kernel \
+                     launches too)",
+                    value.get_ref()
+                ),
+            )
+        })?,
+    };
+    Ok(GpuSettings { cuda_probes })
 }
 
 /// An HTTP header name is a token (RFC 9110 5.6.2); a value is visible ASCII, spaces and

@@ -24,7 +24,16 @@ pub struct File {
     #[serde(default)]
     pub agent: AgentEntry,
     #[serde(default)]
+    pub gpu: GpuEntry,
+    #[serde(default)]
     pub export: ExportEntry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuEntry {
+    /// The opt-in CUDA uprobes: "off", "sync" or "sync+launch".
+    pub cuda_probes: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

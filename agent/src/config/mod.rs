@@ -51,7 +51,15 @@ pub struct LoadedConfig {
     pub pricing: Pricing,
     pub alerting: Alerting,
     pub agent: AgentSettings,
+    pub gpu: GpuSettings,
     pub export: ExportConfig,
+}
+
+/// `[gpu]`: how GPU work is seen beyond NVML.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GpuSettings {
+    /// Which CUDA calls the uprobes count (off by default).
+    pub cuda_probes: crate::model::gpu::CudaProbes,
 }
 
 impl LoadedConfig {

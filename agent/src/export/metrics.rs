@@ -739,6 +739,10 @@ impl MetricsState {
         }
         let mut processes: HashMap<(String, String, u32), (f64, f64)> = HashMap::new();
         for process in &gpu.processes {
+            // Rows only the CUDA probes saw have no GPU figures (their calls export below).
+            let Some(gpu_index) = process.gpu_index else {
+                continue;
+            };
             let label = self
                 .gpu_processes
                 .admit(&format!("{}|{}", process.pid, process.name));
@@ -747,7 +751,7 @@ impl MetricsState {
             } else {
                 (process.pid.to_string(), process.name.clone())
             };
-            let total = processes.entry((pid, name, process.gpu_index)).or_default();
+            let total = processes.entry((pid, name, gpu_index)).or_default();
             total.0 += process.memory_bytes.unwrap_or(0) as f64;
             total.1 += process.sm_utilization.unwrap_or(0.0);
         }

@@ -2,6 +2,7 @@
 //! laid out (tracefs), and the probes themselves (load, attach, track processes, read maps
 //! into [`crate::model::KernelSnapshot`]s).
 pub mod btf;
+pub mod cuda;
 pub mod preflight;
 pub mod probe_log;
 pub mod probes;

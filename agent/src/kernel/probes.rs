@@ -4,6 +4,7 @@ use std::{collections::HashMap, fs, hash::Hash, path::Path};
 
 use agent_common::{
     BTF_OFFSETS_GLOBAL, TRACEPOINT_OFFSETS_GLOBAL,
+    cuda::{CudaCallCounters, CudaCallKey},
     histogram::LatencyHistogram,
     map_names,
     network::{PeerCounters, PeerKey},
@@ -24,11 +25,13 @@ use serde::Serialize;
 
 use super::{
     btf::{self, BtfProbes},
+    cuda::{CudaAttacher, CudaLibraryStatus},
     probe_log::{self, ProbeLog},
     tracefs::{self, TracepointProblem},
 };
 use crate::model::{
     Histogram, KernelSnapshot,
+    gpu::CudaProbes,
     snapshot::{Counters, merge_per_cpu},
 };
 
@@ -148,6 +151,8 @@ pub struct KernelProbes {
     links: Vec<ProbeLink>,
     /// The probes' rare diagnostic events, when the log shows them.
     probe_log: Option<ProbeLog>,
+    /// The opt-in CUDA uprobes' attachments (before `ebpf`: dropped first).
+    cuda: CudaAttacher,
     ebpf: Ebpf,
     statuses: Vec<ProbeStatus>,
     requests_timed: bool,
@@ -463,6 +468,7 @@ impl KernelProbes {
         Ok(Self {
             links,
             probe_log,
+            cuda: CudaAttacher::default(),
             ebpf,
             statuses,
             requests_timed,
@@ -475,6 +481,22 @@ impl KernelProbes {
         if let Some(log) = &mut self.probe_log {
             log.forward();
         }
+    }
+
+    /// Attaches the CUDA uprobes to the libraries the live processes `alive` map, or
+    /// detaches them (see [`CudaAttacher::refresh`]). Call it every second.
+    pub fn refresh_cuda(&mut self, alive: &std::collections::HashSet<u32>, mode: CudaProbes) {
+        self.cuda.refresh(&mut self.ebpf, alive, mode);
+    }
+
+    /// The CUDA libraries found so far, attached or not.
+    pub fn cuda_libraries(&self) -> Vec<CudaLibraryStatus> {
+        self.cuda.libraries()
+    }
+
+    /// Why the CUDA probes cannot run here, when they cannot.
+    pub fn cuda_refused(&self) -> Option<String> {
+        self.cuda.refused().map(str::to_string)
     }
 
     /// Whether requests are timed: both socket probes run as BTF programs.
@@ -547,6 +569,14 @@ impl KernelProbes {
             request_counters: self
                 .read_counters::<RequestKey, RequestCounters>(map_names::REQUEST_COUNTERS)?,
             process_time: self.read_process_time()?,
+            cuda_calls: self.read_plain::<CudaCallKey, CudaCallCounters>(map_names::CUDA_CALLS)?,
+            cuda_blocking_latency: self
+                .read_plain::<u32, LatencyHistogram>(map_names::CUDA_BLOCKING_LATENCY)?
+                .into_iter()
+                .map(|(tgid, histogram)| {
+                    (tgid, Histogram::from_per_cpu(std::iter::once(&histogram)))
+                })
+                .collect(),
             missed_events: self
                 .statuses()
                 .into_iter()
@@ -642,6 +672,17 @@ impl KernelProbes {
             }
         }
         Ok(times)
+    }
+
+    /// A map that is not per CPU (its values are added to atomically), read whole.
+    fn read_plain<K: Pod + Eq + Hash, V: Pod>(&self, name: &str) -> anyhow::Result<HashMap<K, V>> {
+        let map = self.ebpf.map(name).with_context(|| {
+            format!("the eBPF object has no map {name}; rebuild it with `cargo xtask build-ebpf`")
+        })?;
+        let map: BpfHashMap<_, K, V> = BpfHashMap::try_from(map)
+            .with_context(|| format!("map {name} has an unexpected type"))?;
+        // An entry evicted between listing keys and reading it is skipped, not fatal.
+        Ok(map.iter().flatten().collect())
     }
 
     fn per_cpu_map<K: Pod, V: Pod>(
@@ -799,7 +840,7 @@ fn read_kernel_btf(all_classic: bool) -> (BtfProbes, Result<Btf, String>) {
 const VERIFIER_LINES_KEPT: usize = 4;
 
 /// Why the kernel refused `program`, with the verifier's output cut to its last lines.
-fn refused(what: &str, program: &str, error: &aya::programs::ProgramError) -> String {
+pub(super) fn refused(what: &str, program: &str, error: &aya::programs::ProgramError) -> String {
     let text = format!("{error:#}");
     let short = shorten_verifier_output(&text);
     if short.len() < text.len() {

@@ -63,6 +63,52 @@ pub struct GpuSample {
     pub xid_events: Vec<XidEvent>,
 }
 
+/// Which CUDA calls the opt-in uprobes count (`[gpu] cuda_probes`, `diagnose --cuda-probes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum CudaProbes {
+    /// No uprobes: GPU waits are inferred from ioctl/poll sleeps of processes with a GPU
+    /// context.
+    #[default]
+    #[serde(rename = "off")]
+    Off,
+    /// Synchronisations, copies and allocations.
+    #[serde(rename = "sync")]
+    Sync,
+    /// Kernel launches too: each costs a uprobe round trip (see README).
+    #[serde(rename = "sync+launch")]
+    SyncAndLaunch,
+}
+
+impl CudaProbes {
+    pub const NAMES: [&'static str; 3] = ["off", "sync", "sync+launch"];
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "off" => Some(Self::Off),
+            "sync" => Some(Self::Sync),
+            "sync+launch" => Some(Self::SyncAndLaunch),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Sync => "sync",
+            Self::SyncAndLaunch => "sync+launch",
+        }
+    }
+
+    /// Whether functions of this call class are probed in this mode.
+    pub fn probes(self, call: u8) -> bool {
+        match self {
+            Self::Off => false,
+            Self::Sync => call != agent_common::cuda::call::LAUNCH,
+            Self::SyncAndLaunch => true,
+        }
+    }
+}
+
 /// NVML clocks-throttle-reason bits (nvml.h `nvmlClocksThrottleReason*`) and their names.
 pub const THROTTLE_REASONS: [(u64, &str); 9] = [
     (0x1, "idle"),

@@ -8,6 +8,7 @@ use std::{
 
 use super::Histogram;
 use agent_common::{
+    cuda::{CudaCallCounters, CudaCallKey},
     network::{PeerCounters, PeerKey},
     requests::{RequestCounters, RequestKey},
     sched::ProcessTime,
@@ -31,6 +32,11 @@ pub struct KernelSnapshot {
     /// Per tracked process (tgid): nanoseconds by activity, including intervals still open
     /// when the snapshot was taken.
     pub process_time: HashMap<u32, ProcessTime>,
+    /// CUDA calls (opt-in uprobes): per process, function and copy direction.
+    pub cuda_calls: HashMap<CudaCallKey, CudaCallCounters>,
+    /// Per process: durations of its blocking CUDA calls (synchronisations, synchronous
+    /// copies).
+    pub cuda_blocking_latency: HashMap<u32, Histogram>,
     /// Per probe ("category:name" of its tracepoint): events the kernel skipped for it, since
     /// it was attached (its program's `recursion_misses`).
     pub missed_events: BTreeMap<String, u64>,
@@ -162,6 +168,24 @@ impl Counters for ProcessTime {
     }
 }
 
+impl Counters for CudaCallCounters {
+    fn add(&mut self, other: &Self) {
+        self.calls += other.calls;
+        self.ns += other.ns;
+        self.bytes += other.bytes;
+        self.failures += other.failures;
+    }
+
+    fn checked_since(&self, earlier: &Self) -> Option<Self> {
+        Some(CudaCallCounters {
+            calls: self.calls.checked_sub(earlier.calls)?,
+            ns: self.ns.checked_sub(earlier.ns)?,
+            bytes: self.bytes.checked_sub(earlier.bytes)?,
+            failures: self.failures.checked_sub(earlier.failures)?,
+        })
+    }
+}
+
 /// Sums the per-CPU copies of one map value.
 pub fn merge_per_cpu<V: Counters>(per_cpu: &[V]) -> Option<V> {
     let (first, rest) = per_cpu.split_first()?;
@@ -222,6 +246,11 @@ impl KernelSnapshot {
             ),
             request_counters: counters_since(&self.request_counters, &earlier.request_counters),
             process_time: counters_since(&self.process_time, &earlier.process_time),
+            cuda_calls: counters_since(&self.cuda_calls, &earlier.cuda_calls),
+            cuda_blocking_latency: histograms_since(
+                &self.cuda_blocking_latency,
+                &earlier.cuda_blocking_latency,
+            ),
             missed_events: self
                 .missed_events
                 .iter()

@@ -41,6 +41,18 @@ pub struct DiagnoseReport {
     pub budgets: Vec<crate::budgets::BudgetResult>,
     /// The serving engines' own figures, one per workload with a `metrics_url`.
     pub engines: Vec<EngineSummary>,
+    /// The opt-in CUDA uprobes: their mode and the libraries they found.
+    pub cuda_probes: CudaProbesReport,
+}
+
+/// `cuda_probes` in the JSON report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CudaProbesReport {
+    pub mode: crate::model::gpu::CudaProbes,
+    /// Each CUDA library file a process mapped, attached or not (with the reason).
+    pub libraries: Vec<crate::kernel::cuda::CudaLibraryStatus>,
+    /// Why the probes cannot run on this kernel, when they cannot.
+    pub problem: Option<String>,
 }
 
 /// One workload's verdict and where its time went (fractions summing to 1).

@@ -663,26 +663,54 @@ fn render_gpu(out: &mut String, report: &DiagnoseReport) {
     }
     if !gpu.processes.is_empty() {
         let _ = writeln!(out, "{INDENT}Top GPU processes");
+        // The CUDA probes' columns, when they saw any process call.
+        let cuda = gpu.processes.iter().any(|process| process.cuda.is_some());
         let rows = gpu
             .processes
             .iter()
             .map(|process| {
-                vec![
+                let mut row = vec![
                     process.pid.to_string(),
                     process.name.clone(),
-                    process.gpu_index.to_string(),
+                    process
+                        .gpu_index
+                        .map_or_else(|| "-".to_string(), |index| index.to_string()),
                     process
                         .memory_bytes
                         .map_or_else(|| "n/a".to_string(), |b| format_bytes(b as f64)),
                     percent(process.sm_utilization),
-                ]
+                ];
+                if cuda {
+                    let calls = process.cuda.as_ref();
+                    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+                    row.push(or_dash(calls.map(|c| format!("{:.2} s", c.sync_s))));
+                    row.push(or_dash(calls.map(|c| format_bytes(c.h2d_bytes as f64))));
+                    row.push(or_dash(calls.map(|c| format_bytes(c.d2h_bytes as f64))));
+                }
+                row
             })
             .collect();
-        let mut processes = table(
-            &["pid", "name", "gpu", "memory", "SM"],
-            &[true, false, true, true, true],
-            rows,
-        );
+        let (headers, right): (&[&str], &[bool]) = if cuda {
+            (
+                &[
+                    "pid",
+                    "name",
+                    "gpu",
+                    "memory",
+                    "SM",
+                    "CUDA sync",
+                    "to GPU",
+                    "from GPU",
+                ],
+                &[true, false, true, true, true, true, true, true],
+            )
+        } else {
+            (
+                &["pid", "name", "gpu", "memory", "SM"],
+                &[true, false, true, true, true],
+            )
+        };
+        let mut processes = table(headers, right, rows);
         at_least(&mut processes, 1, 16);
         write_table(out, &processes);
     }

@@ -1,0 +1,408 @@
+//! The opt-in CUDA uprobes: finds the CUDA runtime and driver libraries tracked processes
+//! have mapped (through `/proc/PID/maps`, opened through the process's own root, so a
+//! library inside a container or a Python wheel is found), attaches the probes once per
+//! library file, and detaches them when no process maps that file any more.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use agent_common::cuda::{FUNCTIONS, Library, cookie};
+use aya::{
+    Ebpf,
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
+    },
+};
+use serde::Serialize;
+
+use crate::model::gpu::CudaProbes;
+
+/// The entry and return programs (agent-ebpf/src/probes/cuda.rs).
+const ENTRY_PROGRAM: &str = "cuda_call";
+const RETURN_PROGRAM: &str = "cuda_return";
+
+/// How often a process's memory map is read again: Python imports torch (and with it the
+/// CUDA libraries) whenever it gets to it, not at start.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Which CUDA library a mapped file is, by its name: `libcudart.so`, `libcudart.so.12`,
+/// `libcudart.so.12.4.127`; `libcuda.so`, `libcuda.so.1`, `libcuda.so.550.54.15`.
+/// (`libcudadebugger.so`, `libcudart_static.a` and the like are neither.)
+pub fn library_of(file_name: &str) -> Option<Library> {
+    let versioned = |prefix: &str| {
+        file_name
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    };
+    if versioned("libcudart.so") {
+        Some(Library::Runtime)
+    } else if versioned("libcuda.so") {
+        Some(Library::Driver)
+    } else {
+        None
+    }
+}
+
+/// The CUDA libraries in a `/proc/PID/maps` text: (library, path as the process sees it),
+/// each once. Deleted files (replaced on disk while mapped) are left out: their path names
+/// another file now.
+pub fn cuda_libraries_in_maps(maps: &str) -> BTreeSet<(LibraryKind, String)> {
+    maps.lines()
+        .filter_map(|line| {
+            // address perms offset dev inode path: the path is the sixth field and may
+            // contain spaces.
+            let path = line.splitn(6, ' ').nth(5)?.trim_start();
+            if !path.starts_with('/') || path.ends_with(" (deleted)") {
+                return None;
+            }
+            let name = path.rsplit('/').next()?;
+            library_of(name).map(|library| (LibraryKind(library), path.to_string()))
+        })
+        .collect()
+}
+
+/// [`Library`] with an order, to keep it in sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LibraryKind(pub Library);
+
+impl LibraryKind {
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Library::Runtime => "runtime",
+            Library::Driver => "driver",
+        }
+    }
+}
+
+impl Ord for LibraryKind {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.name().cmp(other.name())
+    }
+}
+
+impl PartialOrd for LibraryKind {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One library file the probes were attached to, or could not be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CudaLibraryStatus {
+    /// As the first process that mapped it sees it.
+    pub path: String,
+    /// "runtime" or "driver".
+    pub library: &'static str,
+    /// The process it was found in first.
+    pub found_in_pid: u32,
+    /// Functions probed (entry and return).
+    pub functions_attached: usize,
+    /// Why it is not probed, or only in part; None when every function it has is.
+    pub problem: Option<String>,
+}
+
+/// A library file, identified by device and inode (one file under many paths: a
+/// container's root, a symlink).
+type FileId = (u64, u64);
+
+struct AttachedLibrary {
+    status: CudaLibraryStatus,
+    links: Vec<UProbeLink>,
+    /// The live processes that map it, as of their last scan.
+    mapped_by: HashSet<u32>,
+}
+
+/// The CUDA probes' attachments.
+#[derive(Default)]
+pub struct CudaAttacher {
+    mode: CudaProbes,
+    libraries: BTreeMap<FileId, AttachedLibrary>,
+    /// When each process's memory map was read last.
+    scanned: HashMap<u32, Instant>,
+    /// The programs could not be loaded (reported once; nothing is attached).
+    refused: Option<String>,
+    loaded: bool,
+}
+
+impl CudaAttacher {
+    /// Every library found so far, attached or not.
+    pub fn libraries(&self) -> Vec<CudaLibraryStatus> {
+        self.libraries
+            .values()
+            .map(|library| library.status.clone())
+            .collect()
+    }
+
+    /// Why the probes cannot run on this kernel, when they cannot.
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// Brings the attachments in line with `mode` and the live processes `alive`: new
+    /// processes' maps are read, known ones again every few seconds; new library files get
+    /// the probes, files no live process maps lose them.
+    pub fn refresh(&mut self, ebpf: &mut Ebpf, alive: &HashSet<u32>, mode: CudaProbes) {
+        if mode != self.mode {
+            if !self.libraries.is_empty() {
+                tracing::info!(
+                    "CUDA probes now {}: detaching them from {} libraries to attach them again",
+                    mode.name(),
+                    self.libraries.len()
+                );
+            }
+            self.libraries.clear();
+            self.scanned.clear();
+            self.mode = mode;
+        }
+        if mode == CudaProbes::Off || self.refused.is_some() {
+            return;
+        }
+        self.scanned.retain(|pid, _| alive.contains(pid));
+        let now = Instant::now();
+        for &pid in alive {
+            let due = self
+                .scanned
+                .get(&pid)
+                .is_none_or(|last| now.duration_since(*last) >= RESCAN_INTERVAL);
+            if !due {
+                continue;
+            }
+            self.scanned.insert(pid, now);
+            let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+                continue; // exited, or not ours to read
+            };
+            let found = cuda_libraries_in_maps(&maps);
+            let mut files = HashSet::new();
+            for (kind, path) in found {
+                // The path as the process sees it, opened through its root: the same file
+                // inside a container's mount namespace.
+                let through_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
+                let Ok(metadata) = std::fs::metadata(&through_root) else {
+                    continue;
+                };
+                let id = (metadata.dev(), metadata.ino());
+                files.insert(id);
+                if !self.libraries.contains_key(&id) {
+                    let library = self.attach(ebpf, kind, &path, &through_root, pid);
+                    if self.refused.is_some() {
+                        return;
+                    }
+                    self.libraries.insert(id, library);
+                }
+            }
+            for (id, library) in &mut self.libraries {
+                if files.contains(id) {
+                    library.mapped_by.insert(pid);
+                } else {
+                    library.mapped_by.remove(&pid);
+                }
+            }
+        }
+        self.libraries.retain(|_, library| {
+            library.mapped_by.retain(|pid| alive.contains(pid));
+            let keep = !library.mapped_by.is_empty();
+            if !keep && !library.links.is_empty() {
+                tracing::info!(
+                    "CUDA probes detached from {}: no process maps it any more",
+                    library.status.path
+                );
+            }
+            keep
+        });
+    }
+
+    fn load_programs(&mut self, ebpf: &mut Ebpf) -> Result<(), String> {
+        if self.loaded {
+            return Ok(());
+        }
+        for name in [ENTRY_PROGRAM, RETURN_PROGRAM] {
+            let program: &mut UProbe = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+                .try_into()
+                .map_err(|error| format!("{error}"))?;
+            program.load().map_err(|error| {
+                format!(
+                    "{} (the CUDA probes need Linux 5.15 or later, for uprobe attach cookies)",
+                    super::probes::refused("the kernel refused the CUDA probes", name, &error)
+                )
+            })?;
+        }
+        self.loaded = true;
+        Ok(())
+    }
+
+    fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        kind: LibraryKind,
+        path: &str,
+        through_root: &std::path::Path,
+        pid: u32,
+    ) -> AttachedLibrary {
+        let mut status = CudaLibraryStatus {
+            path: path.to_string(),
+            library: kind.name(),
+            found_in_pid: pid,
+            functions_attached: 0,
+            problem: None,
+        };
+        let mut library = AttachedLibrary {
+            status: status.clone(),
+            links: Vec::new(),
+            mapped_by: HashSet::from([pid]),
+        };
+        if let Err(problem) = self.load_programs(ebpf) {
+            tracing::warn!("{problem}; GPU waits stay inferred from ioctl and poll sleeps");
+            self.refused = Some(problem.clone());
+            library.status.problem = Some(problem);
+            return library;
+        }
+        let mut missing = Vec::new();
+        let mut failed = Vec::new();
+        for (index, function) in FUNCTIONS.iter().enumerate() {
+            if function.library != kind.0 || !self.mode.probes(function.call) {
+                continue;
+            }
+            match attach_function(ebpf, function.symbol, cookie(index), through_root) {
+                Ok(pair) => library.links.extend(pair),
+                Err(AttachError::NoSymbol) => missing.push(function.symbol),
+                Err(AttachError::Failed(why)) => failed.push(format!("{}: {why}", function.symbol)),
+            }
+        }
+        status.functions_attached = library.links.len() / 2;
+        status.problem = if status.functions_attached == 0 {
+            Some(format!(
+                "none of the CUDA {} functions envelope probes is in it{}",
+                kind.name(),
+                failed
+                    .first()
+                    .map_or(String::new(), |first| format!(" ({first})"))
+            ))
+        } else if !failed.is_empty() {
+            Some(format!(
+                "{} functions could not be probed: {}",
+                failed.len(),
+                failed.join("; ")
+            ))
+        } else {
+            None
+        };
+        match &status.problem {
+            None => tracing::info!(
+                "CUDA probes on {path} ({}, found in pid {pid}): {} functions ({} this version \
+                 does not have)",
+                kind.name(),
+                status.functions_attached,
+                missing.len()
+            ),
+            Some(problem) => tracing::warn!(
+                "CUDA probes on {path} ({}, found in pid {pid}): {problem}",
+                kind.name()
+            ),
+        }
+        library.status = status;
+        library
+    }
+}
+
+enum AttachError {
+    /// The library does not export it (an older or newer version).
+    NoSymbol,
+    Failed(String),
+}
+
+/// Entry and return probe on one function; both or neither.
+fn attach_function(
+    ebpf: &mut Ebpf,
+    symbol: &str,
+    cookie: u64,
+    target: &std::path::Path,
+) -> Result<[UProbeLink; 2], AttachError> {
+    let mut attach_one = |program_name: &str| -> Result<UProbeLink, AttachError> {
+        let program: &mut UProbe = ebpf
+            .program_mut(program_name)
+            .ok_or_else(|| AttachError::Failed(format!("no program {program_name}")))?
+            .try_into()
+            .map_err(|error| AttachError::Failed(format!("{error}")))?;
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::Symbol(symbol),
+            cookie: Some(cookie),
+        };
+        let link = program
+            .attach(point, target, UProbeScope::AllProcesses)
+            .map_err(|error| match &error {
+                aya::programs::ProgramError::UProbeError(
+                    aya::programs::uprobe::UProbeError::SymbolError { .. },
+                ) => AttachError::NoSymbol,
+                _ => AttachError::Failed(format!("{error:#}")),
+            })?;
+        program
+            .take_link(link)
+            .map_err(|error| AttachError::Failed(format!("{error:#}")))
+    };
+    let entry = attach_one(ENTRY_PROGRAM)?;
+    let exit = attach_one(RETURN_PROGRAM)?;
+    Ok([entry, exit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libraries_are_told_by_name_with_any_version() {
+        for runtime in ["libcudart.so", "libcudart.so.12", "libcudart.so.12.4.127"] {
+            assert_eq!(library_of(runtime), Some(Library::Runtime), "{runtime}");
+        }
+        for driver in ["libcuda.so", "libcuda.so.1", "libcuda.so.550.54.15"] {
+            assert_eq!(library_of(driver), Some(Library::Driver), "{driver}");
+        }
+        for neither in [
+            "libcudadebugger.so.1",
+            "libcudart_static.a",
+            "libcuda.sox",
+            "libcudnn.so.9",
+            "libc.so.6",
+        ] {
+            assert_eq!(library_of(neither), None, "{neither}");
+        }
+    }
+
+    #[test]
+    fn maps_yield_each_cuda_library_once_with_its_full_path() {
+        let maps = "\
+7f0000000000-7f0000001000 r--p 00000000 fd:01 1234 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000001000-7f0000002000 r-xp 00001000 fd:01 5678 /opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
+7f0000002000-7f0000003000 r--p 00002000 fd:01 5678 /opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
+7f0000003000-7f0000004000 r-xp 00000000 fd:01 91 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15
+7f0000004000-7f0000005000 r-xp 00000000 fd:01 92 /tmp/dir with space/libcuda.so.1
+7f0000005000-7f0000006000 r-xp 00000000 fd:01 93 /tmp/old/libcudart.so.11.0 (deleted)
+7f0000006000-7f0000007000 rw-p 00000000 00:00 0 [heap]
+7f0000007000-7f0000008000 rw-p 00000000 00:00 0
+";
+        let found: Vec<(&str, String)> = cuda_libraries_in_maps(maps)
+            .into_iter()
+            .map(|(kind, path)| (kind.name(), path))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("driver", "/tmp/dir with space/libcuda.so.1".to_string()),
+                (
+                    "driver",
+                    "/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15".to_string()
+                ),
+                (
+                    "runtime",
+                    "/opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12"
+                        .to_string()
+                ),
+            ]
+        );
+    }
+}
