@@ -11,6 +11,7 @@ use serde::Serialize;
 use agent_common::{comm_to_string, network::peer_address, storage::split_dev};
 
 use super::{
+    cuda::CudaActivity,
     gpu::GpuSummary,
     window::{RequestFigures, RequestsSummary, WindowSummary},
 };
@@ -193,6 +194,57 @@ pub struct WorkloadWindow {
     /// Its serving engine's own figures, when it has a `metrics_url` (filled by the window
     /// step once the engines are scraped).
     pub engine: Option<super::engines::EngineSummary>,
+    /// Its processes' CUDA calls, when the CUDA probes are on and saw them call.
+    pub cuda: Option<CudaActivity>,
+}
+
+/// A blocking host-to-device copy share of the GPU wait at least this large makes the
+/// verdict name the input pipeline rather than the model's compute.
+const INPUT_PIPELINE_SHARE_OF_GPU_WAIT: f64 = 0.5;
+
+/// One sentence on a workload's CUDA calls: where its GPU waits went, by function.
+fn cuda_evidence(cuda: &CudaActivity) -> String {
+    let mut parts = Vec::new();
+    if cuda.sync_calls > 0 {
+        let top = cuda
+            .functions
+            .iter()
+            .find(|f| f.function.contains("Synchronize"))
+            .map_or(String::new(), |f| {
+                format!(", {} {:.2} s over {} calls", f.function, f.seconds, f.calls)
+            });
+        parts.push(format!("{:.2} s in CUDA synchronisation{top}", cuda.sync_s));
+    }
+    for (bytes, seconds, towards) in [
+        (cuda.h2d_bytes, cuda.h2d_s, "to the GPU"),
+        (cuda.d2h_bytes, cuda.d2h_s, "from the GPU"),
+        (cuda.d2d_bytes, cuda.d2d_s, "between GPU buffers"),
+    ] {
+        if bytes > 0 {
+            let rate = (seconds > 0.0).then(|| {
+                format!(
+                    " ({:.2} s blocked, {}/s)",
+                    seconds,
+                    crate::model::units::format_bytes(bytes as f64 / seconds)
+                )
+            });
+            parts.push(format!(
+                "{} copied {towards}{}",
+                crate::model::units::format_bytes(bytes as f64),
+                rate.unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(p95) = cuda.blocking_p95_ms {
+        parts.push(format!("blocking calls P95 {p95:.1} ms"));
+    }
+    if cuda.failures > 0 {
+        parts.push(format!("{} calls failed", cuda.failures));
+    }
+    if let Some(launches) = cuda.launches {
+        parts.push(format!("{launches} kernel launches"));
+    }
+    format!("CUDA: {}", parts.join("; "))
 }
 
 /// Thresholds of the rules; the defaults are what README.md documents.
@@ -486,6 +538,13 @@ pub fn workload_windows(
                 .unwrap_or(0.0)
                 .total_cmp(&a.utilization.unwrap_or(0.0))
         });
+        for process in &gpu.processes {
+            if let Some(cuda) = &process.cuda
+                && workload.pids.contains(&process.pid)
+            {
+                workload.cuda.get_or_insert_default().add(cuda);
+            }
+        }
         workload
             .devices
             .sort_by_key(|device| std::cmp::Reverse(device.bytes));
@@ -525,6 +584,9 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
             ms(served.p95_ms),
             ms(served.first_byte_p95_ms)
         ));
+    }
+    if let Some(cuda) = &window.cuda {
+        evidence.push(cuda_evidence(cuda));
     }
     let verdict = |bottleneck, confidence: f64, summary: String, evidence, share| Verdict {
         bottleneck,
@@ -708,10 +770,34 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
                     gpu.utilization.map_or("n/a".to_string(), percent)
                 ));
             }
-            format!(
-                "model - {who} spent {} of its time waiting on the GPU",
-                percent(score)
-            )
+            // Waits dominated by blocking copies to the GPU are the input pipeline's: the
+            // model is fed too slowly, it is not computing too slowly.
+            let gpu_wait_s = window.time.gpu_ns as f64 / 1e9;
+            let active_s = window.time.active_ns() as f64 / 1e9;
+            match &window.cuda {
+                Some(cuda)
+                    if cuda.h2d_s > 0.0
+                        && cuda.h2d_s >= INPUT_PIPELINE_SHARE_OF_GPU_WAIT * gpu_wait_s =>
+                {
+                    format!(
+                        "model - {who}: input pipeline: {} of active time copying to {} at {}/s",
+                        percent(cuda.h2d_s / active_s.max(1e-9)),
+                        gpu.map_or("the GPU".to_string(), |g| format!("GPU {}", g.index)),
+                        crate::model::units::format_bytes(cuda.h2d_bytes as f64 / cuda.h2d_s)
+                    )
+                }
+                Some(cuda) if cuda.sync_s > 0.0 => format!(
+                    "model - {who} spent {} of its time waiting on the GPU, most in {}",
+                    percent(score),
+                    cuda.functions
+                        .first()
+                        .map_or("CUDA synchronisation", |f| f.function)
+                ),
+                _ => format!(
+                    "model - {who} spent {} of its time waiting on the GPU",
+                    percent(score)
+                ),
+            }
         }
         Bottleneck::Cpu => format!(
             "cpu - {who} was running {} and waiting for a CPU {} of its active time",
@@ -1013,6 +1099,62 @@ mod tests {
             "model - trainer (pid 4121) keeps GPU 0 (H100) 97% busy, throttled: sw_power_cap"
         );
         assert_eq!(verdict.confidence, 0.85);
+    }
+
+    fn cuda(h2d_s: f64, sync_s: f64) -> CudaActivity {
+        CudaActivity {
+            sync_s,
+            sync_calls: 400,
+            h2d_bytes: (h2d_s * 9e9) as u64,
+            h2d_s,
+            functions: vec![crate::analysis::cuda::CudaFunctionSummary {
+                function: "cudaStreamSynchronize",
+                calls: 400,
+                seconds: sync_s,
+                bytes: 0,
+                failures: 0,
+            }],
+            ..CudaActivity::default()
+        }
+    }
+
+    #[test]
+    fn gpu_waits_dominated_by_copies_to_the_gpu_name_the_input_pipeline() {
+        let time = TimeBreakdown {
+            on_cpu_ns: 2 * SECOND,
+            gpu_ns: 6 * SECOND,
+            other_sleep_ns: 2 * SECOND,
+            ..Default::default()
+        };
+        let mut w = window(time);
+        w.gpus = vec![GpuEvidence {
+            index: 0,
+            name: "H100".into(),
+            utilization: Some(0.4),
+            ..GpuEvidence::default()
+        }];
+        // 3.3 of 6 s of GPU wait copying to the GPU: the input pipeline.
+        w.cuda = Some(cuda(3.3, 2.7));
+        let verdict = decide(&w, &Rules::default());
+        assert_eq!(verdict.bottleneck, Bottleneck::Model);
+        assert_eq!(
+            verdict.summary,
+            "model - trainer (pid 4121): input pipeline: 41% of active time copying to GPU 0 at 8.4 GiB/s"
+        );
+        assert!(
+            verdict.evidence.iter().any(|line| line
+                == "CUDA: 2.70 s in CUDA synchronisation, cudaStreamSynchronize 2.70 s over 400 calls; 27.7 GiB copied to the GPU (3.30 s blocked, 8.4 GiB/s)"),
+            "{:?}",
+            verdict.evidence
+        );
+        // Mostly synchronisation: the model's own compute, the call named.
+        w.cuda = Some(cuda(1.0, 5.0));
+        let verdict = decide(&w, &Rules::default());
+        assert_eq!(verdict.bottleneck, Bottleneck::Model);
+        assert_eq!(
+            verdict.summary,
+            "model - trainer (pid 4121) spent 75% of its time waiting on the GPU, most in cudaStreamSynchronize"
+        );
     }
 
     #[test]

@@ -183,3 +183,78 @@ pub fn cuda_by_process(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use agent_common::cuda::{CudaCallCounters, CudaCallKey, FUNCTIONS, direction};
+
+    use super::*;
+
+    fn key(tgid: u32, symbol: &str, to: u8) -> CudaCallKey {
+        CudaCallKey {
+            tgid,
+            function: FUNCTIONS.iter().position(|f| f.symbol == symbol).unwrap() as u8,
+            direction: to,
+            _padding: [0; 2],
+        }
+    }
+
+    fn counters(calls: u64, ms: u64, bytes: u64, failures: u64) -> CudaCallCounters {
+        CudaCallCounters {
+            calls,
+            ns: ms * 1_000_000,
+            bytes,
+            failures,
+        }
+    }
+
+    #[test]
+    fn calls_sum_by_kind_and_direction_and_name_their_functions() {
+        let mut delta = KernelSnapshot::default();
+        let other = direction::OTHER;
+        delta.cuda_calls.insert(
+            key(7, "cudaStreamSynchronize", other),
+            counters(100, 2000, 0, 0),
+        );
+        delta
+            .cuda_calls
+            .insert(key(7, "cuCtxSynchronize", other), counters(5, 500, 0, 0));
+        delta.cuda_calls.insert(
+            key(7, "cudaMemcpy", direction::HOST_TO_DEVICE),
+            counters(10, 100, 1 << 30, 0),
+        );
+        // An asynchronous copy: bytes, no blocked time.
+        delta.cuda_calls.insert(
+            key(7, "cudaMemcpyAsync", direction::DEVICE_TO_HOST),
+            counters(4, 1, 4096, 0),
+        );
+        delta
+            .cuda_calls
+            .insert(key(7, "cudaMalloc", other), counters(3, 1, 8192, 1));
+        delta
+            .cuda_calls
+            .insert(key(8, "cuLaunchKernel", other), counters(50, 1, 0, 0));
+        let by_process = cuda_by_process(&delta, false);
+        let seven = &by_process[&7];
+        assert_eq!(seven.sync_calls, 105);
+        assert!((seven.sync_s - 2.5).abs() < 1e-9);
+        assert_eq!((seven.h2d_bytes, seven.d2h_bytes), (1 << 30, 4096));
+        assert!((seven.h2d_s - 0.1).abs() < 1e-9 && seven.d2h_s == 0.0);
+        assert_eq!(
+            (seven.alloc_bytes, seven.alloc_calls, seven.failures),
+            (8192, 3, 1)
+        );
+        assert_eq!(seven.launches, None);
+        assert_eq!(seven.functions[0].function, "cudaStreamSynchronize");
+        assert_eq!(seven.functions[1].function, "cuCtxSynchronize");
+        assert!((seven.blocking_s() - 2.6).abs() < 1e-9);
+        // Launches were probed for process 8 even in a mode that does not count them for
+        // others: what the kernel counted is reported.
+        assert_eq!(by_process[&8].launches, Some(50));
+        assert_eq!(cuda_by_process(&delta, true)[&7].launches, Some(0));
+        let mut workload = seven.clone();
+        workload.add(&by_process[&8]);
+        assert_eq!(workload.launches, Some(50));
+        assert_eq!(workload.sync_calls, 105);
+    }
+}

@@ -337,7 +337,7 @@ mod tests {
         let summary = summarize_gpu(&samples, None, &Names);
         assert_eq!(summary.processes.len(), 1);
         let p = &summary.processes[0];
-        assert_eq!((p.pid, p.gpu_index, p.name.as_str()), (7, 1, "proc7"));
+        assert_eq!((p.pid, p.gpu_index, p.name.as_str()), (7, Some(1), "proc7"));
         assert_eq!(p.memory_bytes, Some(3 << 30));
         assert_eq!(p.sm_utilization, Some(0.7));
     }

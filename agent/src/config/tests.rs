@@ -814,3 +814,30 @@ fn stage_allocations_that_cannot_fit_are_refused_saying_by_how_much() {
     let error = parse_config("e.toml", none).unwrap_err().to_string();
     assert!(error.contains("give its end-to-end bounds"), "{error}");
 }
+
+#[test]
+fn cuda_probes_take_one_of_three_modes_and_default_to_off() {
+    assert_eq!(
+        parse_config("e.toml", "").unwrap().gpu.cuda_probes,
+        crate::model::gpu::CudaProbes::Off
+    );
+    for (text, mode) in [
+        ("off", crate::model::gpu::CudaProbes::Off),
+        ("sync", crate::model::gpu::CudaProbes::Sync),
+        ("sync+launch", crate::model::gpu::CudaProbes::SyncAndLaunch),
+    ] {
+        let config = parse_config("e.toml", &format!("[gpu]\ncuda_probes = \"{text}\"\n")).unwrap();
+        assert_eq!(config.gpu.cuda_probes, mode);
+    }
+    let error = parse_config("e.toml", "[gpu]\ncuda_probes = \"all\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("e.toml:2:15: [gpu]: cuda_probes \"all\" is not a mode; use \"off\""),
+        "{error}"
+    );
+    let error = parse_config("e.toml", "[gpu]\ncuda_probe = \"sync\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("unknown field `cuda_probe`"), "{error}");
+}

@@ -979,6 +979,7 @@ mod tests {
                     "no complete answer within 2s".into(),
                 ),
             ],
+            cuda_probes: Default::default(),
         }
     }
 
