@@ -5,7 +5,7 @@
 # (nvidia-ml-py), and envelope's release binary built beforehand:
 #   cargo build --release            # on the build machine
 #   bash tests/gpu/check.sh [path/to/envelope]
-# No network is used. Runs in about a minute (always under 5). Prints a table and exits
+# No network is used. Runs in about two minutes (always under 5). Prints a table and exits
 # non-zero when a figure disagrees beyond the tolerance below.
 #
 # Tolerances (why):
@@ -69,7 +69,8 @@ print(json.dumps(out))
 PY
 
 # 3. Compare and print the table.
-python3 - "$WORK/envelope.json" "$WORK/smi.csv" "$WORK/pynvml.json" "$LOAD_PID" <<'PY'
+FIGURES_OK=0
+python3 - "$WORK/envelope.json" "$WORK/smi.csv" "$WORK/pynvml.json" "$LOAD_PID" <<'PY' || FIGURES_OK=$?
 import json, sys
 envelope = json.load(open(sys.argv[1]))
 smi_rows = [line.split(",") for line in open(sys.argv[2]) if line.strip()]
@@ -110,3 +111,68 @@ print(f"GPU 0: {device['name']}, power {device['power_w']} W, temperature {devic
       f"throttle {device['throttle_reasons']}, SM of load process {process and process['sm_utilization']}")
 sys.exit(1 if failed else 0)
 PY
+
+# 4. The CUDA uprobes against what a PyTorch program did and its own profiler's counts:
+#    copies of known size host to device and back, and timed synchronisations. Bytes: at
+#    least the program's (PyTorch may copy more of its own), at most 5% more. Synchronisation
+#    time: within 10% of the program's own timing of torch.cuda.synchronize(). Launches are
+#    counted too (sync+launch) and compared with the profiler's cudaLaunchKernel count.
+kill "$LOAD_PID" 2>/dev/null || true
+cat > "$WORK/cuda.py" <<'PY'
+import json, sys, time, torch
+from torch.profiler import profile, ProfilerActivity
+torch.zeros(1, device="cuda:0"); torch.cuda.synchronize()
+time.sleep(8)   # envelope rescans maps every 5 s: the libraries are attached by now
+host = torch.empty(64 << 20, dtype=torch.uint8).pin_memory()
+a = torch.randn(4096, 4096, device="cuda:0")
+sync_s = 0.0
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(20):
+        dev = host.to("cuda:0")           # 64 MiB host to device
+        back = dev.to("cpu")              # 64 MiB device to host
+        for _ in range(10):
+            c = a @ a
+        start = time.perf_counter(); torch.cuda.synchronize(); sync_s += time.perf_counter() - start
+counts = {e.key: e.count for e in prof.key_averages()}
+print(json.dumps({"pid": __import__("os").getpid(), "h2d_bytes": 20 * (64 << 20), "d2h_bytes": 20 * (64 << 20),
+                  "sync_s": sync_s, "device_syncs": counts.get("cudaDeviceSynchronize", 0),
+                  "launches": counts.get("cudaLaunchKernel", 0)}))
+sys.stdout.flush()
+time.sleep(30)
+PY
+"$ENVELOPE" diagnose --duration 30s --json --cuda-probes sync+launch > "$WORK/cuda-envelope.json" &
+DIAGNOSE_PID=$!
+sleep 2
+python3 "$WORK/cuda.py" > "$WORK/cuda-program.json" &
+LOAD_PID=$!
+wait "$DIAGNOSE_PID"
+CUDA_OK=0
+python3 - "$WORK/cuda-envelope.json" "$WORK/cuda-program.json" <<'PY' || CUDA_OK=$?
+import json, sys
+envelope = json.load(open(sys.argv[1]))
+program = json.loads(open(sys.argv[2]).readline())
+row = next((p for p in envelope["gpu"]["processes"] if p["pid"] == program["pid"]), None)
+cuda = row and row.get("cuda")
+print("CUDA libraries:", [(l["path"], l["functions_attached"], l["problem"]) for l in envelope["cuda_probes"]["libraries"]])
+if not cuda:
+    print("envelope counted no CUDA calls for the program"); sys.exit(1)
+device_sync = next((f for f in cuda["functions"] if f["function"] == "cudaDeviceSynchronize"),
+                   {"seconds": None, "calls": 0})
+within = lambda ours, theirs, low, high: ours is not None and theirs * low <= ours <= theirs * high
+rows = [
+    ("host to device (bytes)", cuda["h2d_bytes"], program["h2d_bytes"], within(cuda["h2d_bytes"], program["h2d_bytes"], 1.0, 1.05)),
+    ("device to host (bytes)", cuda["d2h_bytes"], program["d2h_bytes"], within(cuda["d2h_bytes"], program["d2h_bytes"], 1.0, 1.05)),
+    # torch.cuda.synchronize() is cudaDeviceSynchronize; .to("cpu") synchronises a stream
+    # besides, so the program's own timing is compared with that function's time.
+    ("cudaDeviceSynchronize (s)", device_sync["seconds"], program["sync_s"], within(device_sync["seconds"], program["sync_s"], 0.9, 1.1)),
+    ("cudaDeviceSynchronize calls", device_sync["calls"], program["device_syncs"], device_sync["calls"] >= program["device_syncs"] >= 20),
+    ("kernel launches", cuda["launches"], program["launches"], within(cuda["launches"], program["launches"], 1.0, 1.05)),
+]
+failed = 0
+for name, ours, theirs, ok in rows:
+    failed += not ok
+    print(f"{name:<30} {ours!s:>16} {theirs!s:>16}  {'ok' if ok else 'DISAGREE'}")
+print("functions:", [(f["function"], f["calls"], round(f["seconds"], 4)) for f in cuda["functions"]])
+sys.exit(1 if failed else 0)
+PY
+[ "$FIGURES_OK" -eq 0 ] && [ "$CUDA_OK" -eq 0 ]

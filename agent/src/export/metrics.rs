@@ -119,6 +119,11 @@ metrics! {
     GPU_PCIE_THROUGHPUT = "envelope.gpu.pcie.throughput", "By/s", "PCIe throughput per direction (transmit, receive)";
     GPU_PROCESS_MEMORY = "envelope.gpu.process.memory.usage", "By", "GPU memory held by a process";
     GPU_PROCESS_UTILIZATION = "envelope.gpu.process.utilization", "1", "SM utilization of a process, 0..1";
+    CUDA_CALL_TIME = "envelope.cuda.call.time", "s", "Time a process's threads spent in CUDA calls, by envelope.cuda.call (sync, copy, copy_async, alloc, launch) and, for copies, envelope.cuda.copy.direction (h2d, d2h, d2d, other); from the opt-in CUDA uprobes";
+    CUDA_CALLS = "envelope.cuda.calls", "{call}", "CUDA calls a process completed, same keys as envelope.cuda.call.time (launch = kernel launches, with cuda_probes = sync+launch)";
+    CUDA_BYTES = "envelope.cuda.bytes", "By", "Bytes a process's CUDA calls copied (per direction) or allocated, calls that succeeded";
+    CUDA_FAILURES = "envelope.cuda.failures", "{call}", "CUDA calls that returned an error (allocations that failed, mostly)";
+    CUDA_BLOCKING_DURATION = "envelope.cuda.blocking.duration", "s", "Duration of a process's blocking CUDA calls (synchronisations and synchronous copies)";
     PROBE_MISSED_EVENTS = "envelope.probe.missed_events", "{event}", "Events a probe skipped because another run of it was in progress on that CPU (the kernel's recursion_misses): I/Os, packets or context switches nothing was recorded for";
     BUDGET_STATE = "envelope.budget.state", "", "1 while the budget's breach is firing, 0 when it is within its envelope";
     BUDGET_NO_DATA = "envelope.budget.no_data", "", "1 when the budget's latest window had nothing to measure (its workload idle or gone), else 0";
@@ -324,6 +329,7 @@ impl MetricsState {
         self.request_series(kernel, &mut out);
         self.attribution_series(&mut out);
         self.gpu_series(gpu, &mut out);
+        self.cuda_series(kernel, names, &mut out);
         self.engine_series(&mut out);
         budget_series(budgets, &mut out);
         probe_series(kernel, &mut out);
@@ -777,6 +783,100 @@ impl MetricsState {
     }
 }
 
+impl MetricsState {
+    /// The CUDA uprobes' totals per process (admitted like GPU processes) and kind of call.
+    fn cuda_series(
+        &mut self,
+        kernel: &KernelSnapshot,
+        names: &dyn SystemNames,
+        out: &mut Vec<Series>,
+    ) {
+        use agent_common::cuda::{FUNCTIONS, call, direction};
+        type Totals = (f64, f64, f64, f64);
+        let mut totals: BTreeMap<(String, String, &'static str, &'static str), Totals> =
+            BTreeMap::new();
+        let mut labels: HashMap<u32, (String, String)> = HashMap::new();
+        // In key order, so the first processes admitted are the same from export to export.
+        let mut calls: Vec<_> = kernel.cuda_calls.iter().collect();
+        calls.sort_unstable_by_key(|(key, _)| **key);
+        for (key, counters) in calls {
+            let Some(function) = FUNCTIONS.get(key.function as usize) else {
+                continue;
+            };
+            let (pid, name) = labels
+                .entry(key.tgid)
+                .or_insert_with(|| {
+                    let name = names.process(key.tgid, "").name;
+                    let name = if name.is_empty() {
+                        "exited".to_string()
+                    } else {
+                        name
+                    };
+                    if self.gpu_processes.admit(&format!("{}|{name}", key.tgid)) == OTHER {
+                        (OTHER.to_string(), OTHER.to_string())
+                    } else {
+                        (key.tgid.to_string(), name)
+                    }
+                })
+                .clone();
+            let kind = match function.call {
+                call::SYNC => "sync",
+                call::COPY => "copy",
+                call::COPY_ASYNC => "copy_async",
+                call::ALLOC => "alloc",
+                _ => "launch",
+            };
+            let towards = match (function.call, key.direction) {
+                (call::COPY | call::COPY_ASYNC, direction::HOST_TO_DEVICE) => "h2d",
+                (call::COPY | call::COPY_ASYNC, direction::DEVICE_TO_HOST) => "d2h",
+                (call::COPY | call::COPY_ASYNC, direction::DEVICE_TO_DEVICE) => "d2d",
+                (call::COPY | call::COPY_ASYNC, _) => "other",
+                _ => "",
+            };
+            let total = totals.entry((pid, name, kind, towards)).or_default();
+            total.0 += counters.ns as f64 / 1e9;
+            total.1 += counters.calls as f64;
+            total.2 += counters.bytes as f64;
+            total.3 += counters.failures as f64;
+        }
+        for ((pid, name, kind, towards), (seconds, calls, bytes, failures)) in totals {
+            let mut attributes = vec![
+                ("process.pid", pid),
+                ("process.executable.name", name),
+                ("envelope.cuda.call", kind.to_string()),
+            ];
+            if !towards.is_empty() {
+                attributes.push(("envelope.cuda.copy.direction", towards.to_string()));
+            }
+            for (metric, value) in [
+                (&CUDA_CALL_TIME, seconds),
+                (&CUDA_CALLS, calls),
+                (&CUDA_BYTES, bytes),
+                (&CUDA_FAILURES, failures),
+            ] {
+                out.push(Series {
+                    metric,
+                    attributes: attributes.clone(),
+                    value: Value::Counter(value),
+                });
+            }
+        }
+        let mut histograms: BTreeMap<(String, String), Histogram> = BTreeMap::new();
+        for (tgid, histogram) in &kernel.cuda_blocking_latency {
+            if let Some(label) = labels.get(tgid) {
+                histograms.entry(label.clone()).or_default().add(histogram);
+            }
+        }
+        for ((pid, name), histogram) in histograms {
+            out.push(Series {
+                metric: &CUDA_BLOCKING_DURATION,
+                attributes: vec![("process.pid", pid), ("process.executable.name", name)],
+                value: self.histogram(&histogram),
+            });
+        }
+    }
+}
+
 /// One counter per attached probe, zero included: a dashboard can alert on any increase.
 fn probe_series(kernel: &KernelSnapshot, out: &mut Vec<Series>) {
     for (probe, missed) in &kernel.missed_events {
@@ -903,6 +1003,88 @@ mod tests {
                         .any(|(k, v)| *k == attribute.0 && v == attribute.1)
             })
             .collect()
+    }
+
+    #[test]
+    fn cuda_totals_export_per_process_kind_and_direction() {
+        use agent_common::cuda::{CudaCallCounters, CudaCallKey, FUNCTIONS, direction};
+        let key = |tgid: u32, symbol: &str, to: u8| CudaCallKey {
+            tgid,
+            function: FUNCTIONS.iter().position(|f| f.symbol == symbol).unwrap() as u8,
+            direction: to,
+            _padding: [0; 2],
+        };
+        let mut kernel = KernelSnapshot::default();
+        let sync = CudaCallCounters {
+            calls: 100,
+            ns: 2_000_000_000,
+            bytes: 0,
+            failures: 0,
+        };
+        kernel
+            .cuda_calls
+            .insert(key(7, "cudaStreamSynchronize", direction::OTHER), sync);
+        kernel
+            .cuda_calls
+            .insert(key(7, "cuStreamSynchronize", direction::OTHER), sync);
+        kernel.cuda_calls.insert(
+            key(7, "cudaMemcpy", direction::HOST_TO_DEVICE),
+            CudaCallCounters {
+                calls: 10,
+                ns: 100_000_000,
+                bytes: 1 << 30,
+                failures: 0,
+            },
+        );
+        kernel
+            .cuda_calls
+            .insert(key(8, "cudaDeviceSynchronize", direction::OTHER), sync);
+        let blocking = Histogram::from_samples_ns(std::iter::repeat_n(20_000_000, 100));
+        kernel.cuda_blocking_latency.insert(7, blocking);
+        let mut state = MetricsState::new(limits(1), &[]);
+        let series = state.series(&kernel, &Names, &GpuSummary::default(), &[]);
+        let of = |metric: &str, pid: &str, kind: &str| -> Vec<f64> {
+            find(&series, metric, ("process.pid", pid))
+                .into_iter()
+                .filter(|s| {
+                    s.attributes
+                        .iter()
+                        .any(|(k, v)| *k == "envelope.cuda.call" && v == kind)
+                })
+                .map(|s| match &s.value {
+                    Value::Counter(value) => *value,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        // Runtime and driver synchronisations of one process add up in one series.
+        assert_eq!(of("envelope.cuda.call.time", "7", "sync"), vec![4.0]);
+        assert_eq!(of("envelope.cuda.calls", "7", "sync"), vec![200.0]);
+        assert_eq!(
+            of("envelope.cuda.bytes", "7", "copy"),
+            vec![(1u64 << 30) as f64]
+        );
+        let copy = find(
+            &series,
+            "envelope.cuda.bytes",
+            ("envelope.cuda.call", "copy"),
+        );
+        assert!(
+            copy[0]
+                .attributes
+                .contains(&("envelope.cuda.copy.direction", "h2d".to_string()))
+        );
+        // Past the GPU-process limit: "other".
+        assert_eq!(of("envelope.cuda.call.time", "other", "sync"), vec![2.0]);
+        let histogram = find(
+            &series,
+            "envelope.cuda.blocking.duration",
+            ("process.pid", "7"),
+        );
+        match &histogram[0].value {
+            Value::Histogram(h) => assert_eq!(h.count, 100),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn peer(last_octet: u8, port: u16, tgid: u32) -> PeerKey {
