@@ -289,6 +289,24 @@ impl NetworkWait {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn inside_a_blocking_cuda_call_every_sleep_is_the_gpus_but_waiting_for_a_cpu_is_not() {
+        use super::{activity, activity_in_gpu_call};
+        for sleep in [
+            activity::STORAGE,
+            activity::NETWORK,
+            activity::GPU,
+            activity::OTHER_SLEEP,
+        ] {
+            assert_eq!(activity_in_gpu_call(sleep), activity::GPU);
+        }
+        assert_eq!(
+            activity_in_gpu_call(activity::WAITING_FOR_CPU),
+            activity::WAITING_FOR_CPU
+        );
+        assert_eq!(activity_in_gpu_call(activity::EXITED), activity::EXITED);
+    }
+
     use super::{activity::*, syscall::*, *};
 
     #[test]

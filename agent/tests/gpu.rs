@@ -185,9 +185,9 @@ fn every_value_arrives_exactly_through_the_ffi_path() {
     assert_eq!(
         processes,
         vec![
-            (me, 0, Some(21_474_836_480), Some(0.88)),
-            (4_000_000, 0, Some(1_073_741_824), None),
-            (4_000_001, 1, Some(104_857_600), None),
+            (me, Some(0), Some(21_474_836_480), Some(0.88)),
+            (4_000_000, Some(0), Some(1_073_741_824), None),
+            (4_000_001, Some(1), Some(104_857_600), None),
         ]
     );
     assert!(
