@@ -121,7 +121,7 @@ metrics! {
     GPU_PROCESS_UTILIZATION = "envelope.gpu.process.utilization", "1", "SM utilization of a process, 0..1";
     CUDA_CALL_TIME = "envelope.cuda.call.time", "s", "Time a process's threads spent in CUDA calls, by envelope.cuda.call (sync, copy, copy_async, alloc, launch) and, for copies, envelope.cuda.copy.direction (h2d, d2h, d2d, other); from the opt-in CUDA uprobes";
     CUDA_CALLS = "envelope.cuda.calls", "{call}", "CUDA calls a process completed, same keys as envelope.cuda.call.time (launch = kernel launches, with cuda_probes = sync+launch)";
-    CUDA_BYTES = "envelope.cuda.bytes", "By", "Bytes a process's CUDA calls copied (per direction) or allocated, calls that succeeded";
+    CUDA_IO = "envelope.cuda.io", "By", "Bytes a process's CUDA calls copied (per direction) or allocated, calls that succeeded";
     CUDA_FAILURES = "envelope.cuda.failures", "{call}", "CUDA calls that returned an error (allocations that failed, mostly)";
     CUDA_BLOCKING_DURATION = "envelope.cuda.blocking.duration", "s", "Duration of a process's blocking CUDA calls (synchronisations and synchronous copies)";
     PROBE_MISSED_EVENTS = "envelope.probe.missed_events", "{event}", "Events a probe skipped because another run of it was in progress on that CPU (the kernel's recursion_misses): I/Os, packets or context switches nothing was recorded for";
@@ -851,7 +851,7 @@ impl MetricsState {
             for (metric, value) in [
                 (&CUDA_CALL_TIME, seconds),
                 (&CUDA_CALLS, calls),
-                (&CUDA_BYTES, bytes),
+                (&CUDA_IO, bytes),
                 (&CUDA_FAILURES, failures),
             ] {
                 out.push(Series {
@@ -1061,14 +1061,10 @@ mod tests {
         assert_eq!(of("envelope.cuda.call.time", "7", "sync"), vec![4.0]);
         assert_eq!(of("envelope.cuda.calls", "7", "sync"), vec![200.0]);
         assert_eq!(
-            of("envelope.cuda.bytes", "7", "copy"),
+            of("envelope.cuda.io", "7", "copy"),
             vec![(1u64 << 30) as f64]
         );
-        let copy = find(
-            &series,
-            "envelope.cuda.bytes",
-            ("envelope.cuda.call", "copy"),
-        );
+        let copy = find(&series, "envelope.cuda.io", ("envelope.cuda.call", "copy"));
         assert!(
             copy[0]
                 .attributes
