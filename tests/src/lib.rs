@@ -188,6 +188,39 @@ pub fn fake_nvml_library() -> &'static Path {
     })
 }
 
+/// The fake CUDA library (tests/fake-cuda's cdylib): one file that exports both the runtime's
+/// and the driver's functions. The agent tells the two libraries apart by file name, so
+/// tests copy it as `libcudart.so.*` and `libcuda.so.*`.
+pub fn fake_cuda_library() -> &'static Path {
+    static LIBRARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        cargo_artifact("fake-cuda", |message| {
+            (message["target"]["name"] == "fake_cuda")
+                .then(|| {
+                    message["filenames"]
+                        .as_array()?
+                        .iter()
+                        .find_map(|f| f.as_str().filter(|f| f.ends_with(".so")))
+                        .map(PathBuf::from)
+                })
+                .flatten()
+        })
+    })
+}
+
+/// The stand-in CUDA program (tests/fake-cuda's `fake-cuda-app`), which loads copies of
+/// [`fake_cuda_library`] and reports what it called and how long each step took.
+pub fn fake_cuda_app() -> &'static Path {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        cargo_artifact("fake-cuda", |message| {
+            (message["target"]["name"] == "fake-cuda-app")
+                .then(|| message["executable"].as_str().map(PathBuf::from))
+                .flatten()
+        })
+    })
+}
+
 /// Runs `envelope diagnose --json` for `seconds` with extra arguments; returns (exit code,
 /// report).
 pub fn diagnose_json(

@@ -103,6 +103,8 @@ pub struct CudaLibraryStatus {
     pub functions_attached: usize,
     /// Why it is not probed, or only in part; None when every function it has is.
     pub problem: Option<String>,
+    /// The probes were taken off it: no process maps it any more.
+    pub detached: bool,
 }
 
 /// A library file, identified by device and inode (one file under many paths: a
@@ -121,6 +123,9 @@ struct AttachedLibrary {
 pub struct CudaAttacher {
     mode: CudaProbes,
     libraries: BTreeMap<FileId, AttachedLibrary>,
+    /// Libraries detached since the probes loaded, the latest [`DETACHED_KEPT`], for the
+    /// report.
+    detached: Vec<CudaLibraryStatus>,
     /// When each process's memory map was read last.
     scanned: HashMap<u32, Instant>,
     /// The programs could not be loaded (reported once; nothing is attached).
@@ -131,9 +136,14 @@ pub struct CudaAttacher {
 impl CudaAttacher {
     /// Every library found so far, attached or not.
     pub fn libraries(&self) -> Vec<CudaLibraryStatus> {
-        self.libraries
-            .values()
-            .map(|library| library.status.clone())
+        self.detached
+            .iter()
+            .cloned()
+            .chain(
+                self.libraries
+                    .values()
+                    .map(|library| library.status.clone()),
+            )
             .collect()
     }
 
@@ -154,7 +164,8 @@ impl CudaAttacher {
                     self.libraries.len()
                 );
             }
-            self.libraries.clear();
+            let libraries = std::mem::take(&mut self.libraries);
+            detach_in_background(libraries.into_values().flat_map(|l| l.links).collect());
             self.scanned.clear();
             self.mode = mode;
         }
@@ -202,17 +213,33 @@ impl CudaAttacher {
                 }
             }
         }
-        self.libraries.retain(|_, library| {
+        let mut unmapped = Vec::new();
+        for (id, library) in &mut self.libraries {
             library.mapped_by.retain(|pid| alive.contains(pid));
-            let keep = !library.mapped_by.is_empty();
-            if !keep && !library.links.is_empty() {
+            if library.mapped_by.is_empty() {
+                unmapped.push(*id);
+            }
+        }
+        let mut links = Vec::new();
+        for id in unmapped {
+            let Some(library) = self.libraries.remove(&id) else {
+                continue;
+            };
+            if !library.links.is_empty() {
                 tracing::info!(
                     "CUDA probes detached from {}: no process maps it any more",
                     library.status.path
                 );
             }
-            keep
-        });
+            links.extend(library.links);
+            let mut status = library.status;
+            status.detached = true;
+            if self.detached.len() == DETACHED_KEPT {
+                self.detached.remove(0);
+            }
+            self.detached.push(status);
+        }
+        detach_in_background(links);
     }
 
     fn load_programs(&mut self, ebpf: &mut Ebpf) -> Result<(), String> {
@@ -250,6 +277,7 @@ impl CudaAttacher {
             found_in_pid: pid,
             functions_attached: 0,
             problem: None,
+            detached: false,
         };
         let mut library = AttachedLibrary {
             status: status.clone(),
@@ -307,6 +335,46 @@ impl CudaAttacher {
         }
         library.status = status;
         library
+    }
+}
+
+/// Detached libraries the report keeps.
+const DETACHED_KEPT: usize = 32;
+
+/// Removing a uprobe waits for the kernel to be sure no CPU is still in it (about 0.1 s
+/// here, per link): 88 links one after another would stall the once-a-second refresh for
+/// 9 s. They go on a thread of their own, each link on its own thread so the waits overlap.
+fn detach_in_background(links: Vec<UProbeLink>) {
+    if links.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("envelope-cuda-detach".into())
+        .spawn(move || detach_all(links));
+    if let Err(error) = spawned {
+        tracing::debug!("no thread to detach the CUDA probes on ({error}): they go at exit");
+    }
+}
+
+/// Drops every link, on threads of their own so the kernel's waits overlap.
+fn detach_all(links: Vec<UProbeLink>) {
+    std::thread::scope(|scope| {
+        for link in links {
+            // No thread to spare: the link was dropped with the failed closure.
+            let _ = std::thread::Builder::new()
+                .name("envelope-detach".into())
+                .spawn_scoped(scope, move || drop(link));
+        }
+    });
+}
+
+impl Drop for CudaAttacher {
+    fn drop(&mut self) {
+        let links: Vec<UProbeLink> = std::mem::take(&mut self.libraries)
+            .into_values()
+            .flat_map(|library| library.links)
+            .collect();
+        detach_all(links);
     }
 }
 

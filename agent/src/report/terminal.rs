@@ -582,6 +582,9 @@ fn render_gpu(out: &mut String, report: &DiagnoseReport) {
             INDENT,
             gpu.reason.as_deref().unwrap_or("unknown reason"),
         );
+        // Processes the CUDA probes saw are listed all the same.
+        render_gpu_processes(out, gpu);
+        render_cuda_probes(out, report);
         return;
     }
     let _ = writeln!(
@@ -661,6 +664,42 @@ fn render_gpu(out: &mut String, report: &DiagnoseReport) {
             &format!("GPU {} is stale: {}", stale.index, stale.reason),
         );
     }
+    render_gpu_processes(out, gpu);
+    render_cuda_probes(out, report);
+}
+
+/// Which CUDA libraries the opt-in probes are on, when they are on.
+fn render_cuda_probes(out: &mut String, report: &DiagnoseReport) {
+    let cuda = &report.cuda_probes;
+    if cuda.mode == crate::model::gpu::CudaProbes::Off {
+        return;
+    }
+    let libraries: Vec<String> = cuda
+        .libraries
+        .iter()
+        .map(|library| {
+            let state = match (&library.problem, library.detached) {
+                (Some(problem), _) => format!("not probed: {problem}"),
+                (None, true) => format!("{} functions, detached", library.functions_attached),
+                (None, false) => format!("{} functions", library.functions_attached),
+            };
+            format!("{} ({}, {state})", library.path, library.library)
+        })
+        .collect();
+    let text = match (&cuda.problem, libraries.is_empty()) {
+        (Some(problem), _) => problem.clone(),
+        (None, true) => "no process mapped libcudart or libcuda during the window".to_string(),
+        (None, false) => libraries.join("; "),
+    };
+    wrapped(
+        out,
+        &format!("{INDENT}CUDA probes ({}): ", cuda.mode.name()),
+        INDENT,
+        &text,
+    );
+}
+
+fn render_gpu_processes(out: &mut String, gpu: &crate::analysis::gpu::GpuSummary) {
     if !gpu.processes.is_empty() {
         let _ = writeln!(out, "{INDENT}Top GPU processes");
         // The CUDA probes' columns, when they saw any process call.
