@@ -34,14 +34,16 @@ pub mod call {
 pub mod direction {
     pub const HOST_TO_DEVICE: u8 = 0;
     pub const DEVICE_TO_HOST: u8 = 1;
-    /// Device to device, on one GPU or between two (peer).
+    /// Device to device on one GPU (or between two, when the call does not say).
     pub const DEVICE_TO_DEVICE: u8 = 2;
     /// Host to host, or `cudaMemcpyDefault` (the runtime infers it from the pointers, which
     /// the probe does not look up), or not a copy.
     pub const OTHER: u8 = 3;
+    /// Between two GPUs (`cudaMemcpyPeer`, `cuMemcpyPeer`).
+    pub const PEER: u8 = 4;
     /// Not a direction: the runtime's `cudaMemcpyKind` argument says it (see
     /// [`from_memcpy_kind`]).
-    pub const FROM_KIND_ARGUMENT: u8 = 4;
+    pub const FROM_KIND_ARGUMENT: u8 = 5;
 
     /// The direction of a `cudaMemcpyKind`.
     #[inline(always)]
@@ -144,12 +146,12 @@ const fn launch(library: Library, symbol: &'static str) -> Function {
 
 use Library::{Driver, Runtime};
 use call::{COPY, COPY_ASYNC};
-use direction::{DEVICE_TO_DEVICE, DEVICE_TO_HOST, HOST_TO_DEVICE, OTHER};
+use direction::{DEVICE_TO_DEVICE, DEVICE_TO_HOST, HOST_TO_DEVICE, OTHER, PEER};
 
 /// Every function the probes attach to, where the library has it. The `_ptsz`/`_ptds`
 /// variants are what code built with `--default-stream per-thread` calls. The index in this
 /// table is the function's id in the maps, so entries are only ever appended.
-pub const FUNCTIONS: [Function; 44] = [
+pub const FUNCTIONS: [Function; 49] = [
     sync(Runtime, "cudaDeviceSynchronize"),
     sync(Runtime, "cudaStreamSynchronize"),
     sync(Runtime, "cudaStreamSynchronize_ptsz"),
@@ -225,8 +227,8 @@ pub const FUNCTIONS: [Function; 44] = [
     ),
     copy(Driver, "cuMemcpyAsync", COPY_ASYNC, 2, OTHER),
     // cuMemcpyPeer(dst, dstContext, src, srcContext, count)
-    copy(Driver, "cuMemcpyPeer", COPY, 4, DEVICE_TO_DEVICE),
-    copy(Driver, "cuMemcpyPeerAsync", COPY_ASYNC, 4, DEVICE_TO_DEVICE),
+    copy(Driver, "cuMemcpyPeer", COPY, 4, PEER),
+    copy(Driver, "cuMemcpyPeerAsync", COPY_ASYNC, 4, PEER),
     alloc(Driver, "cuMemAlloc_v2"),
     alloc(Driver, "cuMemAllocAsync"),
     alloc(Driver, "cuMemAllocManaged"),
@@ -234,6 +236,17 @@ pub const FUNCTIONS: [Function; 44] = [
     launch(Driver, "cuLaunchKernel_ptsz"),
     launch(Driver, "cuLaunchKernelEx"),
     launch(Driver, "cuLaunchCooperativeKernel"),
+    copy(Driver, "cuMemcpy_ptds", COPY, 2, OTHER),
+    copy(Driver, "cuMemcpyAsync_ptsz", COPY_ASYNC, 2, OTHER),
+    copy(
+        Driver,
+        "cuMemcpyDtoDAsync_v2_ptsz",
+        COPY_ASYNC,
+        2,
+        DEVICE_TO_DEVICE,
+    ),
+    alloc(Driver, "cuMemAllocAsync_ptsz"),
+    launch(Driver, "cuLaunchKernelEx_ptsz"),
 ];
 
 /// The attach cookie of `FUNCTIONS[index]`: what the probes need to know about the call.
@@ -284,9 +297,19 @@ pub struct OpenCall {
     /// Probed calls open on this thread: the runtime calls the driver, and only the
     /// outermost call counts (its function names it; the inner one is part of it).
     pub depth: u32,
-    /// Resolved `direction::*`.
+    /// Resolved `direction::*`; for a synchronisation right after an asynchronous copy, the
+    /// copy's (see [`SYNC_AFTER_COPY_NS`]).
     pub direction: u32,
+    /// When the outermost call returned (0 while it runs).
+    pub ended_ns: u64,
 }
+
+/// A synchronisation that starts this soon after an asynchronous copy on the same thread
+/// returned waits for that copy: PyTorch's blocking `tensor.to("cuda")` is
+/// `cudaMemcpyAsync` then `cudaStreamSynchronize`, back to back. Its time is charged to the
+/// copy's direction. Compute launched in between (unprobed in "sync" mode) takes longer
+/// than this to launch.
+pub const SYNC_AFTER_COPY_NS: u64 = 100_000;
 
 /// A nested call starting this long after its outer call is not nested: the outer call's
 /// return was never seen (a thread unwound past it), so its record is stale.

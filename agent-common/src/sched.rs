@@ -70,7 +70,29 @@ pub struct ThreadState {
     /// `gpu_call::*`: whether the thread is inside a CUDA call that waits on the GPU (seen
     /// by the opt-in CUDA uprobes), and whether it is on a CPU meanwhile.
     pub gpu_call: u32,
-    pub _padding: u32,
+    /// When the call began, in units of 2^20 ns (about a millisecond; wraps after 52 days):
+    /// a call whose return was never seen (the probes detached while it ran) stops counting
+    /// as GPU wait after [`GPU_CALL_STALE_UNITS`].
+    pub gpu_call_since: u32,
+}
+
+/// [`ThreadState::gpu_call_since`] of a call starting at `now_ns`.
+#[inline(always)]
+pub const fn gpu_call_units(now_ns: u64) -> u32 {
+    (now_ns >> 20) as u32
+}
+
+/// 60 s in units of 2^20 ns: as long as a blocking CUDA call is believed to last.
+pub const GPU_CALL_STALE_UNITS: u32 = 57_220;
+
+impl ThreadState {
+    /// Whether the thread is inside a blocking CUDA call at `now_ns` (a call begun more than
+    /// a minute ago is taken to have ended unseen).
+    #[inline(always)]
+    pub const fn in_gpu_call(&self, now_ns: u64) -> bool {
+        self.gpu_call != gpu_call::NONE
+            && gpu_call_units(now_ns).wrapping_sub(self.gpu_call_since) < GPU_CALL_STALE_UNITS
+    }
 }
 
 /// Values of `ThreadState::gpu_call`. A thread inside a blocking CUDA call (a
@@ -92,7 +114,7 @@ impl ThreadState {
             tgid,
             activity,
             gpu_call: gpu_call::NONE,
-            _padding: 0,
+            gpu_call_since: 0,
         }
     }
 }
@@ -289,6 +311,22 @@ impl NetworkWait {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_gpu_call_whose_return_was_never_seen_expires_after_a_minute() {
+        use super::{ThreadState, activity, gpu_call, gpu_call_units};
+        let start = 5_000_000_000_000u64;
+        let mut state = ThreadState::new(start, 1, activity::GPU);
+        assert!(!state.in_gpu_call(start));
+        state.gpu_call = gpu_call::RUNNING;
+        state.gpu_call_since = gpu_call_units(start);
+        assert!(state.in_gpu_call(start + 59_000_000_000));
+        assert!(!state.in_gpu_call(start + 61_000_000_000));
+        // Across the units' wrap (52 days).
+        let near_wrap = (u32::MAX as u64) << 20;
+        state.gpu_call_since = gpu_call_units(near_wrap);
+        assert!(state.in_gpu_call(near_wrap + 30_000_000_000));
+    }
+
     #[test]
     fn inside_a_blocking_cuda_call_every_sleep_is_the_gpus_but_waiting_for_a_cpu_is_not() {
         use super::{activity, activity_in_gpu_call};

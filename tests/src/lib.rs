@@ -170,22 +170,25 @@ pub fn envelope_binary() -> &'static Path {
     })
 }
 
+/// The shared library a test-double package builds (its cdylib target `target`).
+fn cdylib_artifact(package: &str, target: &str) -> PathBuf {
+    cargo_artifact(package, |message| {
+        (message["target"]["name"] == target)
+            .then(|| {
+                message["filenames"]
+                    .as_array()?
+                    .iter()
+                    .find_map(|f| f.as_str().filter(|f| f.ends_with(".so")))
+                    .map(PathBuf::from)
+            })
+            .flatten()
+    })
+}
+
 /// The fake NVML library (tests/fake-nvml).
 pub fn fake_nvml_library() -> &'static Path {
     static LIBRARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    LIBRARY.get_or_init(|| {
-        cargo_artifact("fake-nvml", |message| {
-            (message["target"]["name"] == "fake_nvml")
-                .then(|| {
-                    message["filenames"]
-                        .as_array()?
-                        .iter()
-                        .find_map(|f| f.as_str().filter(|f| f.ends_with(".so")))
-                        .map(PathBuf::from)
-                })
-                .flatten()
-        })
-    })
+    LIBRARY.get_or_init(|| cdylib_artifact("fake-nvml", "fake_nvml"))
 }
 
 /// The fake CUDA library (tests/fake-cuda's cdylib): one file that exports both the runtime's
@@ -193,19 +196,7 @@ pub fn fake_nvml_library() -> &'static Path {
 /// tests copy it as `libcudart.so.*` and `libcuda.so.*`.
 pub fn fake_cuda_library() -> &'static Path {
     static LIBRARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    LIBRARY.get_or_init(|| {
-        cargo_artifact("fake-cuda", |message| {
-            (message["target"]["name"] == "fake_cuda")
-                .then(|| {
-                    message["filenames"]
-                        .as_array()?
-                        .iter()
-                        .find_map(|f| f.as_str().filter(|f| f.ends_with(".so")))
-                        .map(PathBuf::from)
-                })
-                .flatten()
-        })
-    })
+    LIBRARY.get_or_init(|| cdylib_artifact("fake-cuda", "fake_cuda"))
 }
 
 /// The stand-in CUDA program (tests/fake-cuda's `fake-cuda-app`), which loads copies of

@@ -668,6 +668,57 @@ fn launches_are_counted_once_only_when_asked_and_sleeping_syncs_are_gpu_time() {
 }
 
 #[test]
+fn waits_on_asynchronous_copies_to_the_gpu_are_copy_time_and_name_the_input_pipeline() {
+    if !root_or_skip("CUDA waits on asynchronous copies") {
+        return;
+    }
+    let _exclusive = exclusive();
+    prepare();
+    let libraries = CudaLibraries::create();
+    // PyTorch's blocking tensor.to("cuda"): cudaMemcpyAsync of 8 MB queued at once (the
+    // stand-in's copy takes no time), then cudaStreamSynchronize waiting 20 ms for it, 300
+    // times: 6 s blocked on copies to the GPU, not on the model's compute.
+    let run = scenario(
+        &libraries,
+        "sync",
+        12,
+        &[
+            ("FAKE_CUDA_SYNC_MODE", "sleep"),
+            ("FAKE_CUDA_SYNC_US", "20000"),
+            ("FAKE_CUDA_COPY_BYTES_PER_US", "1000000000"),
+        ],
+        &["h2d-then-sync:300:8000000"],
+    );
+    let report = &run.report;
+    let cuda = &process_row(report, run.pid)["cuda"];
+    eprintln!("cuda: {cuda:#}");
+    let program = step(&run.steps, "h2d-then-sync");
+    assert_eq!(cuda["h2d_bytes"], 2_400_000_000u64, "{cuda:#}");
+    assert_time_close(
+        "waits on copies to the GPU",
+        seconds(&cuda["h2d_s"]),
+        seconds(&program["seconds"]),
+    );
+    // The synchronisations waited for the copies: none of their time is left as
+    // synchronisation (one that starts more than 100 us after its copy returned, the
+    // thread preempted in between, stays synchronisation: a few of 300 on this busy VM).
+    assert!(
+        seconds(&cuda["sync_s"]) < 0.2 * seconds(&cuda["h2d_s"]),
+        "{cuda:#}"
+    );
+    let workload = workload_with(report, run.pid);
+    eprintln!("workload {}: {}", workload["name"], workload["summary"]);
+    assert_eq!(workload["bottleneck"], "model", "{workload:#}");
+    assert!(
+        workload["summary"]
+            .as_str()
+            .is_some_and(|summary| summary.contains("input pipeline")
+                && summary.contains("of active time copying to the GPU")),
+        "{workload:#}"
+    );
+}
+
+#[test]
 fn libraries_are_detached_when_no_process_maps_them() {
     if !root_or_skip("CUDA probes detached") {
         return;

@@ -5,8 +5,8 @@
 //! blocking calls also mark the thread so the scheduler probe charges its time to the GPU.
 use agent_common::{
     cuda::{
-        Cookie, CudaCallCounters, CudaCallKey, NO_ARGUMENT, OpenCall, STALE_OPEN_CALL_NS, call,
-        direction,
+        Cookie, CudaCallCounters, CudaCallKey, NO_ARGUMENT, OpenCall, STALE_OPEN_CALL_NS,
+        SYNC_AFTER_COPY_NS, call, direction,
     },
     histogram::LatencyHistogram,
 };
@@ -23,8 +23,8 @@ use super::{
     shared::{BPF_NOEXIST, add, record_latency},
 };
 
-/// Thread id -> the probed call it is in. Sized by userspace (1 entry while the CUDA probes
-/// are off).
+/// Thread id -> the probed call it is in, or made last. Preallocated (an LRU map), like the
+/// two below: about 4 MB in all, whether the probes are on or off.
 #[map]
 static OPEN_CUDA_CALLS: LruHashMap<u32, OpenCall> = LruHashMap::with_max_entries(16384, 0);
 
@@ -38,7 +38,7 @@ static CUDA_CALLS: LruHashMap<CudaCallKey, CudaCallCounters> =
 /// Per process: how long its blocking calls (synchronisations, synchronous copies) took.
 #[map]
 static CUDA_BLOCKING_LATENCY: LruHashMap<u32, LatencyHistogram> =
-    LruHashMap::with_max_entries(1024, 0);
+    LruHashMap::with_max_entries(256, 0);
 
 const ZERO_COUNTERS: CudaCallCounters = CudaCallCounters {
     calls: 0,
@@ -88,6 +88,8 @@ pub fn cuda_call(ctx: ProbeContext) -> u32 {
         )
     };
     let open = OPEN_CUDA_CALLS.get_ptr_mut(&thread);
+    // The direction of an asynchronous copy this call may be waiting for.
+    let mut after_copy = direction::OTHER;
     if let Some(open) = open {
         // SAFETY: pointer from a successful lookup; plain loads and stores (only this thread
         // writes its own record).
@@ -96,6 +98,11 @@ pub fn cuda_call(ctx: ProbeContext) -> u32 {
                 // Inside another probed call (the runtime calling the driver): part of it.
                 (*open).depth += 1;
                 return 0;
+            }
+            if Cookie((*open).cookie).call() == call::COPY_ASYNC
+                && now.wrapping_sub((*open).ended_ns) < SYNC_AFTER_COPY_NS
+            {
+                after_copy = (*open).direction as u8;
             }
         }
     }
@@ -110,12 +117,16 @@ pub fn cuda_call(ctx: ProbeContext) -> u32 {
     if to == direction::FROM_KIND_ARGUMENT {
         to = direction::from_memcpy_kind(argument(&arguments, cookie.kind_argument()));
     }
+    if cookie.call() == call::SYNC {
+        to = after_copy;
+    }
     let record = OpenCall {
         start_ns: now,
         bytes,
         cookie: cookie.0,
         depth: 1,
         direction: to as u32,
+        ended_ns: 0,
     };
     match open {
         // SAFETY: as above.
@@ -150,6 +161,8 @@ pub fn cuda_return(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as above; when the next call on this thread may be waiting for this one.
+    unsafe { (*open).ended_ns = now };
     let cookie = Cookie(record.cookie);
     let elapsed_ns = now.wrapping_sub(record.start_ns);
     if call::blocks(cookie.call()) {

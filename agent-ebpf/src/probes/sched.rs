@@ -5,8 +5,8 @@
 use agent_common::requests::request_timing;
 use agent_common::sched::{
     NetworkWait, ProcessTime, RECENT_ACTIVITY_NS, ThreadState, TrackedProcess, activity,
-    activity_in_gpu_call, classify_switch_out, gpu_call, needs_syscall, reported_switch_state,
-    tracked,
+    activity_in_gpu_call, classify_switch_out, gpu_call, gpu_call_units, needs_syscall,
+    reported_switch_state, tracked,
 };
 use aya_ebpf::{
     helpers::{
@@ -279,11 +279,12 @@ fn on_switch(
             None if next_activity == activity::EXITED => {}
             // SAFETY: pointer from a successful lookup; plain loads and stores.
             Some(state) => unsafe {
-                if (*state).gpu_call == gpu_call::NONE {
-                    transition(state, next_activity, now);
-                } else {
+                if (*state).in_gpu_call(now) {
                     transition(state, activity_in_gpu_call(next_activity), now);
                     (*state).gpu_call = gpu_call::OFF_CPU;
+                } else {
+                    transition(state, next_activity, now);
+                    (*state).gpu_call = gpu_call::NONE;
                 }
             },
             None => {
@@ -301,11 +302,12 @@ fn on_switch(
             }
             // SAFETY: pointer from a successful lookup; plain loads and stores.
             unsafe {
-                if (*state).gpu_call == gpu_call::NONE {
-                    transition(state, activity::ON_CPU, now);
-                } else {
+                if (*state).in_gpu_call(now) {
                     transition(state, activity::GPU, now);
                     (*state).gpu_call = gpu_call::RUNNING;
+                } else {
+                    transition(state, activity::ON_CPU, now);
+                    (*state).gpu_call = gpu_call::NONE;
                 }
             }
         }
@@ -321,12 +323,16 @@ pub fn enter_gpu_call(thread: u32, tgid: u32, now: u64) {
     match THREAD_STATES.get_ptr_mut(&thread) {
         Some(state) => {
             transition(state, activity::GPU, now);
-            // SAFETY: pointer from a successful lookup; a plain store.
-            unsafe { (*state).gpu_call = gpu_call::RUNNING };
+            // SAFETY: pointer from a successful lookup; plain stores.
+            unsafe {
+                (*state).gpu_call = gpu_call::RUNNING;
+                (*state).gpu_call_since = gpu_call_units(now);
+            }
         }
         None => {
             let mut state = ThreadState::new(now, tgid, activity::GPU);
             state.gpu_call = gpu_call::RUNNING;
+            state.gpu_call_since = gpu_call_units(now);
             let _ = THREAD_STATES.insert(&thread, &state, 0);
         }
     }

@@ -219,6 +219,7 @@ fn cuda_evidence(cuda: &CudaActivity) -> String {
         (cuda.h2d_bytes, cuda.h2d_s, "to the GPU"),
         (cuda.d2h_bytes, cuda.d2h_s, "from the GPU"),
         (cuda.d2d_bytes, cuda.d2d_s, "between GPU buffers"),
+        (cuda.peer_bytes, cuda.peer_s, "between GPUs"),
     ] {
         if bytes > 0 {
             let rate = (seconds > 0.0).then(|| {
@@ -786,11 +787,12 @@ pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
                         crate::model::units::format_bytes(cuda.h2d_bytes as f64 / cuda.h2d_s)
                     )
                 }
-                Some(cuda) if cuda.sync_s > 0.0 => format!(
+                Some(cuda) if cuda.blocking_s() > 0.0 => format!(
                     "model - {who} spent {} of its time waiting on the GPU, most in {}",
                     percent(score),
                     cuda.functions
-                        .first()
+                        .iter()
+                        .find(|f| f.blocks())
                         .map_or("CUDA synchronisation", |f| f.function)
                 ),
                 _ => format!(

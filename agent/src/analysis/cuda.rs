@@ -18,27 +18,44 @@ pub struct CudaFunctionSummary {
     pub failures: u64,
 }
 
+impl CudaFunctionSummary {
+    /// Whether the calling thread waits on the GPU inside it (a synchronisation or a
+    /// synchronous copy), rather than launching, allocating or queueing.
+    pub fn blocks(&self) -> bool {
+        FUNCTIONS
+            .iter()
+            .find(|f| f.symbol == self.function)
+            .is_some_and(|f| call::blocks(f.call))
+    }
+}
+
 /// A process's CUDA calls in one window (JSON `gpu.processes[].cuda`). Times are seconds
-/// summed over its threads; copy times are those of synchronous copies (an asynchronous
-/// copy's bytes count, its time is part of the synchronisation that waits for it).
+/// summed over its threads, entry to return. Copy times are the time blocked on copies:
+/// synchronous copies, and synchronisations that begin right after an asynchronous copy on
+/// the same thread (PyTorch's blocking `.to("cuda")`; see `SYNC_AFTER_COPY_NS`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CudaActivity {
-    /// In synchronisation calls (cudaStreamSynchronize, cuCtxSynchronize...).
+    /// In synchronisation calls (cudaStreamSynchronize, cuCtxSynchronize...), those waiting
+    /// for a copy left out.
     pub sync_s: f64,
     pub sync_calls: u64,
     pub h2d_bytes: u64,
     pub d2h_bytes: u64,
-    /// Device to device, on one GPU or between two.
+    /// Device to device on one GPU.
     pub d2d_bytes: u64,
+    /// Between two GPUs.
+    pub peer_bytes: u64,
     /// Copies whose direction the call does not say (cudaMemcpyDefault, cuMemcpy).
     pub other_copy_bytes: u64,
     pub h2d_s: f64,
     pub d2h_s: f64,
     pub d2d_s: f64,
+    pub peer_s: f64,
     pub other_copy_s: f64,
     pub alloc_bytes: u64,
     pub alloc_calls: u64,
-    /// Calls of any kind that returned an error (allocations that failed, mostly).
+    pub alloc_failures: u64,
+    /// Calls of any kind that returned an error.
     pub failures: u64,
     /// Kernel launches; null unless `cuda_probes = "sync+launch"`.
     pub launches: Option<u64>,
@@ -51,7 +68,7 @@ pub struct CudaActivity {
 impl CudaActivity {
     /// Time blocked on the GPU: synchronisations and synchronous copies.
     pub fn blocking_s(&self) -> f64 {
-        self.sync_s + self.h2d_s + self.d2h_s + self.d2d_s + self.other_copy_s
+        self.sync_s + self.h2d_s + self.d2h_s + self.d2d_s + self.peer_s + self.other_copy_s
     }
 
     /// Adds another process's activity (a workload's processes).
@@ -61,13 +78,16 @@ impl CudaActivity {
         self.h2d_bytes += other.h2d_bytes;
         self.d2h_bytes += other.d2h_bytes;
         self.d2d_bytes += other.d2d_bytes;
+        self.peer_bytes += other.peer_bytes;
         self.other_copy_bytes += other.other_copy_bytes;
         self.h2d_s += other.h2d_s;
         self.d2h_s += other.d2h_s;
         self.d2d_s += other.d2d_s;
+        self.peer_s += other.peer_s;
         self.other_copy_s += other.other_copy_s;
         self.alloc_bytes += other.alloc_bytes;
         self.alloc_calls += other.alloc_calls;
+        self.alloc_failures += other.alloc_failures;
         self.failures += other.failures;
         self.launches = match (self.launches, other.launches) {
             (None, None) => None,
@@ -124,27 +144,30 @@ pub fn cuda_by_process(
         }
         let (activity, functions) = by_process.entry(key.tgid).or_default();
         let seconds = counters.ns as f64 / 1e9;
+        let (copy_bytes, copy_s) = match key.direction {
+            direction::HOST_TO_DEVICE => (&mut activity.h2d_bytes, &mut activity.h2d_s),
+            direction::DEVICE_TO_HOST => (&mut activity.d2h_bytes, &mut activity.d2h_s),
+            direction::DEVICE_TO_DEVICE => (&mut activity.d2d_bytes, &mut activity.d2d_s),
+            direction::PEER => (&mut activity.peer_bytes, &mut activity.peer_s),
+            _ => (&mut activity.other_copy_bytes, &mut activity.other_copy_s),
+        };
         match function.call {
+            // A synchronisation right after an asynchronous copy waits for that copy.
+            call::SYNC if key.direction != direction::OTHER => *copy_s += seconds,
             call::SYNC => {
                 activity.sync_s += seconds;
                 activity.sync_calls += counters.calls;
             }
             call::COPY | call::COPY_ASYNC => {
-                let timed = function.call == call::COPY;
-                let (bytes, time) = match key.direction {
-                    direction::HOST_TO_DEVICE => (&mut activity.h2d_bytes, &mut activity.h2d_s),
-                    direction::DEVICE_TO_HOST => (&mut activity.d2h_bytes, &mut activity.d2h_s),
-                    direction::DEVICE_TO_DEVICE => (&mut activity.d2d_bytes, &mut activity.d2d_s),
-                    _ => (&mut activity.other_copy_bytes, &mut activity.other_copy_s),
-                };
-                *bytes += counters.bytes;
-                if timed {
-                    *time += seconds;
+                *copy_bytes += counters.bytes;
+                if function.call == call::COPY {
+                    *copy_s += seconds;
                 }
             }
             call::ALLOC => {
                 activity.alloc_bytes += counters.bytes;
                 activity.alloc_calls += counters.calls;
+                activity.alloc_failures += counters.failures;
             }
             call::LAUNCH => {
                 *activity.launches.get_or_insert(0) += counters.calls;
@@ -234,20 +257,37 @@ mod tests {
         delta
             .cuda_calls
             .insert(key(8, "cuLaunchKernel", other), counters(50, 1, 0, 0));
+        // PyTorch's blocking .to("cuda"): the synchronisation after an asynchronous copy
+        // is time blocked on the copy, not synchronisation.
+        delta.cuda_calls.insert(
+            key(7, "cudaStreamSynchronize", direction::HOST_TO_DEVICE),
+            counters(20, 300, 0, 0),
+        );
+        delta.cuda_calls.insert(
+            key(7, "cudaMemcpyPeer", direction::PEER),
+            counters(2, 10, 1 << 20, 0),
+        );
         let by_process = cuda_by_process(&delta, false);
         let seven = &by_process[&7];
         assert_eq!(seven.sync_calls, 105);
         assert!((seven.sync_s - 2.5).abs() < 1e-9);
         assert_eq!((seven.h2d_bytes, seven.d2h_bytes), (1 << 30, 4096));
-        assert!((seven.h2d_s - 0.1).abs() < 1e-9 && seven.d2h_s == 0.0);
+        assert!((seven.h2d_s - 0.4).abs() < 1e-9 && seven.d2h_s == 0.0);
+        assert_eq!((seven.peer_bytes, seven.d2d_bytes), (1 << 20, 0));
+        assert!((seven.peer_s - 0.01).abs() < 1e-9);
         assert_eq!(
-            (seven.alloc_bytes, seven.alloc_calls, seven.failures),
-            (8192, 3, 1)
+            (
+                seven.alloc_bytes,
+                seven.alloc_calls,
+                seven.alloc_failures,
+                seven.failures
+            ),
+            (8192, 3, 1, 1)
         );
         assert_eq!(seven.launches, None);
         assert_eq!(seven.functions[0].function, "cudaStreamSynchronize");
         assert_eq!(seven.functions[1].function, "cuCtxSynchronize");
-        assert!((seven.blocking_s() - 2.6).abs() < 1e-9);
+        assert!((seven.blocking_s() - 2.91).abs() < 1e-9);
         // Launches were probed for process 8 even in a mode that does not count them for
         // others: what the kernel counted is reported.
         assert_eq!(by_process[&8].launches, Some(50));

@@ -242,6 +242,9 @@ impl WindowStep {
         // Kept as the next window's start, and lent to the cumulative export
         // (`latest_snapshot`): no copy of the maps per window.
         self.previous = cumulative;
+        if self.cuda_probes != CudaProbes::Off || !self.previous.cuda_calls.is_empty() {
+            self.probes.forget_exited_cuda_processes();
+        }
         Window {
             at,
             elapsed,

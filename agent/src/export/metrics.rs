@@ -203,6 +203,8 @@ pub struct MetricsState {
     peers: CardinalityLimit,
     devices: CardinalityLimit,
     gpu_processes: CardinalityLimit,
+    /// (pid, executable name) labels of the processes the CUDA probes count.
+    cuda_labels: HashMap<u32, (String, String)>,
     /// Seconds lost per (workload, bottleneck class), since start.
     time_lost_s: BTreeMap<(String, &'static str), f64>,
     /// XID errors seen per GPU uuid, since start.
@@ -250,6 +252,7 @@ impl MetricsState {
             peers: CardinalityLimit::new(limits.peers),
             devices: CardinalityLimit::new(limits.devices),
             gpu_processes: CardinalityLimit::new(limits.gpu_processes),
+            cuda_labels: HashMap::new(),
             time_lost_s: BTreeMap::new(),
             xid_errors: BTreeMap::new(),
             verdicts: BTreeMap::new(),
@@ -795,7 +798,12 @@ impl MetricsState {
         type Totals = (f64, f64, f64, f64);
         let mut totals: BTreeMap<(String, String, &'static str, &'static str), Totals> =
             BTreeMap::new();
-        let mut labels: HashMap<u32, (String, String)> = HashMap::new();
+        // A process keeps its labels for as long as the kernel counts it: named once, so it
+        // neither flips to "exited" nor takes a second admission slot when it exits.
+        let counted: HashSet<u32> = kernel.cuda_calls.keys().map(|key| key.tgid).collect();
+        self.cuda_labels.retain(|tgid, _| counted.contains(tgid));
+        let labels = &mut self.cuda_labels;
+        let gpu_processes = &mut self.gpu_processes;
         // In key order, so the first processes admitted are the same from export to export.
         let mut calls: Vec<_> = kernel.cuda_calls.iter().collect();
         calls.sort_unstable_by_key(|(key, _)| **key);
@@ -812,7 +820,7 @@ impl MetricsState {
                     } else {
                         name
                     };
-                    if self.gpu_processes.admit(&format!("{}|{name}", key.tgid)) == OTHER {
+                    if gpu_processes.admit(&format!("{}|{name}", key.tgid)) == OTHER {
                         (OTHER.to_string(), OTHER.to_string())
                     } else {
                         (key.tgid.to_string(), name)

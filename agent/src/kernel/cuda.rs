@@ -38,7 +38,9 @@ pub fn library_of(file_name: &str) -> Option<Library> {
             .strip_prefix(prefix)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
     };
-    if versioned("libcudart.so") {
+    // Older PyTorch wheels bundle the runtime renamed with a hash: libcudart-9335f6a2.so.12.
+    let hashed_runtime = file_name.starts_with("libcudart-") && file_name.contains(".so");
+    if versioned("libcudart.so") || hashed_runtime {
         Some(Library::Runtime)
     } else if versioned("libcuda.so") {
         Some(Library::Driver)
@@ -47,20 +49,47 @@ pub fn library_of(file_name: &str) -> Option<Library> {
     }
 }
 
-/// The CUDA libraries in a `/proc/PID/maps` text: (library, path as the process sees it),
-/// each once. Deleted files (replaced on disk while mapped) are left out: their path names
-/// another file now.
-pub fn cuda_libraries_in_maps(maps: &str) -> BTreeSet<(LibraryKind, String)> {
+/// A CUDA library a process maps.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MappedLibrary {
+    pub kind: LibraryKind,
+    /// As the process sees it.
+    pub path: String,
+    /// Where to open it from outside the process (after `/proc/PID/`): `root` + path, or
+    /// for a file deleted while mapped (a driver upgraded under a running job), its mapping
+    /// in `map_files/`, the only name left to it.
+    pub open_as: String,
+}
+
+/// The CUDA libraries in a `/proc/PID/maps` text, each once.
+pub fn cuda_libraries_in_maps(maps: &str) -> BTreeSet<MappedLibrary> {
+    let mut seen = BTreeSet::new();
     maps.lines()
         .filter_map(|line| {
             // address perms offset dev inode path: the path is the sixth field and may
             // contain spaces.
-            let path = line.splitn(6, ' ').nth(5)?.trim_start();
-            if !path.starts_with('/') || path.ends_with(" (deleted)") {
+            let mut fields = line.splitn(6, ' ');
+            let range = fields.next()?;
+            let path = fields.nth(4)?.trim_start();
+            let (path, deleted) = match path.strip_suffix(" (deleted)") {
+                Some(path) => (path, true),
+                None => (path, false),
+            };
+            let name = path.rsplit('/').next()?;
+            let kind = LibraryKind(library_of(name)?);
+            if !path.starts_with('/') || !seen.insert(path.to_string()) {
                 return None;
             }
-            let name = path.rsplit('/').next()?;
-            library_of(name).map(|library| (LibraryKind(library), path.to_string()))
+            let open_as = if deleted {
+                format!("map_files/{range}")
+            } else {
+                format!("root{path}")
+            };
+            Some(MappedLibrary {
+                kind,
+                path: path.to_string(),
+                open_as,
+            })
         })
         .collect()
 }
@@ -116,16 +145,22 @@ struct AttachedLibrary {
     links: Vec<UProbeLink>,
     /// The live processes that map it, as of their last scan.
     mapped_by: HashSet<u32>,
+    /// Attaching failed for a reason that may pass (not a missing symbol): try again then.
+    retry_at: Option<Instant>,
 }
+
+/// How long a library whose attach failed waits before the next try.
+const RETRY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The CUDA probes' attachments.
 #[derive(Default)]
 pub struct CudaAttacher {
     mode: CudaProbes,
     libraries: BTreeMap<FileId, AttachedLibrary>,
-    /// Libraries detached since the probes loaded, the latest [`DETACHED_KEPT`], for the
-    /// report.
+    /// Libraries detached since the probes loaded, and paths that could not be opened, the
+    /// latest [`DETACHED_KEPT`] of each, for the report.
     detached: Vec<CudaLibraryStatus>,
+    unopened: Vec<CudaLibraryStatus>,
     /// When each process's memory map was read last.
     scanned: HashMap<u32, Instant>,
     /// The programs could not be loaded (reported once; nothing is attached).
@@ -138,6 +173,7 @@ impl CudaAttacher {
     pub fn libraries(&self) -> Vec<CudaLibraryStatus> {
         self.detached
             .iter()
+            .chain(&self.unopened)
             .cloned()
             .chain(
                 self.libraries
@@ -183,26 +219,37 @@ impl CudaAttacher {
                 continue;
             }
             self.scanned.insert(pid, now);
-            let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            // Bytes, not text: one path that is not UTF-8 must not hide the others.
+            let Ok(maps) = std::fs::read(format!("/proc/{pid}/maps")) else {
                 continue; // exited, or not ours to read
             };
-            let found = cuda_libraries_in_maps(&maps);
+            let found = cuda_libraries_in_maps(&String::from_utf8_lossy(&maps));
             let mut files = HashSet::new();
-            for (kind, path) in found {
-                // The path as the process sees it, opened through its root: the same file
-                // inside a container's mount namespace.
-                let through_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
-                let Ok(metadata) = std::fs::metadata(&through_root) else {
-                    continue;
+            for library in found {
+                // Opened from outside the process: through its root, the same file inside a
+                // container's mount namespace.
+                let target = PathBuf::from(format!("/proc/{pid}/{}", library.open_as));
+                let metadata = match std::fs::metadata(&target) {
+                    Ok(metadata) => metadata,
+                    Err(error) => {
+                        self.note_unopened(&library, pid, &error);
+                        continue;
+                    }
                 };
                 let id = (metadata.dev(), metadata.ino());
                 files.insert(id);
-                if !self.libraries.contains_key(&id) {
-                    let library = self.attach(ebpf, kind, &path, &through_root, pid);
+                let due = match self.libraries.get(&id) {
+                    None => true,
+                    Some(known) => known.retry_at.is_some_and(|at| now >= at),
+                };
+                if due {
+                    let attached = self.attach(ebpf, library.kind, &library.path, &target, pid);
                     if self.refused.is_some() {
                         return;
                     }
-                    self.libraries.insert(id, library);
+                    if let Some(old) = self.libraries.insert(id, attached) {
+                        detach_in_background(old.links);
+                    }
                 }
             }
             for (id, library) in &mut self.libraries {
@@ -240,6 +287,33 @@ impl CudaAttacher {
             self.detached.push(status);
         }
         detach_in_background(links);
+    }
+
+    /// A CUDA library a process maps that the agent cannot open: said once per path.
+    fn note_unopened(&mut self, library: &MappedLibrary, pid: u32, error: &std::io::Error) {
+        if self.unopened.iter().any(|known| known.path == library.path) {
+            return;
+        }
+        let problem = format!(
+            "cannot open it through /proc/{pid}/{}: {error}",
+            library.open_as
+        );
+        tracing::warn!(
+            "CUDA probes skip {} ({}, found in pid {pid}): {problem}",
+            library.path,
+            library.kind.name()
+        );
+        if self.unopened.len() == DETACHED_KEPT {
+            self.unopened.remove(0);
+        }
+        self.unopened.push(CudaLibraryStatus {
+            path: library.path.clone(),
+            library: library.kind.name(),
+            found_in_pid: pid,
+            functions_attached: 0,
+            problem: Some(problem),
+            detached: false,
+        });
     }
 
     fn load_programs(&mut self, ebpf: &mut Ebpf) -> Result<(), String> {
@@ -283,6 +357,7 @@ impl CudaAttacher {
             status: status.clone(),
             links: Vec::new(),
             mapped_by: HashSet::from([pid]),
+            retry_at: None,
         };
         if let Err(problem) = self.load_programs(ebpf) {
             tracing::warn!("{problem}; GPU waits stay inferred from ioctl and poll sleeps");
@@ -303,6 +378,9 @@ impl CudaAttacher {
             }
         }
         status.functions_attached = library.links.len() / 2;
+        if !failed.is_empty() {
+            library.retry_at = Some(Instant::now() + RETRY_INTERVAL);
+        }
         status.problem = if status.functions_attached == 0 {
             Some(format!(
                 "none of the CUDA {} functions envelope probes is in it{}",
@@ -329,8 +407,13 @@ impl CudaAttacher {
                 missing.len()
             ),
             Some(problem) => tracing::warn!(
-                "CUDA probes on {path} ({}, found in pid {pid}): {problem}",
-                kind.name()
+                "CUDA probes on {path} ({}, found in pid {pid}): {problem}{}",
+                kind.name(),
+                if library.retry_at.is_some() {
+                    "; trying again in 30 s"
+                } else {
+                    ""
+                }
             ),
         }
         library.status = status;
@@ -356,16 +439,31 @@ fn detach_in_background(links: Vec<UProbeLink>) {
     }
 }
 
-/// Drops every link, on threads of their own so the kernel's waits overlap.
+/// Threads that drop links at once.
+const DETACH_THREADS: usize = 16;
+
+/// Drops every link, on threads of their own so the kernel's waits overlap. Entry probes
+/// go first (links come in entry, return pairs): a return probe removed before its entry
+/// probe would leave a call that entered with no return seen.
 fn detach_all(links: Vec<UProbeLink>) {
-    std::thread::scope(|scope| {
-        for link in links {
-            // No thread to spare: the link was dropped with the failed closure.
-            let _ = std::thread::Builder::new()
-                .name("envelope-detach".into())
-                .spawn_scoped(scope, move || drop(link));
+    let (entries, returns): (Vec<_>, Vec<_>) = links
+        .into_iter()
+        .enumerate()
+        .partition(|(index, _)| index % 2 == 0);
+    for group in [entries, returns] {
+        let mut group: Vec<UProbeLink> = group.into_iter().map(|(_, link)| link).collect();
+        while !group.is_empty() {
+            let batch: Vec<UProbeLink> = group.drain(..group.len().min(DETACH_THREADS)).collect();
+            std::thread::scope(|scope| {
+                for link in batch {
+                    // No thread to spare: the link was dropped with the failed closure.
+                    let _ = std::thread::Builder::new()
+                        .name("envelope-detach".into())
+                        .spawn_scoped(scope, move || drop(link));
+                }
+            });
         }
-    });
+    }
 }
 
 impl Drop for CudaAttacher {
@@ -375,6 +473,25 @@ impl Drop for CudaAttacher {
             .flat_map(|library| library.links)
             .collect();
         detach_all(links);
+    }
+}
+
+/// Whether an attach failed because the library lacks the function (aya reports every
+/// symbol lookup failure as `SymbolError`, an unreadable or unparseable file too; its cause
+/// is private, so it is told by its text).
+fn classify(error: &aya::programs::ProgramError) -> AttachError {
+    use aya::programs::{ProgramError, uprobe::UProbeError};
+    let text = format!("{error:#}");
+    let source = match error {
+        ProgramError::UProbeError(UProbeError::SymbolError { error, .. }) => error.to_string(),
+        _ => return AttachError::Failed(text),
+    };
+    // Absent from the library (and from its debug file, where one is named).
+    let missing = ["unknown symbol", "debuglink", "mismatched build IDs"];
+    if missing.iter().any(|cause| source.contains(cause)) {
+        AttachError::NoSymbol
+    } else {
+        AttachError::Failed(format!("{text}: {source}"))
     }
 }
 
@@ -403,12 +520,7 @@ fn attach_function(
         };
         let link = program
             .attach(point, target, UProbeScope::AllProcesses)
-            .map_err(|error| match &error {
-                aya::programs::ProgramError::UProbeError(
-                    aya::programs::uprobe::UProbeError::SymbolError { .. },
-                ) => AttachError::NoSymbol,
-                _ => AttachError::Failed(format!("{error:#}")),
-            })?;
+            .map_err(|error| classify(&error))?;
         program
             .take_link(link)
             .map_err(|error| AttachError::Failed(format!("{error:#}")))
@@ -424,7 +536,12 @@ mod tests {
 
     #[test]
     fn libraries_are_told_by_name_with_any_version() {
-        for runtime in ["libcudart.so", "libcudart.so.12", "libcudart.so.12.4.127"] {
+        for runtime in [
+            "libcudart.so",
+            "libcudart.so.12",
+            "libcudart.so.12.4.127",
+            "libcudart-9335f6a2.so.12",
+        ] {
             assert_eq!(library_of(runtime), Some(Library::Runtime), "{runtime}");
         }
         for driver in ["libcuda.so", "libcuda.so.1", "libcuda.so.550.54.15"] {
@@ -434,6 +551,7 @@ mod tests {
             "libcudadebugger.so.1",
             "libcudart_static.a",
             "libcuda.sox",
+            "libcudart-static.a",
             "libcudnn.so.9",
             "libc.so.6",
         ] {
@@ -448,27 +566,37 @@ mod tests {
 7f0000001000-7f0000002000 r-xp 00001000 fd:01 5678 /opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
 7f0000002000-7f0000003000 r--p 00002000 fd:01 5678 /opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
 7f0000003000-7f0000004000 r-xp 00000000 fd:01 91 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15
-7f0000004000-7f0000005000 r-xp 00000000 fd:01 92 /tmp/dir with space/libcuda.so.1
+7f0000004000-7f0000005000 r-xp 00000000 fd:01 92                         /tmp/dir with space/libcuda.so.1
 7f0000005000-7f0000006000 r-xp 00000000 fd:01 93 /tmp/old/libcudart.so.11.0 (deleted)
-7f0000006000-7f0000007000 rw-p 00000000 00:00 0 [heap]
-7f0000007000-7f0000008000 rw-p 00000000 00:00 0
+7f0000006000-7f0000007000 r--p 00001000 fd:01 93 /tmp/old/libcudart.so.11.0 (deleted)
+7f0000007000-7f0000008000 rw-p 00000000 00:00 0 [heap]
+7f0000008000-7f0000009000 rw-p 00000000 00:00 0
 ";
-        let found: Vec<(&str, String)> = cuda_libraries_in_maps(maps)
+        let found: Vec<(&str, String, String)> = cuda_libraries_in_maps(maps)
             .into_iter()
-            .map(|(kind, path)| (kind.name(), path))
+            .map(|library| (library.kind.name(), library.path, library.open_as))
             .collect();
+        let runtime =
+            "/opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12";
         assert_eq!(
             found,
             vec![
-                ("driver", "/tmp/dir with space/libcuda.so.1".to_string()),
                 (
                     "driver",
-                    "/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15".to_string()
+                    "/tmp/dir with space/libcuda.so.1".to_string(),
+                    "root/tmp/dir with space/libcuda.so.1".to_string()
                 ),
                 (
+                    "driver",
+                    "/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15".to_string(),
+                    "root/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15".to_string()
+                ),
+                ("runtime", runtime.to_string(), format!("root{runtime}")),
+                // Deleted while mapped: reached through its first mapping.
+                (
                     "runtime",
-                    "/opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12"
-                        .to_string()
+                    "/tmp/old/libcudart.so.11.0".to_string(),
+                    "map_files/7f0000005000-7f0000006000".to_string()
                 ),
             ]
         );

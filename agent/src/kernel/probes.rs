@@ -499,6 +499,28 @@ impl KernelProbes {
         self.cuda.refused().map(str::to_string)
     }
 
+    /// Removes the CUDA counts of processes that are gone, once a window has read them:
+    /// their series end instead of being exported until the map evicts them.
+    pub fn forget_exited_cuda_processes(&mut self) {
+        let gone = |tgid: u32| !Path::new(&format!("/proc/{tgid}")).exists();
+        if let Some(map) = self.ebpf.map_mut(map_names::CUDA_CALLS)
+            && let Ok(mut map) = BpfHashMap::<_, CudaCallKey, CudaCallCounters>::try_from(map)
+        {
+            let keys: Vec<CudaCallKey> = map.keys().flatten().filter(|k| gone(k.tgid)).collect();
+            for key in keys {
+                let _ = map.remove(&key);
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut(map_names::CUDA_BLOCKING_LATENCY)
+            && let Ok(mut map) = BpfHashMap::<_, u32, LatencyHistogram>::try_from(map)
+        {
+            let keys: Vec<u32> = map.keys().flatten().filter(|tgid| gone(*tgid)).collect();
+            for key in keys {
+                let _ = map.remove(&key);
+            }
+        }
+    }
+
     /// Whether requests are timed: both socket probes run as BTF programs.
     pub fn requests_timed(&self) -> bool {
         self.requests_timed

@@ -29,7 +29,7 @@ usage: fake-cuda-app --runtime PATH [--driver PATH] [--no-wait] STEP...
   STEP is NAME:CALLS or, for copies and allocations, NAME:CALLS:BYTES
   runtime: device-sync stream-sync event-sync launch
            memcpy-h2d memcpy-d2h memcpy-d2d memcpy-default memcpy-async-h2d memcpy-async-d2h
-           memcpy-peer malloc (these take BYTES)
+           memcpy-peer malloc h2d-then-sync (these take BYTES)
   driver (needs --driver): ctx-sync cu-stream-sync cu-launch
            htod dtoh htod-async mem-alloc (these take BYTES)";
 
@@ -81,6 +81,9 @@ enum Op {
     Memcpy(i32),
     /// cudaMemcpyAsync with this cudaMemcpyKind.
     MemcpyAsync(i32),
+    /// cudaMemcpyAsync host to device, then cudaStreamSynchronize: PyTorch's blocking
+    /// `tensor.to("cuda")` (one call of the step is both).
+    H2dThenSync,
     MemcpyPeer,
     HtoD,
     DtoH,
@@ -103,6 +106,7 @@ const OPS: &[(&str, Op)] = &[
     ("memcpy-default", Op::Memcpy(4)),
     ("memcpy-async-h2d", Op::MemcpyAsync(1)),
     ("memcpy-async-d2h", Op::MemcpyAsync(2)),
+    ("h2d-then-sync", Op::H2dThenSync),
     ("memcpy-peer", Op::MemcpyPeer),
     ("htod", Op::HtoD),
     ("dtoh", Op::DtoH),
@@ -424,6 +428,15 @@ fn caller(
                 (device, host)
             };
             Box::new(move || unsafe { function(dst, src, bytes, kind, stream) } == 0)
+        }
+        Op::H2dThenSync => {
+            let copy: MemcpyAsync = runtime.function(c"cudaMemcpyAsync")?;
+            let sync: SyncOn = runtime.function(c"cudaStreamSynchronize")?;
+            Box::new(move || {
+                let copied = unsafe { copy(device, host, bytes, 1, stream) } == 0;
+                let synced = unsafe { sync(stream) } == 0;
+                copied && synced
+            })
         }
         Op::MemcpyPeer => {
             let function: MemcpyPeer = runtime.function(c"cudaMemcpyPeer")?;
