@@ -329,7 +329,7 @@ impl CudaAttacher {
             program.load().map_err(|error| {
                 format!(
                     "{} (the CUDA probes need Linux 5.15 or later, for uprobe attach cookies)",
-                    super::probes::refused("the kernel refused the CUDA probes", name, &error)
+                    super::verifier::refused("the kernel refused the CUDA probes", name, &error)
                 )
             })?;
         }

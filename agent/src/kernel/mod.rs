@@ -7,3 +7,4 @@ pub mod preflight;
 pub mod probe_log;
 pub mod probes;
 pub mod tracefs;
+pub mod verifier;
