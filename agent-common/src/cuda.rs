@@ -305,10 +305,10 @@ pub struct OpenCall {
 }
 
 /// A synchronisation that starts this soon after an asynchronous copy on the same thread
-/// returned waits for that copy: PyTorch's blocking `tensor.to("cuda")` is
-/// `cudaMemcpyAsync` then `cudaStreamSynchronize`, back to back. Its time is charged to the
-/// copy's direction. Compute launched in between (unprobed in "sync" mode) takes longer
-/// than this to launch.
+/// returned (in the thread's running time: a preemption between them does not count) waits
+/// for that copy: PyTorch's blocking `tensor.to("cuda")` is `cudaMemcpyAsync` then
+/// `cudaStreamSynchronize`, back to back. Its time is charged to the copy's direction.
+/// Compute launched in between (unprobed in "sync" mode) takes longer than this to launch.
 pub const SYNC_AFTER_COPY_NS: u64 = 100_000;
 
 /// A nested call starting this long after its outer call is not nested: the outer call's

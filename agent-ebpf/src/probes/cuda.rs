@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 
 use super::{
-    sched::{enter_gpu_call, leave_gpu_call, tracked_process},
+    sched::{enter_gpu_call, leave_gpu_call, on_cpu_since, tracked_process},
     shared::{BPF_NOEXIST, add, record_latency},
 };
 
@@ -99,10 +99,18 @@ pub fn cuda_call(ctx: ProbeContext) -> u32 {
                 (*open).depth += 1;
                 return 0;
             }
-            if Cookie((*open).cookie).call() == call::COPY_ASYNC
-                && now.wrapping_sub((*open).ended_ns) < SYNC_AFTER_COPY_NS
-            {
-                after_copy = (*open).direction as u8;
+            if Cookie((*open).cookie).call() == call::COPY_ASYNC && cookie.call() == call::SYNC {
+                // The gap the thread ran for: a preemption between the two calls is not a
+                // gap in the program (the time since it got the CPU back counts instead).
+                let mut since = (*open).ended_ns;
+                if let Some(switched_in) = on_cpu_since(thread)
+                    && switched_in > since
+                {
+                    since = switched_in;
+                }
+                if now.wrapping_sub(since) < SYNC_AFTER_COPY_NS {
+                    after_copy = (*open).direction as u8;
+                }
             }
         }
     }

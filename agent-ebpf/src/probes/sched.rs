@@ -315,6 +315,15 @@ fn on_switch(
     Ok(())
 }
 
+/// When `thread` last got a CPU, if it is running now (none for a thread the probes have
+/// not seen switch).
+#[inline(always)]
+pub fn on_cpu_since(thread: u32) -> Option<u64> {
+    // SAFETY: copied out at once.
+    let state = unsafe { THREAD_STATES.get(&thread) }.copied()?;
+    (state.activity == activity::ON_CPU).then_some(state.since_ns)
+}
+
 /// The current thread (of a tracked process) enters a CUDA call that waits on the GPU: from
 /// now until [`leave_gpu_call`] its time is the GPU's, spinning or asleep (see
 /// `agent_common::sched::gpu_call`).
