@@ -350,6 +350,13 @@ pub struct InflightIo {
 pub const JOIN_GAP_NS: u64 = 100_000_000;
 pub const JOIN_SPAN_NS: u64 = 1_000_000_000;
 
+/// An I/O of fewer bytes so far takes no further bio. The block layer fills a direct I/O's
+/// bios up to 256 pages (1 MiB) before it starts another, so a small first bio was the whole
+/// I/O: an entry of 4 KiB is a finished read whose completion was missed, and a sequential
+/// reader's next read, allocated at the same address and starting right where it ended,
+/// must not join it (its bytes would be charged twice to one read).
+pub const JOIN_MIN_BYTES: u64 = 64 << 10;
+
 impl InflightIo {
     /// Whether a bio with this entry's key, starting at `sector` and queued by `tgid` at
     /// `now_ns`, is one more bio of the same I/O: it continues where the latest one ended,
@@ -363,6 +370,7 @@ impl InflightIo {
             .queued_ns
             .wrapping_add((self.last_bio_after as u64) << 10);
         self.tgid == tgid
+            && self.bytes >= JOIN_MIN_BYTES
             && self.next_sector == sector as u32
             && now_ns.wrapping_sub(latest) < JOIN_GAP_NS
             && now_ns.wrapping_sub(self.queued_ns) < JOIN_SPAN_NS
@@ -541,6 +549,7 @@ mod tests {
             queued_ns: start,
             tgid: 42,
             parts: 1,
+            bytes: 1 << 20,
             next_sector: InflightIo::sector_after(sector, 1 << 20),
             ..InflightIo::default()
         };
@@ -565,6 +574,14 @@ mod tests {
         let high = (7u64 << 32) + 100;
         io.next_sector = InflightIo::sector_after(high, 4096);
         assert!(io.takes_another_bio(42, high + 8, start + JOIN_SPAN_NS - 5_000_000));
+        // A 4 KiB read whose completion was missed, and the next sequential read at its
+        // reused address right after it: a new I/O, not a part of the old one.
+        let stale = InflightIo {
+            bytes: 4096,
+            next_sector: InflightIo::sector_after(sector, 4096),
+            ..io
+        };
+        assert!(!stale.takes_another_bio(42, sector + 8, start + 80_000));
     }
 
     fn rwbs(text: &str) -> [u8; 8] {
