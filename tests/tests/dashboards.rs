@@ -230,6 +230,9 @@ state_dir = "{state}"
 [pricing]
 gpu_hour = 2.5
 
+[gpu]
+cuda_probes = "sync"
+
 [export]
 protocol = "http/protobuf"
 metrics_endpoint = "http://127.0.0.1:{port}/opentelemetry/v1/metrics"
@@ -285,6 +288,9 @@ max = 0.01
         &["--nvml-lib", fake_nvml_library().to_str().unwrap()],
         &[("FAKE_NVML_SCRIPT", &script)],
     );
+    // CUDA calls for the CUDA panels: the stand-in library, one program synchronising, one
+    // copying to the GPU, both until the test ends.
+    let cuda = CudaCalls::start(&dir.0);
     // Enough exports for rate() over 30 s to have several points.
     wait_for(
         "RTT and GPU data in the database",
@@ -302,6 +308,9 @@ max = 0.01
                 && database
                     .query("envelope_budget_bad_windows_total")
                     .is_ok_and(|n| n > 0)
+                && database
+                    .query("envelope_cuda_io_bytes_total")
+                    .is_ok_and(|n| n > 0)
         },
     );
     std::thread::sleep(Duration::from_secs(6));
@@ -317,11 +326,56 @@ max = 0.01
         }
     }
     assert_eq!(daemon.stop(), 0);
+    drop(cuda);
     assert!(
         failures.is_empty(),
         "dashboard queries failing:\n{}",
         failures.join("\n")
     );
+}
+
+/// Programs calling the stand-in CUDA library (tests/fake-cuda) until dropped.
+struct CudaCalls(Vec<std::process::Child>);
+
+impl CudaCalls {
+    fn start(dir: &Path) -> Self {
+        use std::io::Write as _;
+        for name in ["libcudart.so.12", "libcuda.so.1"] {
+            std::fs::copy(integration_tests::fake_cuda_library(), dir.join(name)).unwrap();
+        }
+        let children = [
+            ("stream-sync:1000000", "2000"),
+            ("memcpy-h2d:1000000:200000", "0"),
+        ]
+        .into_iter()
+        .map(|(step, sync_us)| {
+            let mut child = std::process::Command::new(integration_tests::fake_cuda_app())
+                .arg("--runtime")
+                .arg(dir.join("libcudart.so.12"))
+                .arg("--driver")
+                .arg(dir.join("libcuda.so.1"))
+                .arg(step)
+                .env("FAKE_CUDA_SYNC_US", sync_us)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("start fake-cuda-app");
+            // Calls made before the agent attaches are not counted; the loops run on.
+            let _ = child.stdin.as_mut().unwrap().write_all(b"go\n");
+            child
+        })
+        .collect();
+        Self(children)
+    }
+}
+
+impl Drop for CudaCalls {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// `[export] prometheus = true`: the daemon serves the same catalogue for scraping, promtool
