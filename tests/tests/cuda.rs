@@ -172,6 +172,14 @@ impl App {
         }
     }
 
+    /// Says go without waiting for the steps' reports: the program is inside its calls from
+    /// then on.
+    fn go(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"go\n").expect("say go");
+        stdin.flush().expect("say go");
+    }
+
     /// Closes its stdin, which it waits on after `done`: it exits, and must exit cleanly.
     fn finish(mut self) {
         drop(self.stdin.take());
@@ -716,6 +724,57 @@ fn waits_on_asynchronous_copies_to_the_gpu_are_copy_time_and_name_the_input_pipe
                 && summary.contains("of active time copying to the GPU")),
         "{workload:#}"
     );
+}
+
+/// A program already in a loop of CUDA calls when the probes attach: its calls are counted
+/// from the attach on. The return probes go on before the entry probes: the other way round,
+/// a call that entered between the two stayed open for its thread, and every later call of
+/// the thread counted as nested in it (not at all) until it went stale a minute later. The
+/// dashboard test lost its copy series to that in 3 runs of 5.
+#[test]
+fn calls_of_a_program_already_running_are_counted_from_the_attach_on() {
+    if !root_or_skip("CUDA calls of a program already running") {
+        return;
+    }
+    let _exclusive = exclusive();
+    prepare();
+    let libraries = CudaLibraries::create();
+    // Copies of 1,000 bytes, each sleeping 1 us (the kernel's timer slack makes it about
+    // 60): thousands a second, without end, the runtime calling the driver in each.
+    let mut app = App::start(
+        &libraries,
+        &[("FAKE_CUDA_COPY_BYTES_PER_US", "1000")],
+        &["memcpy-h2d:4000000000:1000"],
+    );
+    app.go();
+    let pid = app.pid();
+    let diagnose = Diagnose::start(6, "sync", Some(pid));
+    diagnose.wait_for_attach(&libraries, pid);
+    let attached_at = diagnose.started.elapsed();
+    let (_, report, _) = diagnose.finish();
+    let cuda = &process_row(&report, pid)["cuda"];
+    eprintln!("cuda: {cuda:#}");
+    let copies = cuda["h2d_bytes"].as_u64().expect("h2d_bytes") / 1000;
+    let functions = cuda["functions"].as_array().expect("functions");
+    let memcpy = functions
+        .iter()
+        .find(|function| function["function"] == "cudaMemcpy")
+        .unwrap_or_else(|| panic!("no cudaMemcpy among {functions:#?}"));
+    assert_eq!(memcpy["calls"].as_u64(), Some(copies), "{memcpy:#}");
+    assert_eq!(memcpy["bytes"].as_u64(), Some(copies * 1000), "{memcpy:#}");
+    // At least 3 s left after the attach: a call every 1.2 ms or more often (one every
+    // 60 us when the CPUs are free). A thread stuck in a call whose return went unseen
+    // counts none.
+    let left = Duration::from_secs(6).saturating_sub(attached_at);
+    assert!(
+        left >= Duration::from_secs(3),
+        "attached only after {attached_at:?}"
+    );
+    assert!(
+        copies as f64 >= left.as_secs_f64() / 1.2e-3,
+        "{copies} copies counted in the {left:?} after the attach"
+    );
+    assert_no_driver_functions(cuda);
 }
 
 #[test]

@@ -272,7 +272,7 @@ fn a_collector_outage_is_survived_with_one_log_line_and_counters_continue() {
     receiver.stop();
     std::thread::sleep(Duration::from_secs(6));
     assert!(daemon.running(), "the daemon died during the outage");
-    assert_eq!(daemon.log_lines_with("OTLP export failed"), 1);
+    assert_eq!(daemon.log_lines_with("OTLP metrics export failed"), 1);
 
     let requests_before = receiver.metric_requests().len();
     receiver.restart();
@@ -286,9 +286,9 @@ fn a_collector_outage_is_survived_with_one_log_line_and_counters_continue() {
         "disk operations went from {before_outage} to {after_outage}"
     );
     wait_for("the recovery line", Duration::from_secs(5), || {
-        daemon.log_lines_with("OTLP export works again") == 1
+        daemon.log_lines_with("OTLP metrics export works again") == 1
     });
-    assert_eq!(daemon.log_lines_with("OTLP export failed"), 1);
+    assert_eq!(daemon.log_lines_with("OTLP metrics export failed"), 1);
     let rss_after = daemon.rss_kib();
     assert!(
         rss_after < rss_before + 16 * 1024,

@@ -6,7 +6,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use integration_tests::{
@@ -173,6 +173,15 @@ fn dashboard_queries() -> Vec<(String, String)> {
     queries
 }
 
+/// The first metric name a PromQL expression selects (the word before its first `{`).
+fn metric_in(expr: &str) -> Option<&str> {
+    let before = &expr[..expr.find('{')?];
+    let start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .map_or(0, |i| i + 1);
+    Some(&before[start..]).filter(|name| !name.is_empty())
+}
+
 /// Grafana's variables, as a dashboard viewer with everything selected would send them.
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "30s")
@@ -290,29 +299,34 @@ max = 0.01
     );
     // CUDA calls for the CUDA panels: the stand-in library, one program synchronising, one
     // copying to the GPU, both until the test ends.
-    let cuda = CudaCalls::start(&dir.0);
-    // Enough exports for rate() over 30 s to have several points.
-    wait_for(
-        "RTT and GPU data in the database",
-        Duration::from_secs(60),
-        || {
-            database
-                .query("envelope_network_rtt_seconds_count")
-                .is_ok_and(|n| n > 0)
-                && database
-                    .query("hw_gpu_utilization_ratio")
-                    .is_ok_and(|n| n > 0)
-                && database
-                    .query("envelope_storage_latency_seconds_count")
-                    .is_ok_and(|n| n > 0)
-                && database
-                    .query("envelope_budget_bad_windows_total")
-                    .is_ok_and(|n| n > 0)
-                && database
-                    .query("envelope_cuda_io_bytes_total")
-                    .is_ok_and(|n| n > 0)
-        },
-    );
+    let mut cuda = CudaCalls::start(&dir.0);
+    // Enough exports for rate() over 30 s to have several points. A timeout names the
+    // series still missing.
+    let needed = [
+        "envelope_network_rtt_seconds_count",
+        "hw_gpu_utilization_ratio",
+        "envelope_storage_latency_seconds_count",
+        "envelope_budget_bad_windows_total",
+        "envelope_cuda_io_bytes_total",
+        "envelope_cuda_call_time_seconds_total",
+    ];
+    let missing = || -> Vec<&str> {
+        needed
+            .iter()
+            .copied()
+            .filter(|series| !database.query(series).is_ok_and(|n| n > 0))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !missing().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "after 60 s the database still has no {:?}; CUDA programs: {}",
+            missing(),
+            cuda.state()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     std::thread::sleep(Duration::from_secs(6));
 
     let mut failures = Vec::new();
@@ -320,22 +334,41 @@ max = 0.01
     assert!(queries.len() >= 20, "only {} queries found", queries.len());
     for (title, expr) in &queries {
         match database.query(&substitute(expr)) {
-            Ok(0) => failures.push(format!("{title}: no data for {expr}")),
+            Ok(0) => {
+                // What the database holds of the metric queried: how many points each series
+                // has over the range, to tell a series never written from one written late.
+                let held = metric_in(expr)
+                    .map(|metric| {
+                        database
+                            .get(&format!(
+                                "/api/v1/query?query={}",
+                                urlencode(&format!("count_over_time({metric}[2m])"))
+                            ))
+                            .unwrap_or_else(|error| error)
+                    })
+                    .unwrap_or_default();
+                failures.push(format!("{title}: no data for {expr}\n  held: {held}"));
+            }
             Ok(_) => {}
             Err(error) => failures.push(format!("{title}: {expr}: {error}")),
         }
     }
+    let cuda_state = cuda.state();
+    // The logs endpoint was down throughout and the metrics one up: one line for the logs
+    // outage, no recovery (outages are kept per signal; one shared flipped every export).
+    assert_eq!(daemon.log_lines_with("OTLP logs export failed"), 1);
+    assert_eq!(daemon.log_lines_with("export works again"), 0);
     assert_eq!(daemon.stop(), 0);
     drop(cuda);
     assert!(
         failures.is_empty(),
-        "dashboard queries failing:\n{}",
+        "dashboard queries failing:\n{}\nCUDA programs: {cuda_state}",
         failures.join("\n")
     );
 }
 
 /// Programs calling the stand-in CUDA library (tests/fake-cuda) until dropped.
-struct CudaCalls(Vec<std::process::Child>);
+struct CudaCalls(Vec<std::process::Child>, PathBuf);
 
 impl CudaCalls {
     fn start(dir: &Path) -> Self {
@@ -348,7 +381,9 @@ impl CudaCalls {
             ("memcpy-h2d:1000000:200000", "0"),
         ]
         .into_iter()
-        .map(|(step, sync_us)| {
+        .enumerate()
+        .map(|(n, (step, sync_us))| {
+            let stderr = std::fs::File::create(dir.join(format!("cuda-app-{n}.stderr"))).unwrap();
             let mut child = std::process::Command::new(integration_tests::fake_cuda_app())
                 .arg("--runtime")
                 .arg(dir.join("libcudart.so.12"))
@@ -358,6 +393,7 @@ impl CudaCalls {
                 .env("FAKE_CUDA_SYNC_US", sync_us)
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
+                .stderr(stderr)
                 .spawn()
                 .expect("start fake-cuda-app");
             // Calls made before the agent attaches are not counted; the loops run on.
@@ -365,7 +401,27 @@ impl CudaCalls {
             child
         })
         .collect();
-        Self(children)
+        Self(children, dir.to_path_buf())
+    }
+
+    /// Each program's pid and whether it still runs, with what it wrote to stderr: for a
+    /// failure message.
+    fn state(&mut self) -> String {
+        let dir = &self.1;
+        self.0
+            .iter_mut()
+            .enumerate()
+            .map(|(n, child)| {
+                let stderr = std::fs::read_to_string(dir.join(format!("cuda-app-{n}.stderr")))
+                    .unwrap_or_default();
+                format!(
+                    "pid {}: {:?}, stderr {stderr:?}",
+                    child.id(),
+                    child.try_wait()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 

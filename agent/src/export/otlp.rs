@@ -357,14 +357,58 @@ enum Transport {
     Http { client: reqwest::Client },
 }
 
-/// Sends requests; remembers whether the collector is reachable so an outage is logged once.
+/// Sends requests; remembers whether each endpoint is reachable so an outage is logged once.
 pub struct OtlpExporter {
     settings: OtlpSettings,
     transport: Transport,
     queued_events: VecDeque<LogEvent>,
     dropped_events: u64,
-    failing_since: Option<std::time::Instant>,
+    metrics_outage: Outage,
+    logs_outage: Outage,
+}
+
+/// One signal's exports (metrics or logs) failing since when, and how many. Kept apart per
+/// signal: the two may go to different endpoints, and with one shared, a logs endpoint down
+/// beside working metrics logged a failure and a recovery at every export.
+#[derive(Default)]
+struct Outage {
+    since: Option<std::time::Instant>,
     failed_exports: u64,
+}
+
+impl Outage {
+    fn is_on(&self) -> bool {
+        self.since.is_some()
+    }
+
+    /// Logs the first failure and the recovery, once each; `signal` and `url` name the
+    /// export in those lines.
+    fn note(&mut self, signal: &str, url: &str, outcome: &anyhow::Result<()>) {
+        match (outcome, self.since) {
+            (Ok(()), Some(since)) => {
+                tracing::info!(
+                    "OTLP {signal} export works again after {:.0} s and {} failed exports; {}",
+                    since.elapsed().as_secs_f64(),
+                    self.failed_exports,
+                    if signal == "metrics" {
+                        "cumulative totals carry what was measured meanwhile"
+                    } else {
+                        "the breach events queued meanwhile are sent"
+                    }
+                );
+                *self = Self::default();
+            }
+            (Err(error), None) => {
+                tracing::warn!(
+                    "OTLP {signal} export failed ({error:#}); measuring goes on and exports are retried every interval, logged again only when they work (is the collector at {url} up?)"
+                );
+                self.since = Some(std::time::Instant::now());
+                self.failed_exports = 1;
+            }
+            (Err(_), Some(_)) => self.failed_exports += 1,
+            (Ok(()), None) => {}
+        }
+    }
 }
 
 fn grpc_channel(settings: &OtlpSettings, url: &str) -> anyhow::Result<tonic::transport::Channel> {
@@ -422,8 +466,8 @@ impl OtlpExporter {
             transport,
             queued_events: VecDeque::new(),
             dropped_events: 0,
-            failing_since: None,
-            failed_exports: 0,
+            metrics_outage: Outage::default(),
+            logs_outage: Outage::default(),
         })
     }
 
@@ -501,37 +545,13 @@ impl OtlpExporter {
         }
     }
 
-    fn note_outcome(&mut self, outcome: &anyhow::Result<()>) {
-        match (outcome, self.failing_since) {
-            (Ok(()), Some(since)) => {
-                tracing::info!(
-                    "OTLP export works again after {:.0} s and {} failed exports; cumulative totals carry what was measured meanwhile",
-                    since.elapsed().as_secs_f64(),
-                    self.failed_exports
-                );
-                self.failing_since = None;
-                self.failed_exports = 0;
-            }
-            (Err(error), None) => {
-                tracing::warn!(
-                    "OTLP export failed ({error:#}); measuring goes on and exports are retried every interval, logged again only when they work (is the collector at {} up?)",
-                    self.settings.metrics_url
-                );
-                self.failing_since = Some(std::time::Instant::now());
-                self.failed_exports = 1;
-            }
-            (Err(_), Some(_)) => self.failed_exports += 1,
-            (Ok(()), None) => {}
-        }
-    }
-
     /// Sends the metrics, retrying a bounded number of times. A failure is not an error for
     /// the caller: the next export carries the cumulative totals.
     pub async fn export_metrics(&mut self, request: &ExportMetricsServiceRequest) -> bool {
         let mut outcome = Ok(());
         for attempt in 0..ATTEMPTS {
             // During an outage one try per export: retries there only delay shutdown.
-            if attempt > 0 && self.failing_since.is_some() {
+            if attempt > 0 && self.metrics_outage.is_on() {
                 break;
             }
             outcome = self.send_metrics_once(request).await;
@@ -540,7 +560,8 @@ impl OtlpExporter {
             }
             tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
         }
-        self.note_outcome(&outcome);
+        self.metrics_outage
+            .note("metrics", &self.settings.metrics_url, &outcome);
         outcome.is_ok()
     }
 
@@ -558,7 +579,8 @@ impl OtlpExporter {
         let request = logs_request(&self.settings, &events);
         let outcome = self.send_logs_once(&request).await;
         let sent = outcome.is_ok();
-        self.note_outcome(&outcome);
+        self.logs_outage
+            .note("logs", &self.settings.logs_url, &outcome);
         if sent {
             self.queued_events.clear();
             if self.dropped_events > 0 {

@@ -107,9 +107,16 @@ impl LibraryKind {
     }
 }
 
+/// The runtime first: a process's libraries are attached in this order, so the runtime's
+/// calls are probed before the driver calls they make, none of which then counts as a call
+/// of its own (driver first, 53 of 45,000 copies were counted under the driver's name).
 impl Ord for LibraryKind {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.name().cmp(other.name())
+        let rank = |kind: &Self| match kind.0 {
+            Library::Runtime => 0,
+            Library::Driver => 1,
+        };
+        rank(self).cmp(&rank(other))
     }
 }
 
@@ -367,14 +374,34 @@ impl CudaAttacher {
         }
         let mut missing = Vec::new();
         let mut failed = Vec::new();
+        // Every return probe before any entry probe. Processes already run the library: a call
+        // that entered with its entry probe on and its return probe not yet would stay open
+        // for its thread, and the thread's later calls would count as nested in it (not at
+        // all) until it went stale after a minute. A return with no entry seen is ignored.
+        let mut returns = Vec::new();
         for (index, function) in FUNCTIONS.iter().enumerate() {
             if function.library != kind.0 || !self.mode.probes(function.call) {
                 continue;
             }
-            match attach_function(ebpf, function.symbol, cookie(index), through_root) {
-                Ok(pair) => library.links.extend(pair),
+            match attach_probe(
+                ebpf,
+                RETURN_PROGRAM,
+                function.symbol,
+                cookie(index),
+                through_root,
+            ) {
+                Ok(link) => returns.push((index, link)),
                 Err(AttachError::NoSymbol) => missing.push(function.symbol),
                 Err(AttachError::Failed(why)) => failed.push(format!("{}: {why}", function.symbol)),
+            }
+        }
+        for (index, exit) in returns {
+            let symbol = FUNCTIONS[index].symbol;
+            match attach_probe(ebpf, ENTRY_PROGRAM, symbol, cookie(index), through_root) {
+                // In (entry, return) pairs, as `detach_all` takes them.
+                Ok(entry) => library.links.extend([entry, exit]),
+                Err(AttachError::NoSymbol) => missing.push(symbol),
+                Err(AttachError::Failed(why)) => failed.push(format!("{symbol}: {why}")),
             }
         }
         status.functions_attached = library.links.len() / 2;
@@ -501,33 +528,29 @@ enum AttachError {
     Failed(String),
 }
 
-/// Entry and return probe on one function; both or neither.
-fn attach_function(
+/// One probe (`program_name`, the entry or the return program) on one function.
+fn attach_probe(
     ebpf: &mut Ebpf,
+    program_name: &str,
     symbol: &str,
     cookie: u64,
     target: &std::path::Path,
-) -> Result<[UProbeLink; 2], AttachError> {
-    let mut attach_one = |program_name: &str| -> Result<UProbeLink, AttachError> {
-        let program: &mut UProbe = ebpf
-            .program_mut(program_name)
-            .ok_or_else(|| AttachError::Failed(format!("no program {program_name}")))?
-            .try_into()
-            .map_err(|error| AttachError::Failed(format!("{error}")))?;
-        let point = UProbeAttachPoint {
-            location: UProbeAttachLocation::Symbol(symbol),
-            cookie: Some(cookie),
-        };
-        let link = program
-            .attach(point, target, UProbeScope::AllProcesses)
-            .map_err(|error| classify(&error))?;
-        program
-            .take_link(link)
-            .map_err(|error| AttachError::Failed(format!("{error:#}")))
+) -> Result<UProbeLink, AttachError> {
+    let program: &mut UProbe = ebpf
+        .program_mut(program_name)
+        .ok_or_else(|| AttachError::Failed(format!("no program {program_name}")))?
+        .try_into()
+        .map_err(|error| AttachError::Failed(format!("{error}")))?;
+    let point = UProbeAttachPoint {
+        location: UProbeAttachLocation::Symbol(symbol),
+        cookie: Some(cookie),
     };
-    let entry = attach_one(ENTRY_PROGRAM)?;
-    let exit = attach_one(RETURN_PROGRAM)?;
-    Ok([entry, exit])
+    let link = program
+        .attach(point, target, UProbeScope::AllProcesses)
+        .map_err(|error| classify(&error))?;
+    program
+        .take_link(link)
+        .map_err(|error| AttachError::Failed(format!("{error:#}")))
 }
 
 #[cfg(test)]
@@ -560,7 +583,7 @@ mod tests {
     }
 
     #[test]
-    fn maps_yield_each_cuda_library_once_with_its_full_path() {
+    fn maps_yield_each_cuda_library_once_with_its_full_path_runtimes_first() {
         let maps = "\
 7f0000000000-7f0000001000 r--p 00000000 fd:01 1234 /usr/lib/x86_64-linux-gnu/libc.so.6
 7f0000001000-7f0000002000 r-xp 00001000 fd:01 5678 /opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
@@ -581,6 +604,14 @@ mod tests {
         assert_eq!(
             found,
             vec![
+                // Runtimes first, the order they are attached in.
+                ("runtime", runtime.to_string(), format!("root{runtime}")),
+                // Deleted while mapped: reached through its first mapping.
+                (
+                    "runtime",
+                    "/tmp/old/libcudart.so.11.0".to_string(),
+                    "map_files/7f0000005000-7f0000006000".to_string()
+                ),
                 (
                     "driver",
                     "/tmp/dir with space/libcuda.so.1".to_string(),
@@ -590,13 +621,6 @@ mod tests {
                     "driver",
                     "/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15".to_string(),
                     "root/usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15".to_string()
-                ),
-                ("runtime", runtime.to_string(), format!("root{runtime}")),
-                // Deleted while mapped: reached through its first mapping.
-                (
-                    "runtime",
-                    "/tmp/old/libcudart.so.11.0".to_string(),
-                    "map_files/7f0000005000-7f0000006000".to_string()
                 ),
             ]
         );
