@@ -792,8 +792,8 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
         // Above fio's count by reads still in flight when its time ran out, which it does not
         // count (one 4 MiB read in a fresh-clone CI run), and by reads whose first bios
         // completed before their next was queued, two samples with the read's bytes (README,
-        // blind spots; 0 in 11 runs of 12, 11 of 1,448 4 MiB reads in one, with fio's buffers
-        // filled first). Bytes are above fio's by the former and a few blocks fio reads of its
+        // blind spots; with fio's buffers filled first, 3 runs of 20 counted 6, 8 and 11
+        // reads more than fio, of 1,100 to 1,450). Bytes are above fio's by the former and a few blocks fio reads of its
         // own.
         let split = fio_ios / 100;
         assert!(
