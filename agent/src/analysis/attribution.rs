@@ -562,10 +562,14 @@ pub fn workload_windows(
 /// Decides one workload's bottleneck.
 pub fn decide(window: &WorkloadWindow, rules: &Rules) -> Verdict {
     let shares = window.time.shares();
+    // A workload of several processes says so: its lowest pid alone read as the one process
+    // the evidence is about (two programs of one name, the copier's copying was credited to
+    // the other's pid).
     let pid = window.pids.iter().min().copied();
-    let who = match pid {
-        Some(pid) => format!("{} (pid {pid})", window.name),
-        None => window.name.clone(),
+    let who = match (pid, window.pids.len()) {
+        (Some(pid), 1) => format!("{} (pid {pid})", window.name),
+        (Some(pid), count) => format!("{} (pid {pid} and {} more)", window.name, count - 1),
+        (None, _) => window.name.clone(),
     };
     let mut evidence = vec![format!(
         "time: {} on CPU, {} waiting for a CPU, {} blocked on storage, {} on the network, {} waiting on the GPU, {} other sleep",
@@ -957,7 +961,7 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Network);
         assert_eq!(
             verdict.summary,
-            "network - trainer (pid 4121) spent 89% of its active time waiting on responses; upstream 10.0.0.7:6333 answers in P95 300.0 ms over a 200 us network (a slow upstream)"
+            "network - trainer (pid 4121 and 1 more) spent 89% of its active time waiting on responses; upstream 10.0.0.7:6333 answers in P95 300.0 ms over a 200 us network (a slow upstream)"
         );
         assert!(
             verdict.evidence.contains(
@@ -1040,7 +1044,7 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Storage);
         assert_eq!(
             verdict.summary,
-            "storage - trainer (pid 4121) spent 86% of its active time blocked on vda, P95 84.0 ms"
+            "storage - trainer (pid 4121 and 1 more) spent 86% of its active time blocked on vda, P95 84.0 ms"
         );
         assert!(
             verdict
@@ -1098,7 +1102,7 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Model);
         assert_eq!(
             verdict.summary,
-            "model - trainer (pid 4121) keeps GPU 0 (H100) 97% busy, throttled: sw_power_cap"
+            "model - trainer (pid 4121 and 1 more) keeps GPU 0 (H100) 97% busy, throttled: sw_power_cap"
         );
         assert_eq!(verdict.confidence, 0.85);
     }
@@ -1141,7 +1145,7 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Model);
         assert_eq!(
             verdict.summary,
-            "model - trainer (pid 4121): input pipeline: 41% of active time copying to GPU 0 at 8.4 GiB/s"
+            "model - trainer (pid 4121 and 1 more): input pipeline: 41% of active time copying to GPU 0 at 8.4 GiB/s"
         );
         assert!(
             verdict.evidence.iter().any(|line| line
@@ -1155,7 +1159,7 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Model);
         assert_eq!(
             verdict.summary,
-            "model - trainer (pid 4121) spent 75% of its time waiting on the GPU, most in cudaStreamSynchronize"
+            "model - trainer (pid 4121 and 1 more) spent 75% of its time waiting on the GPU, most in cudaStreamSynchronize"
         );
     }
 
@@ -1171,8 +1175,35 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::Cpu);
         assert_eq!(
             verdict.summary,
-            "cpu - trainer (pid 4121) was running 67% and waiting for a CPU 33% of its active time"
+            "cpu - trainer (pid 4121 and 1 more) was running 67% and waiting for a CPU 33% of its active time"
         );
+    }
+
+    #[test]
+    fn a_workload_is_named_with_its_pid_or_its_lowest_and_how_many_more() {
+        let mut w = window(TimeBreakdown {
+            on_cpu_ns: 6 * SECOND,
+            waiting_for_cpu_ns: 3 * SECOND,
+            other_sleep_ns: SECOND,
+            ..Default::default()
+        });
+        for (pids, who) in [
+            (vec![4121], "trainer (pid 4121)"),
+            (vec![4130, 4121], "trainer (pid 4121 and 1 more)"),
+            (
+                vec![4121, 4130, 5000, 6000],
+                "trainer (pid 4121 and 3 more)",
+            ),
+            (vec![], "trainer"),
+        ] {
+            w.pids = pids;
+            let verdict = decide(&w, &Rules::default());
+            assert_eq!(
+                verdict.summary,
+                format!("cpu - {who} was running 67% and waiting for a CPU 33% of its active time")
+            );
+            assert_eq!(verdict.pid, w.pids.iter().min().copied());
+        }
     }
 
     #[test]
@@ -1187,11 +1218,9 @@ mod tests {
         assert_eq!(verdict.bottleneck, Bottleneck::None);
         // Active 2% of the window against a 25% threshold.
         assert_eq!(verdict.confidence, 0.92);
-        assert!(
-            verdict
-                .summary
-                .starts_with("none - trainer (pid 4121) is mostly idle (active 2% of the window)")
-        );
+        assert!(verdict.summary.starts_with(
+            "none - trainer (pid 4121 and 1 more) is mostly idle (active 2% of the window)"
+        ));
     }
 
     #[test]
