@@ -709,9 +709,10 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
         // Reads only, as randrw at 100% reads: unlike randread, fio then fills its buffers
         // before the first read. A buffer's first read otherwise faults its pages in while
         // the kernel pins them, bio by bio: 8 to 64 ms for 4 MiB on the test VM (one slow
-        // io_submit per buffer, none with the buffers filled), time fio counts as the read's
-        // and that is not storage time, and long enough for the read's first bios to complete
-        // before its next is queued (two samples, README blind spots).
+        // io_submit per buffer, none with the buffers filled): time fio counts as the read's
+        // and that is not storage time (in a fresh-clone CI run, fio's P99 4 MiB reads). It
+        // can also let the read's first bios complete before its next is queued (two
+        // samples, README blind spots).
         let mut args = vec!["--name=envelope-large-reads", "--direct=1"];
         args.extend(["--rw=randrw", "--rwmixread=100"]);
         args.extend(["--ioengine=libaio", &iodepth, &bs]);
