@@ -370,33 +370,42 @@ pub struct OtlpExporter {
 /// One signal's exports (metrics or logs) failing since when, and how many. Kept apart per
 /// signal: the two may go to different endpoints, and with one shared, a logs endpoint down
 /// beside working metrics logged a failure and a recovery at every export.
-#[derive(Default)]
 struct Outage {
+    /// "metrics" or "logs", as the log lines name it.
+    signal: &'static str,
+    /// What the recovery line says became of what was measured during the outage.
+    on_recovery: &'static str,
     since: Option<std::time::Instant>,
     failed_exports: u64,
 }
 
 impl Outage {
+    fn new(signal: &'static str, on_recovery: &'static str) -> Self {
+        Self {
+            signal,
+            on_recovery,
+            since: None,
+            failed_exports: 0,
+        }
+    }
+
     fn is_on(&self) -> bool {
         self.since.is_some()
     }
 
-    /// Logs the first failure and the recovery, once each; `signal` and `url` name the
-    /// export in those lines.
-    fn note(&mut self, signal: &str, url: &str, outcome: &anyhow::Result<()>) {
+    /// Logs the first failure and the recovery, once each; `url` is the endpoint.
+    fn note(&mut self, url: &str, outcome: &anyhow::Result<()>) {
+        let signal = self.signal;
         match (outcome, self.since) {
             (Ok(()), Some(since)) => {
                 tracing::info!(
                     "OTLP {signal} export works again after {:.0} s and {} failed exports; {}",
                     since.elapsed().as_secs_f64(),
                     self.failed_exports,
-                    if signal == "metrics" {
-                        "cumulative totals carry what was measured meanwhile"
-                    } else {
-                        "the breach events queued meanwhile are sent"
-                    }
+                    self.on_recovery
                 );
-                *self = Self::default();
+                self.since = None;
+                self.failed_exports = 0;
             }
             (Err(error), None) => {
                 tracing::warn!(
@@ -466,8 +475,11 @@ impl OtlpExporter {
             transport,
             queued_events: VecDeque::new(),
             dropped_events: 0,
-            metrics_outage: Outage::default(),
-            logs_outage: Outage::default(),
+            metrics_outage: Outage::new(
+                "metrics",
+                "cumulative totals carry what was measured meanwhile",
+            ),
+            logs_outage: Outage::new("logs", "the breach events queued meanwhile are sent"),
         })
     }
 
@@ -561,7 +573,7 @@ impl OtlpExporter {
             tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
         }
         self.metrics_outage
-            .note("metrics", &self.settings.metrics_url, &outcome);
+            .note(&self.settings.metrics_url, &outcome);
         outcome.is_ok()
     }
 
@@ -579,8 +591,7 @@ impl OtlpExporter {
         let request = logs_request(&self.settings, &events);
         let outcome = self.send_logs_once(&request).await;
         let sent = outcome.is_ok();
-        self.logs_outage
-            .note("logs", &self.settings.logs_url, &outcome);
+        self.logs_outage.note(&self.settings.logs_url, &outcome);
         if sent {
             self.queued_events.clear();
             if self.dropped_events > 0 {
