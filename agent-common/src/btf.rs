@@ -18,6 +18,13 @@ pub struct BtfOffsets {
     pub bio_size: u16,
     pub bio_next: u16,
     pub bio_private: u16,
+    /// `struct bio`: `bi_end_io` (the function its submitter's completion runs), and `struct
+    /// iomap_dio`: `size` (bytes the direct I/O has queued so far, this bio's included).
+    /// Together they tell a direct I/O's next bio from a new I/O at a reused address (see
+    /// `IOMAP_DIO_BIO_END_IO_GLOBAL`). Optional: 0 where the kernel BTF lacks either, and
+    /// the probes then fall back on where the bio starts.
+    pub bio_end_io: u16,
+    pub iomap_dio_size: u16,
     /// `struct request`: `q` (pointer), `__sector`, `cmd_flags`, `bio` (its first bio).
     pub request_queue: u16,
     pub request_sector: u16,
@@ -54,6 +61,8 @@ impl BtfOffsets {
         bio_size: 40,
         bio_next: 0,
         bio_private: 64,
+        bio_end_io: 56,
+        iomap_dio_size: 24,
         request_queue: 0,
         request_sector: 48,
         request_cmd_flags: 24,

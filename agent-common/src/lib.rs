@@ -68,6 +68,12 @@ pub const TRACEPOINT_OFFSETS_GLOBAL: &str = "TRACEPOINT_OFFSETS";
 /// Name of the global variable that carries kernel struct member offsets (from BTF).
 pub const BTF_OFFSETS_GLOBAL: &str = "BTF_OFFSETS";
 
+/// Name of the global variable that carries the address of the kernel's
+/// `iomap_dio_bio_end_io` (from /proc/kallsyms; 0 where unknown): a bio that ends there is
+/// part of a file system's direct I/O (ext4, XFS, btrfs), whose `struct iomap_dio` counts the
+/// bytes it has queued.
+pub const IOMAP_DIO_BIO_END_IO_GLOBAL: &str = "IOMAP_DIO_BIO_END_IO";
+
 #[cfg(feature = "user")]
 mod pod {
     use super::{

@@ -175,12 +175,18 @@ pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
     let sector: u64 = member!(bio, bio_sector);
     // Another bio of an I/O in flight (a direct read larger than one bio holds, or spanning
     // two extents of its file): one more part. A finished I/O whose completion was missed,
-    // its key's memory reused, is replaced instead (see `takes_another_bio`).
+    // its key's memory reused, is replaced instead. A file system's direct I/O says which
+    // it is (the bytes it queued before this bio); any other bio is judged by where it
+    // starts and when (see `takes_another_bio`).
     if let Some(slot) = find_in(&INFLIGHT_IOS, slots_for(key), &key) {
         // SAFETY: pointer from a successful lookup; the counts are atomic against a part
         // completing on another CPU.
         unsafe {
-            if (*slot).takes_another_bio(tgid, sector, now) {
+            let joins = match iomap_dio_queued_before(bio, key, size) {
+                Some(queued_before) => queued_before != 0,
+                None => (*slot).takes_another_bio(tgid, sector, now),
+            };
+            if joins {
                 add32(&raw mut (*slot).parts, 1);
                 add(&raw mut (*slot).bytes, size as u64);
                 (*slot).last_bio_after = (*slot).bio_after(now);
@@ -188,6 +194,19 @@ pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
                 return 0;
             }
         }
+    } else if level_enabled(Level::Debug)
+        && let Some(queued_before) = iomap_dio_queued_before(bio, key, size)
+        && queued_before != 0
+    {
+        // Its earlier bios all completed before this one was queued (the submitter paused
+        // between them): they were timed as one I/O, this and any later ones are another.
+        debug!(
+            &(),
+            target: "envelope::probes",
+            "a direct I/O of pid {} queued a bio after its first {} bytes had completed: timed as two I/Os",
+            tgid,
+            queued_before
+        );
     }
     let Some(slot) = claim_in(&INFLIGHT_IOS, slots_for(key), &key, now) else {
         return 0;
@@ -208,6 +227,37 @@ pub fn block_bio_queue_btf(ctx: BtfTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// The kernel's `iomap_dio_bio_end_io`, overwritten by userspace at load time from
+/// kallsyms; 0 where unknown (or the BTF lacks `bio.bi_end_io` or `iomap_dio.size`).
+#[unsafe(no_mangle)]
+static IOMAP_DIO_BIO_END_IO: u64 = 0;
+
+/// For a bio of a file system's direct I/O (ext4, XFS, btrfs: it ends in
+/// `iomap_dio_bio_end_io`, its `bi_private` is the I/O's `struct iomap_dio`), the bytes that
+/// I/O queued before this bio of `size`: 0 for its first bio, so also for a new I/O whose
+/// `iomap_dio` took the memory of one whose completion was missed. None for any other bio.
+/// The count is exact where the bio's sector is not: a read spanning two extents of its
+/// file goes on elsewhere on the disk.
+#[inline(always)]
+fn iomap_dio_queued_before(bio: *const u8, dio: u64, size: u32) -> Option<u64> {
+    // SAFETY: a static that lives as long as the program; volatile so that the load-time
+    // value is read, not the compiled 0.
+    let end_io_address = unsafe { core::ptr::read_volatile(&raw const IOMAP_DIO_BIO_END_IO) };
+    if end_io_address == 0 || dio == 0 {
+        return None;
+    }
+    let end_io: u64 = member!(bio, bio_end_io);
+    if end_io != end_io_address {
+        return None;
+    }
+    let offset = super::shared::offset_of_member!(iomap_dio_size);
+    // SAFETY: a fault-tolerant read of kernel memory (`bi_private` is untyped to the
+    // verifier); a wrong address reads as an error.
+    let queued =
+        unsafe { bpf_probe_read_kernel((dio as *const u8).add(offset) as *const i64) }.ok()?;
+    Some((queued as u64).saturating_sub(size as u64))
 }
 
 /// The key of the I/O that `original`, a bio a split part was cut from, belongs to: its own

@@ -48,6 +48,8 @@ const MEMBERS: &[MemberSpec] = &[
     member!(bio_size, "bio", "bi_iter.bi_size", 4),
     member!(bio_next, "bio", "bi_next", 8),
     member!(bio_private, "bio", "bi_private", 8),
+    member!(bio_end_io, "bio", "bi_end_io", 8),
+    member!(iomap_dio_size, "iomap_dio", "size", 8),
     member!(request_queue, "request", "q", 8),
     member!(request_sector, "request", "__sector", 8),
     member!(request_cmd_flags, "request", "cmd_flags", 4),
@@ -67,6 +69,16 @@ const MEMBERS: &[MemberSpec] = &[
     member!(task_tgid, "task_struct", "tgid", 4),
     member!(task_exit_state, "task_struct", "exit_state", 4),
 ];
+
+/// Members no probe requires: where the kernel BTF lacks one its offset is 0 (no member of
+/// these is at the start of its struct), and the probe reading it does without (the block
+/// probes then tell a direct I/O's next bio from a new I/O by where it starts alone).
+const OPTIONAL_MEMBERS: &[&str] = &["bio_end_io", "iomap_dio_size"];
+
+/// Whether the kernel BTF gave every optional member the direct I/O check reads.
+pub fn has_iomap_dio_members(offsets: &BtfOffsets) -> bool {
+    offsets.bio_end_io != 0 && offsets.iomap_dio_size != 0
+}
 
 /// A probe that has a BTF raw tracepoint program.
 pub struct BtfProbeSpec {
@@ -423,8 +435,13 @@ fn decide(types: &TypeInformation) -> BtfProbes {
     let mut offsets = BtfOffsets::LINUX_6_18;
     let mut members: HashMap<&'static str, Result<(), String>> = HashMap::new();
     for member in MEMBERS {
-        let found = member_offset(types, member).map(|offset| (member.set)(&mut offsets, offset));
-        members.insert(member.name, found);
+        let found = member_offset(types, member);
+        match &found {
+            Ok(offset) => (member.set)(&mut offsets, *offset),
+            Err(_) if OPTIONAL_MEMBERS.contains(&member.name) => (member.set)(&mut offsets, 0),
+            Err(_) => {}
+        }
+        members.insert(member.name, found.map(|_| ()));
     }
     let mut unusable = HashMap::new();
     for probe in BTF_PROBES {
@@ -534,7 +551,7 @@ mod tests {
     }
 
     #[test]
-    fn every_member_a_probe_names_exists() {
+    fn every_member_a_probe_names_exists_and_none_it_requires_is_optional() {
         for probe in BTF_PROBES {
             for name in probe.members {
                 assert!(
@@ -542,8 +559,20 @@ mod tests {
                     "{}: {name}",
                     probe.tracepoint
                 );
+                assert!(
+                    !OPTIONAL_MEMBERS.contains(name),
+                    "{}: {name}",
+                    probe.tracepoint
+                );
             }
         }
+        for name in OPTIONAL_MEMBERS {
+            assert!(MEMBERS.iter().any(|member| member.name == *name), "{name}");
+        }
+        let mut offsets = BtfOffsets::LINUX_6_18;
+        assert!(has_iomap_dio_members(&offsets));
+        offsets.iomap_dio_size = 0;
+        assert!(!has_iomap_dio_members(&offsets));
     }
 
     #[test]

@@ -6,5 +6,6 @@ pub mod cuda;
 pub mod preflight;
 pub mod probe_log;
 pub mod probes;
+pub mod symbols;
 pub mod tracefs;
 pub mod verifier;

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, fs, hash::Hash, path::Path};
 
 use agent_common::{
-    BTF_OFFSETS_GLOBAL, TRACEPOINT_OFFSETS_GLOBAL,
+    BTF_OFFSETS_GLOBAL, IOMAP_DIO_BIO_END_IO_GLOBAL, TRACEPOINT_OFFSETS_GLOBAL,
     cuda::{CudaCallCounters, CudaCallKey},
     histogram::LatencyHistogram,
     map_names,
@@ -27,6 +27,7 @@ use super::{
     btf::{self, BtfProbes},
     cuda::{CudaAttacher, CudaLibraryStatus},
     probe_log::{self, ProbeLog},
+    symbols,
     tracefs::{self, TracepointProblem},
     verifier::refused,
 };
@@ -198,6 +199,29 @@ fn is_permission_error(text: &str) -> bool {
     text.contains("EPERM") || text.contains("Operation not permitted") || text.contains("EACCES")
 }
 
+/// The address of `iomap_dio_bio_end_io`, by which the block probes know a file system's
+/// direct I/O and ask it how many bytes it has queued (a read spanning two extents of its
+/// file is then one I/O); 0 where the kernel BTF or kallsyms lacks what that needs, and a
+/// direct I/O's next bio is then told by where it starts.
+fn iomap_dio_bio_end_io(btf_probes: &BtfProbes) -> u64 {
+    if !btf::has_iomap_dio_members(&btf_probes.offsets) {
+        tracing::debug!(
+            "the kernel BTF has no bio.bi_end_io or iomap_dio.size: a direct read spanning \
+             two extents of its file counts as two reads"
+        );
+        return 0;
+    }
+    let symbol = "iomap_dio_bio_end_io";
+    symbols::text_symbol_address(Path::new(symbols::KALLSYMS), symbol).unwrap_or_else(|| {
+        tracing::debug!(
+            "{symbol} is not in {} (or hidden): a direct read spanning two extents of its \
+             file counts as two reads",
+            symbols::KALLSYMS
+        );
+        0
+    })
+}
+
 impl KernelProbes {
     /// Loads and attaches every probe this kernel supports, as BTF raw tracepoints where it
     /// can (`ENVELOPE_PROBES=tracepoint` keeps them all classic).
@@ -238,6 +262,7 @@ impl KernelProbes {
         // preallocated, so unused room costs nothing.
         let storage_keys = (block_device_count().max(16) * 5).min(65_536);
         let peer_histograms = peer_histogram_entries(nr_cpus());
+        let iomap_dio_bio_end_io = iomap_dio_bio_end_io(&btf_probes);
         let log_level = probe_log::level();
         if log_level == 0 {
             loader.map_max_entries(probe_log::RING_BUFFER, probe_log::UNUSED_RING_BUFFER_BYTES);
@@ -245,6 +270,7 @@ impl KernelProbes {
         let mut ebpf = loader
             .override_global(TRACEPOINT_OFFSETS_GLOBAL, &offsets, true)
             .override_global(BTF_OFFSETS_GLOBAL, &btf_probes.offsets, true)
+            .override_global(IOMAP_DIO_BIO_END_IO_GLOBAL, &iomap_dio_bio_end_io, true)
             .override_global(probe_log::LEVEL_GLOBAL, &log_level, true)
             .map_max_entries(map_names::STORAGE_DEVICES, storage_keys)
             .map_max_entries(map_names::PEER_RTT, peer_histograms)
