@@ -751,6 +751,17 @@ fn block_probes_are_btf(probes: &envelope::kernel::probes::KernelProbes, test: &
     classic.is_empty()
 }
 
+/// Time the hypervisor ran something else on this VM's vCPUs, all of them together, since
+/// boot (`steal` in /proc/stat, in ms at USER_HZ 100).
+fn vcpu_steal_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(8)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 10
+}
+
 /// Lowers a disk's largest request (`queue/max_sectors_kb`) while it lives, and puts the old
 /// value back when dropped.
 struct MaxRequestSize {
@@ -850,6 +861,7 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
     {
         let _limit = MaxRequestSize::limit(device, max_request_kib);
         let disk_before = disk_completions(&file);
+        let steal_before = vcpu_steal_ms();
         let before = probes.snapshot().unwrap();
         let started = Instant::now();
         // 8 GiB: about 8 s on the test VM, 8,192 and 2,048 reads (at 4 GiB, a P99 was the
@@ -883,11 +895,12 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
             .map(|(_, stats)| stats.latency_sum_ns)
             .sum();
         let mean_ms = charged_latency_ns as f64 / ops.max(1) as f64 / 1e6;
+        let steal_ms = vcpu_steal_ms() - steal_before;
         eprintln!(
             "{block_size}: fio {fio_ios} reads, {fio_bytes} bytes, P50/P95/P99 \
              {:.2}/{:.2}/{:.2} ms, mean {fio_mean_ms:.2} ms; envelope: {ops} reads, {bytes} \
              bytes charged to fio, mean {mean_ms:.2} ms, {} device requests ({never_traced} \
-             never traced), P50/P95/P99 {:?}/{:?}/{:?} ms",
+             never traced), P50/P95/P99 {:?}/{:?}/{:?} ms; vCPU steal {steal_ms} ms",
             fio_ms("50.000000"),
             fio_ms("95.000000"),
             fio_ms("99.000000"),
