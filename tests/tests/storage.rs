@@ -661,23 +661,25 @@ fn p95_agrees_with_fio_under_saturating_random_reads() {
     let file = ScratchFile::create(1 << 30);
     let before = probes.snapshot().unwrap();
     let started = Instant::now();
-    let output = Command::new("fio")
-        .args([
+    // Without fio's map of blocks read: at the end of each pass over the file it would wait
+    // for all reads in flight at once and stamp them with the last one's completion (see the
+    // large-read test). spawn_fio locks its code in memory: its page faults add no reads.
+    let output = spawn_fio(
+        &file,
+        &[
             "--name=envelope-test",
             "--rw=randread",
+            "--norandommap",
             "--bs=512k",
             "--direct=1",
             "--ioengine=libaio",
-        ])
-        .args([
             "--iodepth=32",
             "--runtime=6",
             "--time_based",
-            "--output-format=json",
-        ])
-        .arg(format!("--filename={}", file.path.display()))
-        .output()
-        .expect("run fio");
+        ],
+    )
+    .wait_with_output()
+    .expect("run fio");
     let (_, summary) = window_since(&probes, &before, started.elapsed());
     let read = &fio_reads(&output);
     let fio_p95_ms = read["clat_ns"]["percentile"]["95.000000"]
