@@ -860,9 +860,8 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
         let disk_before = disk_completions(&file);
         let before = probes.snapshot().unwrap();
         let started = Instant::now();
-        // 8 GiB: about 8 s on the test VM, 8,192 and 2,048 reads (at 4 GiB, a P99 was the
-        // 10th slowest of 1,024). A fixed amount rather than a time, so that fio counts every
-        // read it issued.
+        // 8 GiB: about 8 s on the test VM, 8,192 and 2,048 reads (20 beyond the 4 MiB P99). A
+        // fixed amount rather than a time, so that fio counts every read it issued.
         let child = fio(block_size, in_flight, &["--io_size=8g"]);
         let fio_pid = child.id();
         let output = child.wait_with_output().expect("fio output");

@@ -207,7 +207,7 @@ fn iomap_dio_bio_end_io(btf_probes: &BtfProbes) -> u64 {
     if !btf::has_iomap_dio_members(&btf_probes.offsets) {
         tracing::debug!(
             "the kernel BTF has no bio.bi_end_io or iomap_dio.size: a direct read spanning \
-             two extents of its file counts as two reads"
+             two extents of its file is timed and charged from the second extent on"
         );
         return 0;
     }
@@ -215,7 +215,7 @@ fn iomap_dio_bio_end_io(btf_probes: &BtfProbes) -> u64 {
     symbols::text_symbol_address(Path::new(symbols::KALLSYMS), symbol).unwrap_or_else(|| {
         tracing::debug!(
             "{symbol} is not in {} (or hidden): a direct read spanning two extents of its \
-             file counts as two reads",
+             file is timed and charged from the second extent on",
             symbols::KALLSYMS
         );
         0
