@@ -603,6 +603,15 @@ fn spawn_fio(file: &ScratchFile, args: &[&str]) -> std::process::Child {
         .expect("run fio")
 }
 
+/// fio's `figure` ("clat_ns": completion, "lat_ns": total) at `percentile` ("95.000000"), in
+/// milliseconds, from its read figures `read` (`--output-format=json`).
+fn fio_percentile_ms(read: &serde_json::Value, figure: &str, percentile: &str) -> f64 {
+    read[figure]["percentile"][percentile]
+        .as_f64()
+        .expect("fio percentile")
+        / 1e6
+}
+
 /// Asserts that each of envelope's read latency quantiles named in `bounds` ("P50", "P95",
 /// "P99") lies within its fractions below and above fio's completion-latency percentile of
 /// the same rank (`read`: fio's read figures).
@@ -619,10 +628,7 @@ fn assert_percentiles_near_fio(
             _ => (reads.latency.p99_ms, "99.000000"),
         };
         let envelope_ms = envelope_ms.expect("read latency quantile");
-        let fio_ms = read["clat_ns"]["percentile"][percentile]
-            .as_f64()
-            .expect("fio percentile")
-            / 1e6;
+        let fio_ms = fio_percentile_ms(read, "clat_ns", percentile);
         let error = (envelope_ms - fio_ms) / fio_ms;
         assert!(
             (-below..=above).contains(&error),
@@ -682,10 +688,7 @@ fn p95_agrees_with_fio_under_saturating_random_reads() {
     .expect("run fio");
     let (_, summary) = window_since(&probes, &before, started.elapsed());
     let read = &fio_reads(&output);
-    let fio_p95_ms = read["clat_ns"]["percentile"]["95.000000"]
-        .as_f64()
-        .expect("fio p95")
-        / 1e6;
+    let fio_p95_ms = fio_percentile_ms(read, "clat_ns", "95.000000");
     let fio_ios = read["total_ios"].as_u64().expect("fio total_ios");
 
     let reads = read_row(&summary, &file);
@@ -889,12 +892,7 @@ fn large_reads_are_timed_and_charged_as_the_application_issued_them() {
         let read = &fio_reads(&output);
         let fio_ios = read["total_ios"].as_u64().expect("fio total_ios");
         let fio_bytes = read["io_bytes"].as_u64().expect("fio io_bytes");
-        let fio_ms = |percentile: &str| {
-            read["clat_ns"]["percentile"][percentile]
-                .as_f64()
-                .expect("fio percentile")
-                / 1e6
-        };
+        let fio_ms = |percentile: &str| fio_percentile_ms(read, "clat_ns", percentile);
 
         let (ops, bytes) = charged_to(&delta, fio_pid, device, IoOperation::Read);
         // Each request completed where no probe saw it (the disk's own count against the
@@ -1110,12 +1108,7 @@ fn a_read_spanning_two_extents_of_its_file_is_one_sample() {
     let (delta, summary) = window_since(&probes, &before, started.elapsed());
     let read = fio_reads(&output);
     let fio_ios = read["total_ios"].as_u64().expect("fio total_ios");
-    let fio_ms = |percentile: &str| {
-        read["clat_ns"]["percentile"][percentile]
-            .as_f64()
-            .expect("fio percentile")
-            / 1e6
-    };
+    let fio_ms = |percentile: &str| fio_percentile_ms(&read, "clat_ns", percentile);
     let (ops, bytes) = charged_to(&delta, fio_pid, file.device(), IoOperation::Read);
     let never_traced = completions_never_traced(&file, disk_before, &delta, IoOperation::Read);
     let reads = read_row(&summary, &file);
@@ -1519,12 +1512,7 @@ fn reads_merged_into_long_requests_are_each_timed_and_charged() {
         never_traced,
         fio,
     } = merged_small_reads(&probes, &file);
-    let fio_ms = |figure: &str, percentile: &str| {
-        fio[figure]["percentile"][percentile]
-            .as_f64()
-            .expect("fio percentile")
-            / 1e6
-    };
+    let fio_ms = |figure: &str, percentile: &str| fio_percentile_ms(&fio, figure, percentile);
     let request_kib = reads.bytes / reads.ops.max(1) / 1024;
     eprintln!(
         "fio {fio_ios} reads, P50/P95 completion {:.3}/{:.3} ms, total {:.3}/{:.3} ms; \

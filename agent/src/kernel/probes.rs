@@ -204,18 +204,16 @@ fn is_permission_error(text: &str) -> bool {
 /// file is then one I/O); 0 where the kernel BTF or kallsyms lacks what that needs, and a
 /// direct I/O's next bio is then told by where it starts.
 fn iomap_dio_bio_end_io(btf_probes: &BtfProbes) -> u64 {
+    const WITHOUT: &str = "a direct read spanning two extents of its file is timed and charged from the second \
+         extent on";
     if !btf::has_iomap_dio_members(&btf_probes.offsets) {
-        tracing::debug!(
-            "the kernel BTF has no bio.bi_end_io or iomap_dio.size: a direct read spanning \
-             two extents of its file is timed and charged from the second extent on"
-        );
+        tracing::debug!("the kernel BTF has no bio.bi_end_io or iomap_dio.size: {WITHOUT}");
         return 0;
     }
     let symbol = "iomap_dio_bio_end_io";
     symbols::text_symbol_address(Path::new(symbols::KALLSYMS), symbol).unwrap_or_else(|| {
         tracing::debug!(
-            "{symbol} is not in {} (or hidden): a direct read spanning two extents of its \
-             file is timed and charged from the second extent on",
+            "{symbol} is not in {} (or hidden): {WITHOUT}",
             symbols::KALLSYMS
         );
         0
